@@ -35,6 +35,8 @@ export const sandboxSwitchesSchema = z.object({
   automationDropRate: rate,
   automationDuplicateRate: rate,
   automationDelayMs: z.number().int().min(0),
+  /** GET /oauth/authorize redirects straight back with a code instead of showing the consent page. */
+  autoApprove: z.boolean(),
   /** HubSpot dialect: search requests per second per token (the live limit is about 4). null = unlimited. */
   hubspotSearchPerSecond: z.number().positive().nullable(),
 });
@@ -62,6 +64,7 @@ export function defaultSwitches(): SandboxSwitches {
     automationDropRate: 0,
     automationDuplicateRate: 0,
     automationDelayMs: 0,
+    autoApprove: false,
     hubspotSearchPerSecond: null,
   };
 }
