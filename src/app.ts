@@ -1,0 +1,36 @@
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import type { Config } from './config/load.js';
+import type { Database } from './db/client.js';
+import { loggerOptions } from './logger.js';
+import configPlugin from './plugins/config.js';
+import dbPlugin from './plugins/db.js';
+import errorHandler from './plugins/error-handler.js';
+import jsonBody from './plugins/json-body.js';
+import healthRoutes from './routes/health.js';
+import hookRoutes from './routes/hooks.js';
+
+export interface AppOptions {
+  config: Config;
+  /** A database owned by the caller; otherwise the app opens one from config and closes it. */
+  database?: Database;
+  /** A pino logger (tests capture output through its stream); otherwise one from LOG_LEVEL. */
+  loggerInstance?: FastifyServerOptions['loggerInstance'];
+}
+
+/** Builds crm-bridge: registers everything, migrates the database, never listens. */
+export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
+  const app = Fastify({
+    ...(options.loggerInstance ? { loggerInstance: options.loggerInstance } : { logger: loggerOptions(options.config.env.LOG_LEVEL) }),
+    onProtoPoisoning: 'error',
+    onConstructorPoisoning: 'error',
+    return503OnClosing: true,
+  }) as unknown as FastifyInstance;
+
+  await app.register(errorHandler);
+  await app.register(jsonBody);
+  await app.register(configPlugin, { config: options.config });
+  await app.register(dbPlugin, { database: options.database });
+  await app.register(healthRoutes);
+  await app.register(hookRoutes);
+  return app;
+}

@@ -1,0 +1,124 @@
+import { z } from 'zod';
+
+/**
+ * One schema for everything crm-bridge reads at start: the environment and the connections
+ * file. The types used across the code are inferred from it, so they cannot drift.
+ */
+
+const DURATION_UNITS = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
+
+/** A duration as milliseconds; accepts `90s`, `5m`, `1d`, `250ms`, or a bare number of seconds. */
+export const duration = z.union([z.number().nonnegative(), z.string()]).transform((value, ctx) => {
+  if (typeof value === 'number') return value * 1000;
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$/.exec(value.trim());
+  if (!match) {
+    ctx.addIssue({ code: 'custom', message: `"${value}" is not a duration (use e.g. 90s, 5m, 1h, 1d)` });
+    return z.NEVER;
+  }
+  return Number(match[1]) * DURATION_UNITS[match[2] as keyof typeof DURATION_UNITS];
+});
+
+const logLevel = z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
+
+export const envSchema = z.object({
+  DATABASE_URL: z
+    .string()
+    .regex(/^postgres(ql)?:\/\//, 'must be a postgres:// or postgresql:// URL')
+    .optional(),
+  DATA_DIR: z.string().min(1).default('.data'),
+  PORT: z.coerce.number().int().min(0).max(65535).default(3000),
+  HOST: z.string().min(1).default('127.0.0.1'),
+  LOG_LEVEL: logLevel.default('info'),
+  CRM_BRIDGE_CONFIG: z.string().min(1).optional(),
+  TOKEN_ENCRYPTION_KEY: z
+    .string()
+    .refine((v) => Buffer.from(v, 'base64').length === 32, 'must be 32 bytes, base64-encoded')
+    .optional(),
+  ADMIN_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
+  INSTANCE_ID: z.string().min(1).optional(),
+});
+export type Env = z.infer<typeof envSchema>;
+
+/** A dotted path into a JSON record (`practice_area.name`, `data.id`). */
+const jsonPath = z.string().regex(/^[^.\s]+(\.[^.\s]+)*$/, 'must be a dotted path such as practice_area.name');
+
+/**
+ * How one CRM object maps into crm-bridge. The connectors issue extends this with the list,
+ * get, create and update calls; the gate needs only what is here.
+ */
+export const objectDefinitionSchema = z
+  .object({
+    idPath: jsonPath.default('id'),
+    /** The CRM's own modification time; orders changes and drives the poll cursor. */
+    updatedAtPath: jsonPath.optional(),
+    /** A version for dedup (`updated_at`, a revision number); defaults to updatedAtPath. */
+    versionPath: jsonPath.optional(),
+    /** Canonical field name → dotted path in the raw record. Omitted: the whole record. */
+    fields: z.record(z.string(), jsonPath).optional(),
+    /** Top-level keys that change without a real change (etags, counters); excluded from hashes. */
+    volatile: z.array(z.string()).default([]),
+  })
+  .strict();
+export type ObjectDefinition = z.infer<typeof objectDefinitionSchema>;
+
+export const connectorDefinitionSchema = z
+  .object({
+    objects: z.record(z.string().regex(/^[a-z][a-z0-9_]*$/, 'object names are lowercase identifiers'), objectDefinitionSchema)
+      .refine((o) => Object.keys(o).length > 0, 'a connector needs at least one object'),
+  })
+  .strict();
+export type ConnectorDefinition = z.infer<typeof connectorDefinitionSchema>;
+
+const secret = z.string().min(16, 'a hook secret must be at least 16 characters');
+
+export const inboundSchema = z
+  .object({
+    /** Every secret listed is accepted, so a new one can be rolled out before the old goes. */
+    secrets: z.array(secret).min(1, 'at least one hook secret is required'),
+    /** Header carrying the secret as-is; without it, `Authorization: Bearer <secret>`. */
+    header: z
+      .string()
+      .regex(/^[A-Za-z0-9-]+$/, 'must be an HTTP header name')
+      .transform((h) => h.toLowerCase())
+      .optional(),
+    payload: z.enum(['record', 'notification']).default('record'),
+    /** Where the record sits in the body (`data`); omitted: the body is the record. */
+    recordPath: jsonPath.optional(),
+    /** The object a hook carries when the URL has no `?object=`; defaults to the first object. */
+    object: z.string().optional(),
+    bodyLimit: z.number().int().positive().max(64 * 1024 * 1024).default(1024 * 1024),
+  })
+  .strict();
+
+export const connectionSchema = z
+  .object({
+    id: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'must be lowercase letters, digits, - or _ (at most 63)'),
+    connector: connectorDefinitionSchema,
+    inbound: inboundSchema,
+    /** Deliver a newer version whose mapped content is unchanged (DESIGN rule 4, configurable). */
+    deliverUnchanged: z.boolean().default(false),
+  })
+  .strict();
+export type ConnectionConfig = z.infer<typeof connectionSchema>;
+
+export const connectionsFileSchema = z
+  .object({
+    connections: z.array(connectionSchema).min(1, 'list at least one connection'),
+  })
+  .strict()
+  .superRefine((file, ctx) => {
+    const seen = new Set<string>();
+    file.connections.forEach((c, i) => {
+      if (seen.has(c.id)) ctx.addIssue({ code: 'custom', path: ['connections', i, 'id'], message: `duplicate connection id "${c.id}"` });
+      seen.add(c.id);
+      const objects = Object.keys(c.connector.objects);
+      if (c.inbound.object !== undefined && !objects.includes(c.inbound.object)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['connections', i, 'inbound', 'object'],
+          message: `"${c.inbound.object}" is not an object of this connector (${objects.join(', ')})`,
+        });
+      }
+    });
+  });
+export type ConnectionsFile = z.infer<typeof connectionsFileSchema>;

@@ -1,0 +1,8 @@
+import type { z } from 'zod';
+import type { connectorDefinitionSchema } from '../../config/schema.js';
+
+/**
+ * Named connector definitions a connections file can refer to (`connector: clio`). They are
+ * plain data, validated by the same schema as an inline definition.
+ */
+export const presets: Record<string, z.input<typeof connectorDefinitionSchema>> = {};

@@ -1,0 +1,20 @@
+import { integer, jsonb, pgTable, primaryKey, text } from 'drizzle-orm/pg-core';
+import { connectionId, timestamptz } from './columns.js';
+
+/** Where each (connection, object) poll stream stands, in the CRM's own timestamps. */
+export const streamCursors = pgTable(
+  'stream_cursors',
+  {
+    connectionId: connectionId(),
+    object: text('object').notNull(),
+    cursorUpdatedAt: text('cursor_updated_at'),
+    cursorId: text('cursor_id'),
+    lastAttemptAt: timestamptz('last_attempt_at'),
+    lastSuccessAt: timestamptz('last_success_at'),
+    lastError: text('last_error'),
+    lastSweepAt: timestamptz('last_sweep_at'),
+    caughtByPoll: integer('caught_by_poll').notNull().default(0),
+    counts: jsonb('counts').$type<Record<string, number>>(),
+  },
+  (t) => [primaryKey({ name: 'stream_cursors_pkey', columns: [t.connectionId, t.object] })],
+);

@@ -1,0 +1,74 @@
+import type { FastifyInstance } from 'fastify';
+import { sql } from 'drizzle-orm';
+import { getAuthStates, getDeliveryStats, getLastHookAt } from '../db/queries/health.js';
+
+const DB_CHECK_TIMEOUT_MS = 2_000;
+
+/**
+ * `GET /health` is what operators curl and load balancers poll: states, timestamps and counts
+ * only, never client data. 503 when the database is unreachable or a connection needs
+ * re-authorisation (and, as the poller lands, when a poll goes stale).
+ */
+export default async function healthRoutes(app: FastifyInstance) {
+  app.get('/health/live', async () => ({ status: 'ok' }));
+
+  app.get('/health', async (_request, reply) => {
+    const started = performance.now();
+    try {
+      const report = await withTimeout(buildReport(app), DB_CHECK_TIMEOUT_MS);
+      const healthy = report.connections.every((c) => c.auth.state !== 'needs_reauth');
+      return reply.code(healthy ? 200 : 503).send({
+        status: healthy ? 'ok' : 'degraded',
+        checks: { db: { status: 'ok', latencyMs: Math.round(performance.now() - started) } },
+        connections: report.connections,
+      });
+    } catch (err) {
+      app.log.warn({ errClass: (err as Error).name, code: (err as { code?: string }).code }, 'health: database check failed');
+      return reply.code(503).send({
+        status: 'down',
+        checks: { db: { status: 'down', error: (err as { code?: string }).code ?? (err as Error).name } },
+        connections: [...app.connections.keys()].map((id) => ({ id })),
+      });
+    }
+  });
+}
+
+async function buildReport(app: FastifyInstance) {
+  await app.db.execute(sql`select 1`);
+  const [delivery, auth] = await Promise.all([getDeliveryStats(app.db), getAuthStates(app.db)]);
+  const now = Date.now();
+  const connections = await Promise.all(
+    [...app.connections.values()].map(async (c) => {
+      const stored = await getLastHookAt(app.db, c.id);
+      const local = app.hookActivity.get(c.id) ?? null;
+      const lastReceivedAt = latest(stored, local);
+      const d = delivery.get(c.id);
+      const a = auth.get(c.id);
+      return {
+        id: c.id,
+        auth: a ? { state: a.state, expiresAt: a.expiresAt?.toISOString() ?? null } : { state: 'none' as const, expiresAt: null },
+        hooks: { lastReceivedAt: lastReceivedAt?.toISOString() ?? null },
+        delivery: {
+          pending: d?.pending ?? 0,
+          oldestPendingAgeSeconds: d?.oldestPendingAt ? Math.max(0, Math.round((now - d.oldestPendingAt.getTime()) / 1000)) : null,
+          deadLetters: d?.deadLetters ?? 0,
+        },
+      };
+    }),
+  );
+  return { connections };
+}
+
+function latest(a: Date | null, b: Date | null): Date | null {
+  if (a === null) return b;
+  if (b === null) return a;
+  return a > b ? a : b;
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(Object.assign(new Error('database check timed out'), { name: 'TimeoutError', code: 'TIMEOUT' })), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}

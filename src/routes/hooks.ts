@@ -1,0 +1,99 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { UnauthorizedError, UnprocessableError } from '../errors.js';
+import type { Connection } from '../plugins/config.js';
+import { bearerToken, matchesAnySecret } from '../security.js';
+import { getPath, observeRecord } from '../sync/record.js';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** When this process last received an authenticated hook, per connection (duplicates included). */
+    hookActivity: Map<string, Date>;
+  }
+  interface FastifyRequest {
+    hookConnection?: Connection;
+  }
+}
+
+type HookRequest = FastifyRequest<{ Params: { connection: string }; Querystring: { object?: string } }>;
+
+/**
+ * `POST /hooks/:connection`: what a CRM automation rule calls when a record changes.
+ * Authentication runs before the body is read; the answer is given only after the change and
+ * its outbox row have committed.
+ */
+export default async function hookRoutes(app: FastifyInstance) {
+  app.decorate('hookActivity', new Map<string, Date>());
+  const largestLimit = Math.max(1024 * 1024, ...[...app.connections.values()].map((c) => c.inbound.bodyLimit));
+
+  app.post<{ Params: { connection: string }; Querystring: { object?: string } }>(
+    '/hooks/:connection',
+    {
+      bodyLimit: largestLimit,
+      schema: {
+        params: { type: 'object', properties: { connection: { type: 'string', maxLength: 63 } }, required: ['connection'] },
+        querystring: { type: 'object', properties: { object: { type: 'string', maxLength: 64 } }, additionalProperties: false },
+      },
+      onRequest: async (request: HookRequest) => {
+        const connection = app.connections.get(request.params.connection);
+        const header = connection?.inbound.header;
+        const presented = header ? firstValue(request.headers[header]) : bearerToken(request.headers.authorization);
+        if (!matchesAnySecret(presented, connection?.hookSecretHashes) || connection === undefined) {
+          request.log.warn({ connection: request.params.connection }, 'hook rejected: missing or invalid secret');
+          throw new UnauthorizedError();
+        }
+        request.hookConnection = connection;
+        // Each connection has its own limit; the route's limit is only the largest of them.
+        request.bodyLimitOverride = connection.inbound.bodyLimit;
+      },
+    },
+    async (request, reply) => {
+      const connection = request.hookConnection!;
+      const observedAt = new Date();
+      app.hookActivity.set(connection.id, observedAt);
+
+      const objects = connection.connector.objects;
+      const object = request.query.object ?? connection.inbound.object ?? Object.keys(objects)[0]!;
+      const definition = objects[object];
+      if (definition === undefined) {
+        throw new UnprocessableError(`Unknown object "${object}" for connection ${connection.id} (known: ${Object.keys(objects).join(', ')}).`, 'UNKNOWN_OBJECT');
+      }
+
+      const body: unknown = request.body;
+      if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+        throw new UnprocessableError('The body must be a JSON object.', 'NOT_AN_OBJECT');
+      }
+      const record = connection.inbound.recordPath ? getPath(body, connection.inbound.recordPath) : body;
+      if (record === null || typeof record !== 'object' || Array.isArray(record)) {
+        throw new UnprocessableError(`No record object at "${connection.inbound.recordPath}" in the body.`, 'RECORD_MISSING');
+      }
+      const change = observeRecord({
+        connectionId: connection.id,
+        object,
+        definition,
+        raw: record,
+        source: 'hook',
+        observedAt,
+        deliverUnchanged: connection.deliverUnchanged,
+      });
+      if (change === undefined) {
+        throw new UnprocessableError(`The record has no usable id at "${definition.idPath}" (a non-empty string or a number).`, 'RECORD_ID_MISSING');
+      }
+
+      const { crmId } = change;
+      const outcome =
+        connection.inbound.payload === 'notification'
+          ? await app.changeWriter.submitNotification({ connectionId: connection.id, object, crmId, observedAt, raw: body })
+          : await app.changeWriter.submit(change);
+
+      request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `hook ${outcome.disposition}`);
+      if (outcome.disposition === 'accepted' || outcome.disposition === 'notified') {
+        return reply.code(202).send({ status: 'accepted', eventId: outcome.eventId });
+      }
+      return reply.code(200).send({ status: outcome.disposition, eventId: outcome.eventId });
+    },
+  );
+}
+
+function firstValue(value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value[0] : value;
+}

@@ -1,0 +1,106 @@
+import { createHash } from 'node:crypto';
+import type { ObjectDefinition } from '../config/schema.js';
+import type { ChangeSource } from '../db/schema/index.js';
+import type { ObservedChange } from './change-gate.js';
+
+/** Reads a dotted path through own properties only, so `__proto__.x` can never reach a prototype. */
+export function getPath(value: unknown, path: string): unknown {
+  let current: unknown = value;
+  for (const key of path.split('.')) {
+    if (current === null || typeof current !== 'object' || !Object.hasOwn(current, key)) return undefined;
+    current = (current as Record<string, unknown>)[key];
+  }
+  return current;
+}
+
+/** JSON with object keys sorted at every depth: equal content, equal text, whatever the key order. */
+export function canonicalJson(value: unknown): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null';
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  const entries = Object.keys(value)
+    .filter((k) => (value as Record<string, unknown>)[k] !== undefined)
+    .sort()
+    .map((k) => `${JSON.stringify(k)}:${canonicalJson((value as Record<string, unknown>)[k])}`);
+  return `{${entries.join(',')}}`;
+}
+
+export function contentHash(fields: unknown): string {
+  return createHash('sha256').update(canonicalJson(fields)).digest('hex');
+}
+
+/**
+ * The canonical fields delivered downstream and hashed by the gate. Without a field map, the
+ * whole record minus volatile keys and the version/timestamp keys (they change on every write,
+ * so keeping them would hide no-op touches).
+ */
+export function mapFields(raw: unknown, def: ObjectDefinition): Record<string, unknown> {
+  if (def.fields) {
+    return Object.fromEntries(Object.entries(def.fields).map(([name, path]) => [name, getPath(raw, path) ?? null]));
+  }
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) return {};
+  const excluded = new Set([...def.volatile, def.updatedAtPath, def.versionPath].filter((k): k is string => k !== undefined));
+  return Object.fromEntries(Object.entries(raw).filter(([k]) => !excluded.has(k)));
+}
+
+/** An id as the CRM gave it (number or string), normalised to a non-empty string. */
+export function readId(raw: unknown, def: ObjectDefinition): string | undefined {
+  const id = getPath(raw, def.idPath);
+  if (typeof id === 'number' && Number.isFinite(id)) return String(id);
+  if (typeof id === 'string' && id.trim() !== '' && id.length <= 256) return id;
+  return undefined;
+}
+
+export function readVersion(raw: unknown, def: ObjectDefinition): string | null {
+  const path = def.versionPath ?? def.updatedAtPath;
+  if (path === undefined) return null;
+  const version = getPath(raw, path);
+  if (typeof version === 'number' && Number.isFinite(version)) return String(version);
+  return typeof version === 'string' && version !== '' ? version : null;
+}
+
+const ISO_DATE = /^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$/;
+
+/**
+ * A sortable reading of a version: numbers as themselves, ISO times as epoch ms. Opaque
+ * versions (etags) rank null and are only ever compared for equality.
+ */
+export function versionRank(version: string | null): number | null {
+  if (version === null) return null;
+  if (/^-?\d+(\.\d+)?$/.test(version)) return Number(version);
+  if (ISO_DATE.test(version)) {
+    const ms = Date.parse(version);
+    return Number.isNaN(ms) ? null : ms;
+  }
+  return null;
+}
+
+/**
+ * A raw CRM record as the gate sees it: id, version, mapped fields and their hash. The one
+ * place hooks, polls, sweeps and fetched notifications turn a record into a change.
+ */
+export function observeRecord(args: {
+  connectionId: string;
+  object: string;
+  definition: ObjectDefinition;
+  raw: unknown;
+  source: ChangeSource;
+  observedAt: Date;
+  deliverUnchanged?: boolean;
+}): ObservedChange | undefined {
+  const crmId = readId(args.raw, args.definition);
+  if (crmId === undefined) return undefined;
+  const fields = mapFields(args.raw, args.definition);
+  return {
+    connectionId: args.connectionId,
+    object: args.object,
+    crmId,
+    source: args.source,
+    change: 'upsert',
+    version: readVersion(args.raw, args.definition),
+    raw: args.raw,
+    fields,
+    contentHash: contentHash(fields),
+    observedAt: args.observedAt,
+    deliverUnchanged: args.deliverUnchanged ?? false,
+  };
+}
