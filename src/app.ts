@@ -3,6 +3,7 @@ import type { Config } from './config/load.js';
 import type { Database } from './db/client.js';
 import { loggerOptions } from './logger.js';
 import configPlugin from './plugins/config.js';
+import daemonsPlugin from './plugins/daemons.js';
 import dbPlugin from './plugins/db.js';
 import errorHandler from './plugins/error-handler.js';
 import jsonBody from './plugins/json-body.js';
@@ -15,6 +16,8 @@ export interface AppOptions {
   database?: Database;
   /** A pino logger (tests capture output through its stream); otherwise one from LOG_LEVEL. */
   loggerInstance?: FastifyServerOptions['loggerInstance'];
+  /** Start background loops on ready (the server does; tests drive ticks themselves). */
+  startDaemons?: boolean;
 }
 
 /** Builds crm-bridge: registers everything, migrates the database, never listens. */
@@ -30,6 +33,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(jsonBody);
   await app.register(configPlugin, { config: options.config });
   await app.register(dbPlugin, { database: options.database });
+  await app.register(daemonsPlugin, { startDaemons: options.startDaemons ?? false });
   await app.register(healthRoutes);
   await app.register(hookRoutes);
   return app;

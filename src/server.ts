@@ -14,7 +14,7 @@ export async function serve(): Promise<void> {
   const config = loadConfig(undefined, demo && { connections: demo.connections });
   const logger = pino(loggerOptions(config.env.LOG_LEVEL));
 
-  const app = await buildApp({ config, loggerInstance: logger });
+  const app = await buildApp({ config, loggerInstance: logger, startDaemons: true });
   closeWithGrace({ delay: SHUTDOWN_GRACE_MS }, async ({ signal, err }) => {
     if (err) logger.error({ err }, 'crm-bridge is stopping after an unexpected error');
     else logger.info({ signal }, 'crm-bridge is stopping');

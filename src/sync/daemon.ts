@@ -1,0 +1,62 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { FastifyBaseLogger } from 'fastify';
+
+export interface DaemonOptions {
+  name: string;
+  /** Pause between ticks. */
+  intervalMs: number;
+  /** Random extra pause, 0..1 of the interval, so replicas do not tick in lockstep. */
+  jitter?: number;
+  log: FastifyBaseLogger;
+}
+
+/**
+ * A background loop with a lifecycle: `start()`, one `tick()` at a time, and a prompt `stop()`
+ * through an AbortSignal. A failed tick is logged and the loop goes on.
+ */
+export abstract class Daemon {
+  private controller: AbortController | undefined;
+  private loop: Promise<void> | undefined;
+
+  constructor(protected readonly options: DaemonOptions) {}
+
+  get name(): string {
+    return this.options.name;
+  }
+
+  /** One unit of work. Returns true when there is more to do right away (skip the pause). */
+  abstract tick(signal: AbortSignal): Promise<boolean | void>;
+
+  start(): void {
+    if (this.loop) return;
+    const controller = new AbortController();
+    this.controller = controller;
+    this.loop = this.run(controller.signal);
+  }
+
+  async stop(): Promise<void> {
+    this.controller?.abort();
+    await this.loop;
+    this.loop = undefined;
+    this.controller = undefined;
+  }
+
+  private async run(signal: AbortSignal): Promise<void> {
+    while (!signal.aborted) {
+      let more = false;
+      try {
+        more = (await this.tick(signal)) === true;
+      } catch (err) {
+        if (signal.aborted) break;
+        this.options.log.error({ err, daemon: this.name }, `${this.name}: tick failed`);
+      }
+      if (more) continue;
+      const pause = this.options.intervalMs * (1 + Math.random() * (this.options.jitter ?? 0));
+      try {
+        await sleep(pause, undefined, { signal });
+      } catch {
+        break;
+      }
+    }
+  }
+}
