@@ -40,7 +40,7 @@ export async function buildSandboxApp(state: SandboxState, opts: SandboxAppOptio
             return reply.code(404).type('text/html; charset=utf-8').send(DOCUMENTED_HOST_PAGE);
           });
         }
-        await scope.register(oauthRoutes, { state, autoApprove: () => state.switches.autoApprove, prefix });
+        await scope.register(oauthRoutes, { state, autoApprove: () => state.switches.autoApprove, mountedAt: prefix });
         await scope.register(clioApiRoutes, { state });
       },
       { prefix },

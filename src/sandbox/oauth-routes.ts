@@ -31,8 +31,9 @@ function consentPage(client: OAuthClient, q: Params, prefix: string): string {
 export interface OAuthRouteOptions {
   state: SandboxState;
   autoApprove: () => boolean;
-  /** Access-token lifetime override for a dialect (HubSpot's 30 minutes); Clio follows the switch. */
-  prefix: string;
+  /** Where these routes are mounted ('' or '/documented'), for the consent form's action. Not
+   * named `prefix`: Fastify would take that as the plugin's route prefix. */
+  mountedAt: string;
 }
 
 /** Extracts client credentials from HTTP Basic or the form body (both are allowed by RFC 6749 §2.3.1). */
@@ -72,7 +73,7 @@ export async function oauthRoutes(app: FastifyInstance, opts: OAuthRouteOptions)
     if (opts.autoApprove()) {
       return reply.redirect(redirectWith(redirectUri, { code: state.oauth.createCode(client.clientId, redirectUri), state: q.state }));
     }
-    return reply.type('text/html; charset=utf-8').send(consentPage(client, q, opts.prefix));
+    return reply.type('text/html; charset=utf-8').send(consentPage(client, q, opts.mountedAt));
   });
 
   app.post('/oauth/authorize', async (req, reply) => {
