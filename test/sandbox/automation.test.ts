@@ -2,7 +2,7 @@ import { createServer } from 'node:http';
 import type { IncomingHttpHeaders, Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { startHarness } from './helpers.js';
+import { startHarness, readJson } from './helpers.js';
 import type { Harness } from './helpers.js';
 
 interface Hook {
@@ -93,7 +93,7 @@ describe('sandbox automation builder', () => {
     const ids = h.sb.state.store.contacts.items.slice(0, 40).map((c) => c.id);
     for (const id of ids) h.sb.state.updateRecord('contacts', id, { title: 'Mx.' });
     await h.sb.state.automationIdle();
-    const log = await (await fetch(`${h.sb.url}/_sandbox/automation-log?wait=idle`)).json();
+    const log = await readJson(await fetch(`${h.sb.url}/_sandbox/automation-log?wait=idle`));
     const fired = log.entries.filter((e: any) => e.status === 'fired');
     const dropped = log.entries.filter((e: any) => e.status === 'dropped');
     expect(fired.length + dropped.length).toBe(40);

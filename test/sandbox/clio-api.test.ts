@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startSandbox } from '../../src/sandbox/index.js';
-import { allPages, startHarness } from './helpers.js';
+import { allPages, startHarness, readJson } from './helpers.js';
 import type { Harness } from './helpers.js';
 
 describe('Clio v4 dialect', () => {
@@ -37,7 +37,7 @@ describe('Clio v4 dialect', () => {
     for (const limit of ['0', '201', 'abc']) {
       const res = await h.api(`/api/v4/matters.json?limit=${limit}`);
       expect(res.status).toBe(400);
-      expect((await res.json()).error.type).toBe('BadRequest');
+      expect((await readJson(res)).error.type).toBe('BadRequest');
     }
     expect((await h.api('/api/v4/matters.json?fields=client{id')).status).toBe(400);
   });
@@ -64,7 +64,7 @@ describe('Clio v4 dialect', () => {
     expect(ok.data).toHaveLength(200);
     const res = await h.api(ok.meta.paging.next);
     expect(res.status).toBe(422);
-    expect((await res.json()).error.message).toMatch(/10000/);
+    expect((await readJson(res)).error.message).toMatch(/10000/);
     const ids = (await allPages(h, '/api/v4/contacts.json?order=id(asc)&limit=200&fields=id')).flatMap((p) => p.data);
     expect(ids.length).toBe(h.sb.state.store.contacts.size);
   });
@@ -86,7 +86,7 @@ describe('Clio v4 dialect', () => {
       body: JSON.stringify({ data: { description: 'New intake', status: 'pending', client: { id: client.id }, practice_area: { id: 3001 } } }),
     });
     expect(res.status).toBe(201);
-    const { data } = await res.json();
+    const { data } = await readJson(res);
     expect(data).toMatchObject({ status: 'Pending', description: 'New intake', client: { id: client.id }, practice_area: { id: 3001, name: 'Personal Injury' } });
     const bad = await h.api('/api/v4/matters.json', { method: 'POST', body: JSON.stringify({ data: { description: 'x', status: 'Open', client: { id: client.id } } }) });
     expect(bad.status).toBe(422);
@@ -112,7 +112,7 @@ describe('Clio v4 dialect', () => {
     expect((await h.api(`/api/v4/contacts/${victim.id}.json`, { method: 'DELETE' })).status).toBe(204);
     const gone = await h.api(`/api/v4/contacts/${victim.id}.json`);
     expect(gone.status).toBe(404);
-    expect((await gone.json()).error.type).toBe('RecordNotFound');
+    expect((await readJson(gone)).error.type).toBe('RecordNotFound');
     const list = await h.json(`/api/v4/contacts.json?ids[]=${victim.id}`);
     expect(list.data).toEqual([]);
   });

@@ -45,3 +45,8 @@ export async function allPages(h: Harness, firstPath: string, max = 10_000): Pro
   }
   return pages;
 }
+
+/** Response bodies in these tests are checked field by field, so they are read untyped. */
+export async function readJson(res: Response): Promise<any> {
+  return res.json();
+}

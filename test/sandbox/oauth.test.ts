@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { CLIENT, form, startHarness } from './helpers.js';
+import { CLIENT, form, startHarness, readJson } from './helpers.js';
 import type { Harness } from './helpers.js';
 
 const REDIRECT = 'http://127.0.0.1:9/callback';
@@ -37,13 +37,13 @@ describe('sandbox OAuth2', () => {
     const code = await codeByConsent();
     const res = await token({ grant_type: 'authorization_code', code, redirect_uri: REDIRECT, ...CLIENT });
     expect(res.status).toBe(200);
-    const body = await res.json();
+    const body = await readJson(res);
     expect(body).toMatchObject({ token_type: 'bearer', expires_in: 604800 });
     expect(typeof body.refresh_token).toBe('string');
     expect((await h.api('/api/v4/matters.json', { token: body.access_token })).status).toBe(200);
     const reuse = await token({ grant_type: 'authorization_code', code, redirect_uri: REDIRECT, ...CLIENT });
     expect(reuse.status).toBe(400);
-    expect((await reuse.json()).error).toBe('invalid_grant');
+    expect((await readJson(reuse)).error).toBe('invalid_grant');
   });
 
   it('redirects immediately with autoApprove, and with access_denied on deny', async () => {
@@ -61,12 +61,12 @@ describe('sandbox OAuth2', () => {
   it('answers RFC 6749 errors: invalid_client, unsupported_grant_type, invalid_grant', async () => {
     const bad = await token({ grant_type: 'client_credentials', client_id: 'sandbox-client', client_secret: 'wrong' });
     expect(bad.status).toBe(401);
-    expect((await bad.json()).error).toBe('invalid_client');
+    expect((await readJson(bad)).error).toBe('invalid_client');
     const unsupported = await token({ grant_type: 'password', ...CLIENT });
     expect(unsupported.status).toBe(400);
-    expect((await unsupported.json()).error).toBe('unsupported_grant_type');
+    expect((await readJson(unsupported)).error).toBe('unsupported_grant_type');
     const grant = await token({ grant_type: 'refresh_token', refresh_token: 'nope', ...CLIENT });
-    expect((await grant.json()).error).toBe('invalid_grant');
+    expect((await readJson(grant)).error).toBe('invalid_grant');
   });
 
   it('issues client_credentials tokens without a refresh token, also with HTTP Basic', async () => {
@@ -75,7 +75,7 @@ describe('sandbox OAuth2', () => {
       headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: `Basic ${Buffer.from('sandbox-client:sandbox-secret').toString('base64')}` },
       body: 'grant_type=client_credentials',
     });
-    const body = await res.json();
+    const body = await readJson(res);
     expect(res.status).toBe(200);
     expect(body.refresh_token).toBeUndefined();
     expect((await h.api('/api/v4/contacts.json', { token: body.access_token })).status).toBe(200);
@@ -85,26 +85,26 @@ describe('sandbox OAuth2', () => {
     for (const t of [null, 'not-a-token']) {
       const res = await h.api('/api/v4/matters.json', { token: t });
       expect(res.status).toBe(401);
-      expect(await res.json()).toEqual({ error: 'invalid_token' });
+      expect(await readJson(res)).toEqual({ error: 'invalid_token' });
     }
   });
 
   it('tokenRealLifetimeSeconds: tokens die long before the advertised expires_in', async () => {
     h.sb.state.setSwitches({ tokenRealLifetimeSeconds: 60 });
-    const issued = await (await token({ grant_type: 'client_credentials', ...CLIENT })).json();
+    const issued = await readJson(await token({ grant_type: 'client_credentials', ...CLIENT }));
     expect(issued.expires_in).toBe(604800);
     expect((await h.api('/api/v4/matters.json', { token: issued.access_token })).status).toBe(200);
     h.sb.state.setClock({ advanceSeconds: 61 });
     const res = await h.api('/api/v4/matters.json', { token: issued.access_token });
     expect(res.status).toBe(401);
-    expect(await res.json()).toEqual({ error: 'invalid_token' });
+    expect(await readJson(res)).toEqual({ error: 'invalid_token' });
   });
 
   it('without rotation, refresh returns a new access token and the refresh token keeps working', async () => {
     const grant = h.sb.state.issueToken();
     for (let i = 0; i < 2; i++) {
       const res = await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT });
-      const body = await res.json();
+      const body = await readJson(res);
       expect(res.status).toBe(200);
       expect(body.refresh_token).toBeUndefined();
     }
@@ -113,18 +113,18 @@ describe('sandbox OAuth2', () => {
   it('rotateRefreshTokens: each refresh rotates; reusing a rotated token revokes the whole grant', async () => {
     h.sb.state.setSwitches({ rotateRefreshTokens: true });
     const grant = h.sb.state.issueToken();
-    const first = await (await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT })).json();
+    const first = await readJson(await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT }));
     expect(first.refresh_token).toBeTruthy();
     expect(first.refresh_token).not.toBe(grant.refresh_token);
     expect((await h.api('/api/v4/matters.json', { token: first.access_token })).status).toBe(200);
 
     const reuse = await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT });
     expect(reuse.status).toBe(400);
-    expect((await reuse.json()).error).toBe('invalid_grant');
+    expect((await readJson(reuse)).error).toBe('invalid_grant');
     // The whole grant is gone: the new access token and the new refresh token too.
     expect((await h.api('/api/v4/matters.json', { token: first.access_token })).status).toBe(401);
     const newer = await token({ grant_type: 'refresh_token', refresh_token: first.refresh_token, ...CLIENT });
-    expect((await newer.json()).error).toBe('invalid_grant');
+    expect((await readJson(newer)).error).toBe('invalid_grant');
     const g = h.sb.state.oauth.grants.get(grant.grant_id);
     expect(g?.revokedReason).toMatch(/reused/);
   });
@@ -134,28 +134,28 @@ describe('sandbox OAuth2', () => {
     h.sb.state.setSwitches({ revokeAll: true });
     const res = await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT });
     expect(res.status).toBe(400);
-    expect((await res.json()).error).toBe('invalid_grant');
+    expect((await readJson(res)).error).toBe('invalid_grant');
     h.sb.state.setSwitches({ revokeAll: false });
     expect((await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT })).status).toBe(200);
   });
 
   it('control API revokes a grant and expires access tokens', async () => {
     const grant = h.sb.state.issueToken();
-    const exp = await (await fetch(`${h.sb.url}/_sandbox/tokens/expire`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ grantId: grant.grant_id }) })).json();
+    const exp = await readJson(await fetch(`${h.sb.url}/_sandbox/tokens/expire`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ grantId: grant.grant_id }) }));
     expect(exp.expired).toBe(1);
     expect((await h.api('/api/v4/matters.json', { token: grant.access_token })).status).toBe(401);
-    const refreshed = await (await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT })).json();
+    const refreshed = await readJson(await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT }));
     expect((await h.api('/api/v4/matters.json', { token: refreshed.access_token })).status).toBe(200);
     await fetch(`${h.sb.url}/_sandbox/tokens/revoke`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ grantId: grant.grant_id }) });
     expect((await h.api('/api/v4/matters.json', { token: refreshed.access_token })).status).toBe(401);
-    expect((await (await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT })).json()).error).toBe('invalid_grant');
+    expect((await readJson(await token({ grant_type: 'refresh_token', refresh_token: grant.refresh_token ?? '', ...CLIENT }))).error).toBe('invalid_grant');
   });
 
   it('logs token-endpoint calls by grant and token id, never the token string', async () => {
     const since = h.sb.state.requestLog.lastSeq;
-    const issued = await (await token({ grant_type: 'client_credentials', ...CLIENT })).json();
+    const issued = await readJson(await token({ grant_type: 'client_credentials', ...CLIENT }));
     await h.api('/api/v4/matters.json', { token: issued.access_token });
-    const log = await (await fetch(`${h.sb.url}/_sandbox/requests?since=${since}`)).json();
+    const log = await readJson(await fetch(`${h.sb.url}/_sandbox/requests?since=${since}`));
     expect(log.requests.map((r: any) => r.path)).toEqual(['/oauth/token', '/api/v4/matters.json']);
     expect(log.requests[0].auth).toMatchObject({ scheme: 'client', clientId: 'sandbox-client', grantType: 'client_credentials' });
     expect(log.requests[1].auth).toMatchObject({ scheme: 'bearer', state: 'valid' });

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { allPages, startHarness } from './helpers.js';
+import { allPages, startHarness, readJson } from './helpers.js';
 import type { Harness } from './helpers.js';
 
 const control = (h: Harness, path: string, method = 'GET', body?: unknown) =>
@@ -19,9 +19,9 @@ describe('sandbox switches', () => {
   afterAll(() => h.sb.close());
 
   it('are all off by default and change at runtime through PATCH /_sandbox/switches', async () => {
-    const defaults = await (await control(h, '/switches')).json();
+    const defaults = await readJson(await control(h, '/switches'));
     expect(defaults).toMatchObject({ rateLimit: null, errorRate: 0, resetRate: 0, latencyMs: 0, repeatAtPageBoundary: false, updatedSinceInclusive: true, tokenRealLifetimeSeconds: null });
-    const patched = await (await control(h, '/switches', 'PATCH', { errorRate: 0.25 })).json();
+    const patched = await readJson(await control(h, '/switches', 'PATCH', { errorRate: 0.25 }));
     expect(patched.errorRate).toBe(0.25);
     expect((await control(h, '/switches', 'PATCH', { errorRate: 2 })).status).toBe(400);
     expect((await control(h, '/switches', 'PATCH', { noSuchSwitch: true })).status).toBe(400);
@@ -69,12 +69,12 @@ describe('sandbox switches', () => {
     const res = await h.json(`/api/v4/matters/${id}.json?fields=updated_at`, { method: 'PATCH', body: JSON.stringify({ data: { location: 'Room 2' } }) });
     const stamped = Date.parse(res.data.updated_at);
     expect(stamped).toBeLessThan(before - 3500 * 1000);
-    const info = await (await control(h, '/clock')).json();
+    const info = await readJson(await control(h, '/clock'));
     expect(info.skewSeconds).toBe(-3600);
   });
 
   it('bulk import stamps thousands of records with one updated_at', async () => {
-    const res = await (await control(h, '/bulk-import', 'POST', { object: 'matters', count: 2500, updatedAt: '2025-07-01T12:00:00.000Z' })).json();
+    const res = await readJson(await control(h, '/bulk-import', 'POST', { object: 'matters', count: 2500, updatedAt: '2025-07-01T12:00:00.000Z' }));
     expect(res.count).toBe(2500);
     const pages = await allPages(h, `/api/v4/matters.json?order=id(asc)&fields=id,updated_at&updated_since=2025-07-01T12:00:00Z`);
     const rows = pages.flatMap((p) => p.data).filter((r: any) => r.id >= res.firstId && r.id <= res.lastId);
@@ -148,24 +148,24 @@ describe('sandbox switches', () => {
     const since = h.sb.state.requestLog.lastSeq;
     await h.api('/api/v4/practice_areas.json');
     await h.api('/api/v4/matters.json?limit=1');
-    const log = await (await control(h, `/requests?since=${since}&path=/api/v4/matters`)).json();
+    const log = await readJson(await control(h, `/requests?since=${since}&path=/api/v4/matters`));
     expect(log.requests).toHaveLength(1);
     expect(log.requests[0]).toMatchObject({ method: 'GET', path: '/api/v4/matters.json', query: { limit: '1' }, status: 200 });
     expect(log.requests[0].seq).toBeGreaterThan(since);
     expect((await control(h, '/requests', 'DELETE')).status).toBe(204);
-    expect((await (await control(h, '/requests')).json()).requests).toEqual([]);
+    expect((await readJson(await control(h, '/requests'))).requests).toEqual([]);
   });
 
   it('control API creates, updates and deletes records as a staff member would', async () => {
     const client = h.sb.state.store.contacts.items[0];
-    const created = await (await control(h, '/records/matters', 'POST', { description: 'Walk-in', client: { id: client?.id } })).json();
+    const created = await readJson(await control(h, '/records/matters', 'POST', { description: 'Walk-in', client: { id: client?.id } }));
     expect(created.data.status).toBe('Open');
-    const updated = await (await control(h, `/records/matters/${created.data.id}`, 'PATCH', { status: 'closed' })).json();
+    const updated = await readJson(await control(h, `/records/matters/${created.data.id}`, 'PATCH', { status: 'closed' }));
     expect(updated.data.status).toBe('Closed');
     expect(updated.data.etag).not.toBe(created.data.etag);
     expect((await control(h, `/records/matters/${created.data.id}`, 'DELETE')).status).toBe(204);
     expect((await control(h, `/records/matters/${created.data.id}`)).status).toBe(404);
-    const ids = await (await control(h, '/records/matters/ids')).json();
+    const ids = await readJson(await control(h, '/records/matters/ids'));
     expect(ids.ids).not.toContain(created.data.id);
   });
 });
