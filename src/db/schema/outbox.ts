@@ -28,6 +28,12 @@ export const outbox = pgTable(
     lastStatus: integer('last_status'),
     lastError: text('last_error'),
     createdAt: createdAt(),
+    /**
+     * When the row last entered the queue: its insert, or a dead-letter replay. The retry age
+     * limit and the health backlog age count from here, so a replayed week-old dead letter gets
+     * a fresh budget instead of dying again on its first transient failure.
+     */
+    queuedAt: timestamptz('queued_at').notNull().defaultNow(),
     deliveredAt: timestamptz('delivered_at'),
   },
   (t) => [
