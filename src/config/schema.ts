@@ -90,6 +90,45 @@ export const inboundSchema = z
   })
   .strict();
 
+/** Headers the bridge sets itself on every delivery; configuring them would break dedup or parsing. */
+const RESERVED_DOWNSTREAM_HEADERS = ['idempotency-key', 'content-type', 'content-length', 'host'];
+
+/**
+ * Where and how changes go to the intake pipeline (DESIGN "Delivery"). Header values may hold
+ * the pipeline's API key through `${ENV}` references; they are sent, never logged. Durations
+ * parse to milliseconds; zod 4 defaults skip the transform, so defaults are written in ms.
+ */
+export const downstreamSchema = z
+  .object({
+    url: z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' }),
+    headers: z
+      .record(z.string().regex(/^[A-Za-z0-9-]+$/, 'must be an HTTP header name'), z.string())
+      .refine((h) => Object.keys(h).every((name) => !RESERVED_DOWNSTREAM_HEADERS.includes(name.toLowerCase())), {
+        message: `${RESERVED_DOWNSTREAM_HEADERS.join(', ')} are set by the bridge itself`,
+      })
+      .default({}),
+    /** Per request; a request still open after this counts as a failed, retryable attempt. */
+    timeout: duration.default(10_000),
+    /** Deliveries in flight at once per worker (each replica runs one worker per connection). */
+    concurrency: z.number().int().min(1).max(64).default(4),
+    /** Attempts before a retryable failure becomes a dead letter. */
+    maxAttempts: z.number().int().min(1).default(15),
+    /** Age (since queued) after which a retryable failure becomes a dead letter. */
+    maxAge: duration.default(86_400_000),
+    /** Exponential backoff: base × 2^(attempt-1), capped, with jitter; Retry-After wins when longer. */
+    backoff: z.object({ base: duration.default(1_000), max: duration.default(600_000) }).strict().default({ base: 1_000, max: 600_000 }),
+    /** A pending change older than this marks the connection degraded in /health (503). */
+    degradedAfter: duration.default(900_000),
+    /** How long a claimed row stays leased to its worker; must outlast one request. Default: timeout + 10s. */
+    lease: duration.optional(),
+    /** Pause between claims when the outbox has nothing due. */
+    pollInterval: duration.default(1_000),
+  })
+  .strict()
+  .refine((d) => d.lease === undefined || d.lease > d.timeout, { path: ['lease'], message: 'must be longer than timeout, or a live delivery could be claimed twice' })
+  .refine((d) => d.backoff.max >= d.backoff.base, { path: ['backoff', 'max'], message: 'must be at least backoff.base' });
+export type DownstreamConfig = z.infer<typeof downstreamSchema>;
+
 export const connectionSchema = z
   .object({
     id: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'must be lowercase letters, digits, - or _ (at most 63)'),
@@ -97,6 +136,8 @@ export const connectionSchema = z
     inbound: inboundSchema,
     /** Deliver a newer version whose mapped content is unchanged (DESIGN rule 4, configurable). */
     deliverUnchanged: z.boolean().default(false),
+    /** The intake pipeline; without it, changes are recorded and queued but not delivered. */
+    downstream: downstreamSchema.optional(),
   })
   .strict();
 export type ConnectionConfig = z.infer<typeof connectionSchema>;
