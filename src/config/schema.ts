@@ -129,6 +129,44 @@ export const downstreamSchema = z
   .refine((d) => d.backoff.max >= d.backoff.base, { path: ['backoff', 'max'], message: 'must be at least backoff.base' });
 export type DownstreamConfig = z.infer<typeof downstreamSchema>;
 
+/** An absolute http(s) URL, or a path (`/oauth/token`) resolved against the connection's baseUrl. */
+const endpointUrl = z
+  .string()
+  .refine((v) => v.startsWith('/') || /^https?:\/\/[^/]/.test(v), 'must be an absolute http(s) URL or a path starting with /');
+
+const oauthClientFields = {
+  /** `${ENV}` references keep client secrets out of the file; they are sent, never logged. */
+  clientId: z.string().min(1),
+  clientSecret: z.string().min(1),
+  tokenUrl: endpointUrl,
+  scopes: z.array(z.string().min(1)).default([]),
+  /** RFC 6749 §2.3.1 allows both; HubSpot accepts only `body`. */
+  clientAuth: z.enum(['body', 'basic']).default('body'),
+  /** Refresh this long before the claimed expiry (capped at half the claimed lifetime). */
+  refreshMarginSeconds: z.number().int().nonnegative().default(300),
+};
+
+/**
+ * How the bridge authenticates to the CRM (DESIGN "OAuth2 token manager"). `oauth2` is the
+ * authorization-code grant kept alive with refresh tokens; `static` is a vendor "API key",
+ * which may really be an OAuth token that expires: a 401 then means re-authorise, not retry.
+ */
+export const authSchema = z.discriminatedUnion('type', [
+  z
+    .object({
+      type: z.literal('oauth2'),
+      ...oauthClientFields,
+      authorizeUrl: endpointUrl,
+      /** Where the CRM sends the browser back; default: this bridge's /oauth/<id>/callback as requested. */
+      redirectUri: z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' }).optional(),
+    })
+    .strict(),
+  z.object({ type: z.literal('client_credentials'), ...oauthClientFields }).strict(),
+  z.object({ type: z.literal('static'), token: z.string().min(1) }).strict(),
+  z.object({ type: z.literal('none') }).strict(),
+]);
+export type AuthConfig = z.infer<typeof authSchema>;
+
 export const connectionSchema = z
   .object({
     id: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'must be lowercase letters, digits, - or _ (at most 63)'),
@@ -138,6 +176,7 @@ export const connectionSchema = z
     deliverUnchanged: z.boolean().default(false),
     /** The intake pipeline; without it, changes are recorded and queued but not delivered. */
     downstream: downstreamSchema.optional(),
+    auth: authSchema.default({ type: 'none' }),
   })
   .strict();
 export type ConnectionConfig = z.infer<typeof connectionSchema>;
