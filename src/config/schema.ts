@@ -42,9 +42,90 @@ export type Env = z.infer<typeof envSchema>;
 /** A dotted path into a JSON record (`practice_area.name`, `data.id`). */
 const jsonPath = z.string().regex(/^[^.\s]+(\.[^.\s]+)*$/, 'must be a dotted path such as practice_area.name');
 
+/** An HTTP request as data. Strings may hold `{{placeholders}}` (see docs/connectors.md). */
+const requestTemplateSchema = z
+  .object({
+    method: z.enum(['GET', 'POST', 'PUT', 'PATCH', 'DELETE']).default('GET'),
+    /** Relative to the base URL (`/api/v4/matters.json`) or absolute. */
+    path: z.string().min(1),
+    /** A value that is exactly one placeholder without a value (`{{cursor}}` on page one) drops the parameter. */
+    query: z.record(z.string(), z.union([z.string(), z.number(), z.boolean()])).default({}),
+    /** A JSON body template; a key whose value is exactly an unset placeholder is dropped. */
+    body: z.json().optional(),
+    headers: z.record(z.string(), z.string()).default({}),
+  })
+  .strict();
+export type RequestTemplate = z.infer<typeof requestTemplateSchema>;
+
+/** How timestamps are written into a request: the CRM's `updated_since` dialect. */
+export const timeFormatSchema = z.enum(['iso8601', 'iso8601-seconds', 'epoch-ms', 'epoch-seconds']);
+export type TimeFormat = z.infer<typeof timeFormatSchema>;
+
+/** How a list call moves to its next page. The page's records are at `list.records` in every style. */
+const paginationSchema = z.discriminatedUnion('style', [
+  /** The response names the next page's full URL (Clio `meta.paging.next`, JSON:API `links.next`). */
+  z.object({ style: z.literal('nextUrl'), nextUrlPath: jsonPath }).strict(),
+  /** An opaque token from the response goes back as `{{cursor}}` (HubSpot `paging.next.after`). */
+  z.object({ style: z.literal('cursor'), cursorPath: jsonPath }).strict(),
+  /** `{{page}}` counts from `firstPage`; stops on a short page or at `totalPagesPath`. */
+  z.object({ style: z.literal('page'), firstPage: z.number().int().min(0).default(1), totalPagesPath: jsonPath.optional() }).strict(),
+  /** `{{offset}}` advances by the records received; stops on a short page or at `totalPath`. */
+  z.object({ style: z.literal('offset'), totalPath: jsonPath.optional() }).strict(),
+  z.object({ style: z.literal('none') }).strict(),
+]);
+export type Pagination = z.infer<typeof paginationSchema>;
+
+const listCallSchema = z
+  .object({
+    request: requestTemplateSchema,
+    /** Page size, available as `{{limit}}`. */
+    limit: z.number().int().positive().default(100),
+    /** Where the page's records are in the response; omitted: the response is the array. */
+    records: jsonPath.optional(),
+    pagination: paginationSchema,
+    /** `{{since}}`: the changed-since bound, in the CRM's time format. */
+    since: z
+      .object({
+        format: timeFormatSchema.default('iso8601'),
+        /** Used when listing everything (the sweep) and the request cannot omit the filter. */
+        whenListingAll: z.string().optional(),
+      })
+      .strict()
+      .default({ format: 'iso8601' }),
+    /**
+     * What the pages are ordered by: `updatedAt` lets the poller checkpoint per page; `id`
+     * (Clio cursor paging) means the cursor may only advance when the whole run completes.
+     */
+    order: z.enum(['updatedAt', 'id', 'none']).default('none'),
+    /**
+     * A CRM that refuses to page past N results in one query (HubSpot search: 10,000). Before
+     * the cap, the query starts again from `request` with `{{anchor.updatedAt}}` and
+     * `{{anchor.id}}` set from the last record read, so the pages continue where they stopped.
+     */
+    restart: z.object({ afterRecords: z.number().int().positive(), request: requestTemplateSchema }).strict().optional(),
+  })
+  .strict();
+export type ListCall = z.infer<typeof listCallSchema>;
+
+/** A get, create or update call: the request and where the record is in its answer. */
+const recordCallSchema = z
+  .object({
+    request: requestTemplateSchema,
+    /** Where the record is in the response (`data`); omitted: the response is the record. */
+    record: jsonPath.optional(),
+    /** Create/update: where the record goes in the request body (`data` → `{"data": {...}}`). */
+    bodyPath: jsonPath.optional(),
+  })
+  .strict();
+export type RecordCall = z.infer<typeof recordCallSchema>;
+
+/** What a mapped field is expected to hold; `scalar` is string, number, boolean or null. */
+export const fieldTypeSchema = z.enum(['string', 'number', 'boolean', 'scalar', 'object', 'array', 'any']);
+export type FieldType = z.infer<typeof fieldTypeSchema>;
+
 /**
- * How one CRM object maps into crm-bridge. The connectors issue extends this with the list,
- * get, create and update calls; the gate needs only what is here.
+ * How one CRM object maps into crm-bridge, and the calls that read and write it. Only the id,
+ * version and field map are needed by the gate; a connector fed by hooks alone can omit the calls.
  */
 export const objectDefinitionSchema = z
   .object({
@@ -55,14 +136,45 @@ export const objectDefinitionSchema = z
     versionPath: jsonPath.optional(),
     /** Canonical field name → dotted path in the raw record. Omitted: the whole record. */
     fields: z.record(z.string(), jsonPath).optional(),
+    /** Canonical field name → the type the field map expects (default `scalar`); checked by `probe`. */
+    fieldTypes: z.record(z.string(), fieldTypeSchema).optional(),
+    /** Canonical fields that are read but never written back (computed or relation names). */
+    readOnly: z.array(z.string()).optional(),
     /** Top-level keys that change without a real change (etags, counters); excluded from hashes. */
     volatile: z.array(z.string()).default([]),
+    list: listCallSchema.optional(),
+    get: recordCallSchema.optional(),
+    create: recordCallSchema.optional(),
+    update: recordCallSchema.optional(),
+    /** Record paths whose string values are lowercased on write (Clio reads `Open`, accepts only `open`). */
+    lowercaseOnWrite: z.array(jsonPath).optional(),
+    /**
+     * Where the bridge stamps the records it writes, for a CRM with a field for it: `value` may
+     * use `{{writeId}}`; a record whose value at `path` starts with the part before the first
+     * placeholder came from the bridge.
+     */
+    originMarker: z.object({ path: jsonPath, value: z.string().min(1) }).strict().optional(),
   })
   .strict();
 export type ObjectDefinition = z.infer<typeof objectDefinitionSchema>;
 
+/** How the CRM says it is rate limiting, for pacing and 429 handling in the HTTP client. */
+const rateLimitSchema = z
+  .object({
+    /** The unit of `Retry-After` on a 429: seconds by RFC 9110, milliseconds at HubSpot. */
+    retryAfterUnit: z.enum(['seconds', 'milliseconds']).default('seconds'),
+    /** A floor between requests, for a limit the CRM does not announce in headers (HubSpot search: 4/s). */
+    minIntervalMs: z.number().int().min(0).default(0),
+  })
+  .strict();
+
 export const connectorDefinitionSchema = z
   .object({
+    /** The API's base URL; a connection's `baseUrl` overrides it (region, sandbox). */
+    baseUrl: z.url({ protocol: /^https?$/ }).optional(),
+    /** Other hosts that serve the same API (regions); `probe` tries them when the base URL fails. */
+    regionalHosts: z.array(z.url({ protocol: /^https?$/ })).default([]),
+    rateLimit: rateLimitSchema.default({ retryAfterUnit: 'seconds', minIntervalMs: 0 }),
     objects: z.record(z.string().regex(/^[a-z][a-z0-9_]*$/, 'object names are lowercase identifiers'), objectDefinitionSchema)
       .refine((o) => Object.keys(o).length > 0, 'a connector needs at least one object'),
   })
@@ -171,6 +283,8 @@ export const connectionSchema = z
   .object({
     id: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'must be lowercase letters, digits, - or _ (at most 63)'),
     connector: connectorDefinitionSchema,
+    /** Overrides the connector's base URL (another region, the sandbox). */
+    baseUrl: z.url({ protocol: /^https?$/ }).optional(),
     inbound: inboundSchema,
     /** Deliver a newer version whose mapped content is unchanged (DESIGN rule 4, configurable). */
     deliverUnchanged: z.boolean().default(false),
