@@ -1,0 +1,254 @@
+import { and, desc, eq, inArray, isNull, lt, lte, notExists, or, sql } from 'drizzle-orm';
+import { alias } from 'drizzle-orm/pg-core';
+import type { Db } from '../client.js';
+import { ledger, ledgerBodies, outbox, type ChangeKind, type ChangeSource } from '../schema/index.js';
+
+/**
+ * The outbox as the delivery workers see it. Every timestamp that decides who may act on a row
+ * (lease expiry, next attempt) is the database's `now()`, so replicas with skewed clocks agree.
+ */
+
+export interface ClaimedDelivery {
+  id: number;
+  eventId: string;
+  connectionId: string;
+  object: string;
+  crmId: string;
+  /** Including this claim. */
+  attempts: number;
+  queuedAt: Date;
+}
+
+const millis = (ms: number) => sql`(${Math.max(0, Math.round(ms))}::double precision * interval '1 millisecond')`;
+
+/**
+ * Claims up to `limit` due rows of one connection for `owner` until the lease runs out, in one
+ * statement (so the lease is written in the claiming transaction). A row is due when it is
+ * pending, its next attempt has come, nobody holds a live lease on it (an expired lease means its
+ * worker died or hung: the row is claimable again, nothing is lost), and no older row of the same
+ * record is still pending: per-record order is enforced here, so the workers never need to
+ * coordinate. SKIP LOCKED lets concurrent claimers pass over each other's rows instead of waiting.
+ * The attempt is counted at claim time, so a worker killed mid-request still uses up an attempt.
+ */
+export async function claimDeliveries(
+  db: Db,
+  params: { connectionId: string; owner: string; limit: number; leaseMs: number },
+): Promise<ClaimedDelivery[]> {
+  const older = alias(outbox, 'older');
+  const due = db
+    .select({ id: outbox.id })
+    .from(outbox)
+    .where(
+      and(
+        eq(outbox.connectionId, params.connectionId),
+        eq(outbox.state, 'pending'),
+        lte(outbox.nextAttemptAt, sql`now()`),
+        or(isNull(outbox.leaseExpiresAt), lt(outbox.leaseExpiresAt, sql`now()`)),
+        notExists(
+          db
+            .select({ one: sql`1` })
+            .from(older)
+            .where(
+              and(
+                eq(older.connectionId, outbox.connectionId),
+                eq(older.object, outbox.object),
+                eq(older.crmId, outbox.crmId),
+                eq(older.state, 'pending'),
+                lt(older.id, outbox.id),
+              ),
+            ),
+        ),
+      ),
+    )
+    .orderBy(outbox.id)
+    .limit(params.limit)
+    .for('update', { skipLocked: true });
+
+  const rows = await db
+    .update(outbox)
+    .set({
+      leaseOwner: params.owner,
+      leaseExpiresAt: sql`now() + ${millis(params.leaseMs)}`,
+      attempts: sql`${outbox.attempts} + 1`,
+    })
+    .where(inArray(outbox.id, due))
+    .returning({
+      id: outbox.id,
+      eventId: outbox.eventId,
+      connectionId: outbox.connectionId,
+      object: outbox.object,
+      crmId: outbox.crmId,
+      attempts: outbox.attempts,
+      queuedAt: outbox.queuedAt,
+    });
+  return rows.sort((a, b) => a.id - b.id);
+}
+
+export interface DeliveryContent {
+  change: ChangeKind;
+  version: string | null;
+  origin: 'crm' | 'pipeline';
+  source: ChangeSource;
+  observedAt: Date;
+  raw: unknown;
+  fields: Record<string, unknown> | null;
+}
+
+/** What the ledger knows about each event; bodies may have been pruned (then null). */
+export async function loadDeliveryContent(db: Db, eventIds: readonly string[]): Promise<Map<string, DeliveryContent>> {
+  if (eventIds.length === 0) return new Map();
+  const rows = await db
+    .select({
+      eventId: ledger.eventId,
+      change: ledger.change,
+      version: ledger.version,
+      origin: ledger.origin,
+      source: ledger.source,
+      observedAt: ledger.observedAt,
+      raw: ledgerBodies.raw,
+      fields: ledgerBodies.fields,
+    })
+    .from(ledger)
+    .leftJoin(ledgerBodies, eq(ledgerBodies.eventId, ledger.eventId))
+    .where(inArray(ledger.eventId, [...eventIds]));
+  return new Map(rows.map(({ eventId, ...content }) => [eventId, { ...content, raw: content.raw ?? null, fields: content.fields ?? null }]));
+}
+
+/**
+ * Delivered rows are kept, not deleted: the ledger is append-only and cannot say that a change
+ * reached the pipeline, when, or after how many attempts; this row is that evidence. Health and
+ * the claim query only touch pending and dead rows through indexes that lead with the state or
+ * the record, so delivered history does not slow them. Pruning belongs to a retention job.
+ *
+ * Not fenced by the lease owner: a 2xx is the truth whoever got it, and if the lease had expired
+ * and another worker is delivering the same row again, its own outcome becomes a no-op.
+ */
+export async function markDelivered(db: Db, params: { id: number; status: number }): Promise<boolean> {
+  const rows = await db
+    .update(outbox)
+    .set({ state: 'delivered', deliveredAt: sql`now()`, lastStatus: params.status, lastError: null, leaseOwner: null, leaseExpiresAt: null })
+    .where(and(eq(outbox.id, params.id), eq(outbox.state, 'pending')))
+    .returning({ id: outbox.id });
+  return rows.length === 1;
+}
+
+/** Fenced by the lease: a worker whose lease was taken over no longer decides the row's fate. */
+function heldBy(id: number, owner: string) {
+  return and(eq(outbox.id, id), eq(outbox.state, 'pending'), eq(outbox.leaseOwner, owner));
+}
+
+export async function scheduleRetry(
+  db: Db,
+  params: { id: number; owner: string; delayMs: number; status: number | null; error: string },
+): Promise<boolean> {
+  const rows = await db
+    .update(outbox)
+    .set({
+      nextAttemptAt: sql`now() + ${millis(params.delayMs)}`,
+      lastStatus: params.status,
+      lastError: params.error,
+      leaseOwner: null,
+      leaseExpiresAt: null,
+    })
+    .where(heldBy(params.id, params.owner))
+    .returning({ id: outbox.id });
+  return rows.length === 1;
+}
+
+export async function markDead(db: Db, params: { id: number; owner: string; status: number | null; error: string }): Promise<boolean> {
+  const rows = await db
+    .update(outbox)
+    .set({ state: 'dead', lastStatus: params.status, lastError: params.error, leaseOwner: null, leaseExpiresAt: null })
+    .where(heldBy(params.id, params.owner))
+    .returning({ id: outbox.id });
+  return rows.length === 1;
+}
+
+/**
+ * Gives a claimed row back untried (the worker is stopping): no attempt is charged and another
+ * replica may take it at once instead of waiting for the lease to run out.
+ */
+export async function releaseClaim(db: Db, params: { id: number; owner: string }): Promise<void> {
+  await db
+    .update(outbox)
+    .set({ attempts: sql`greatest(${outbox.attempts} - 1, 0)`, leaseOwner: null, leaseExpiresAt: null })
+    .where(heldBy(params.id, params.owner));
+}
+
+export interface DeadLetter {
+  id: number;
+  eventId: string;
+  connectionId: string;
+  object: string;
+  crmId: string;
+  change: ChangeKind;
+  version: string | null;
+  attempts: number;
+  lastStatus: number | null;
+  lastError: string | null;
+  queuedAt: Date;
+}
+
+/** Newest first; `before` is the `id` of the last row of the previous page (keyset paging). */
+export async function listDeadLetters(
+  db: Db,
+  params: { connectionId?: string | undefined; limit: number; before?: number | undefined },
+): Promise<{ items: DeadLetter[]; nextBefore: number | null }> {
+  const rows = await db
+    .select({
+      id: outbox.id,
+      eventId: outbox.eventId,
+      connectionId: outbox.connectionId,
+      object: outbox.object,
+      crmId: outbox.crmId,
+      change: ledger.change,
+      version: ledger.version,
+      attempts: outbox.attempts,
+      lastStatus: outbox.lastStatus,
+      lastError: outbox.lastError,
+      queuedAt: outbox.queuedAt,
+    })
+    .from(outbox)
+    .innerJoin(ledger, eq(ledger.eventId, outbox.eventId))
+    .where(
+      and(
+        eq(outbox.state, 'dead'),
+        params.connectionId !== undefined ? eq(outbox.connectionId, params.connectionId) : undefined,
+        params.before !== undefined ? lt(outbox.id, params.before) : undefined,
+      ),
+    )
+    .orderBy(desc(outbox.id))
+    .limit(params.limit + 1);
+  const items = rows.slice(0, params.limit);
+  return { items, nextBefore: rows.length > params.limit ? (items.at(-1)?.id ?? null) : null };
+}
+
+export type ReplayOutcome =
+  | { status: 'replayed'; connectionId: string; object: string; crmId: string }
+  | { status: 'not_found' }
+  | { status: 'not_dead'; state: 'pending' | 'delivered' };
+
+/**
+ * Puts a dead letter back in the queue with a fresh attempt and age budget, under the same event
+ * id (so the same Idempotency-Key). It takes its old place in its record's order: newer pending
+ * versions of the record wait for it. If a newer version was already delivered, the replay sends
+ * the older one after it; the body's `version` lets the pipeline tell, and the operator asked.
+ */
+export async function replayDeadLetter(db: Db, eventId: string): Promise<ReplayOutcome> {
+  const [replayed] = await db
+    .update(outbox)
+    .set({
+      state: 'pending',
+      attempts: 0,
+      nextAttemptAt: sql`now()`,
+      queuedAt: sql`now()`,
+      leaseOwner: null,
+      leaseExpiresAt: null,
+    })
+    .where(and(eq(outbox.eventId, eventId), eq(outbox.state, 'dead')))
+    .returning({ connectionId: outbox.connectionId, object: outbox.object, crmId: outbox.crmId });
+  if (replayed) return { status: 'replayed', ...replayed };
+  const [row] = await db.select({ state: outbox.state }).from(outbox).where(eq(outbox.eventId, eventId));
+  if (row === undefined) return { status: 'not_found' };
+  return { status: 'not_dead', state: row.state === 'dead' ? 'pending' : row.state };
+}
