@@ -5,6 +5,7 @@ import Fastify from 'fastify';
 import type { FastifyInstance } from 'fastify';
 import { clioApiRoutes } from './clio-routes.js';
 import { controlRoutes } from './control-routes.js';
+import { hubspotRoutes } from './hubspot-routes.js';
 import { oauthRoutes } from './oauth-routes.js';
 import { logRequest, requestMeta } from './request-meta.js';
 import type { SandboxState } from './state.js';
@@ -46,6 +47,9 @@ export async function buildSandboxApp(state: SandboxState, opts: SandboxAppOptio
       { prefix },
     );
   }
+
+  // The HubSpot dialect shares the records and the OAuth grants; it has no documented twin.
+  await app.register(hubspotRoutes, { state });
 
   if (opts.control) await app.register(controlRoutes, { state, prefix: '/_sandbox' });
   return app;

@@ -10,7 +10,7 @@ const objectSchema = z.enum(['matters', 'contacts']);
 const bulkImportSchema = z
   .object({ object: objectSchema, count: z.number().int().min(1).max(1_000_000), updatedAt: z.string().optional(), fireAutomation: z.boolean().optional() })
   .strict();
-const clockSchema = z.object({ skewSeconds: z.number().optional(), advanceSeconds: z.number().optional() }).strict();
+const clockSchema = z.object({ skewSeconds: z.number().optional(), advanceSeconds: z.number().optional(), frozen: z.boolean().optional() }).strict();
 const grantSchema = z.object({ grantId: z.string().optional() }).strict();
 const issueSchema = z.object({ clientId: z.string().optional() }).strict();
 

@@ -103,7 +103,7 @@ export class OAuthStore {
     return code;
   }
 
-  exchangeCode(client: OAuthClient, code: string | undefined, redirectUri: string | undefined): TokenResponse {
+  exchangeCode(client: OAuthClient, code: string | undefined, redirectUri: string | undefined, expiresIn?: number): TokenResponse {
     if (!code) throw new OAuthError('invalid_request', 'code is required');
     const rec = this.codes.get(code);
     if (!rec || rec.clientId !== client.clientId) throw new OAuthError('invalid_grant', 'Authorization code is invalid');
@@ -117,10 +117,14 @@ export class OAuthStore {
     rec.used = true;
     const grant = this.newGrant(client.clientId, 'authorization_code');
     rec.grantId = grant.id;
-    return { ...this.issueAccess(grant.id), refresh_token: this.issueRefresh(grant.id) };
+    return { ...this.issueAccess(grant.id, expiresIn), refresh_token: this.issueRefresh(grant.id) };
   }
 
-  refreshGrant(client: OAuthClient, token: string | undefined): TokenResponse {
+  /**
+   * `dialect.echoRefreshToken`: HubSpot answers every refresh with the (unchanged) refresh token;
+   * Clio leaves it out. `dialect.expiresIn` overrides the advertised lifetime (HubSpot: 1800).
+   */
+  refreshGrant(client: OAuthClient, token: string | undefined, dialect: { echoRefreshToken?: boolean; expiresIn?: number } = {}): TokenResponse {
     if (!token) throw new OAuthError('invalid_request', 'refresh_token is required');
     const rec = this.refresh.get(token);
     const grant = rec ? this.grants.get(rec.grantId) : undefined;
@@ -131,8 +135,8 @@ export class OAuthStore {
       this.revokeGrant(grant.id, `rotated refresh token ${rec.id} reused`);
       throw new OAuthError('invalid_grant', 'Refresh token was already used; the grant has been revoked');
     }
-    const access = this.issueAccess(grant.id);
-    if (!this.switches().rotateRefreshTokens) return access; // Clio answers a refresh without a new refresh_token.
+    const access = this.issueAccess(grant.id, dialect.expiresIn);
+    if (!this.switches().rotateRefreshTokens) return dialect.echoRefreshToken ? { ...access, refresh_token: token } : access;
     rec.state = 'rotated';
     return { ...access, refresh_token: this.issueRefresh(grant.id) };
   }
@@ -204,9 +208,9 @@ export class OAuthStore {
     return grant;
   }
 
-  private issueAccess(grantId: string): TokenResponse {
+  private issueAccess(grantId: string, expiresInOverride?: number): TokenResponse {
     const token = randomBytes(24).toString('base64url');
-    const expiresIn = this.switches().advertisedExpiresInSeconds;
+    const expiresIn = expiresInOverride ?? this.switches().advertisedExpiresInSeconds;
     this.access.set(token, { id: `at-${++this.seq}`, grantId, issuedAt: this.now(), expiresIn, forcedExpired: false });
     return { access_token: token, token_type: 'bearer', expires_in: expiresIn };
   }

@@ -43,11 +43,13 @@ export type WriteInput = Record<string, unknown>;
 
 export class SandboxClock {
   advanceMs = 0;
+  /** Real time at which the clock was frozen, so windows and expiries can be tested without waiting. */
+  frozenAt: number | null = null;
   constructor(private readonly switches: () => SandboxSwitches) {}
 
-  /** The sandbox's own time: real time, advanced by the control API, skewed by the switch. */
+  /** The sandbox's own time: real (or frozen) time, advanced by the control API, skewed by the switch. */
   now(): number {
-    const t = Date.now() + this.advanceMs + this.switches().clockSkewSeconds * 1000;
+    const t = (this.frozenAt ?? Date.now()) + this.advanceMs + this.switches().clockSkewSeconds * 1000;
     return this.switches().oneSecondTimestamps ? Math.floor(t / 1000) * 1000 : t;
   }
 }
@@ -96,17 +98,24 @@ export class SandboxState {
     return this.switches;
   }
 
-  setClock(change: { skewSeconds?: number; advanceSeconds?: number }): { now: string; skewSeconds: number; advancedSeconds: number } {
+  setClock(change: { skewSeconds?: number; advanceSeconds?: number; frozen?: boolean }): { now: string; skewSeconds: number; advancedSeconds: number; frozen: boolean } {
     if (change.skewSeconds !== undefined) this.setSwitches({ clockSkewSeconds: change.skewSeconds });
+    if (change.frozen === true && this.clock.frozenAt === null) this.clock.frozenAt = Date.now();
+    if (change.frozen === false && this.clock.frozenAt !== null) {
+      // Thawing keeps the sandbox time continuous: the frozen span becomes a negative advance.
+      this.clock.advanceMs -= Date.now() - this.clock.frozenAt;
+      this.clock.frozenAt = null;
+    }
     if (change.advanceSeconds !== undefined) this.clock.advanceMs += change.advanceSeconds * 1000;
     return this.clockInfo();
   }
 
-  clockInfo(): { now: string; skewSeconds: number; advancedSeconds: number } {
+  clockInfo(): { now: string; skewSeconds: number; advancedSeconds: number; frozen: boolean } {
     return {
       now: new Date(this.clock.now()).toISOString(),
       skewSeconds: this.switches.clockSkewSeconds,
       advancedSeconds: this.clock.advanceMs / 1000,
+      frozen: this.clock.frozenAt !== null,
     };
   }
 

@@ -37,7 +37,8 @@ export const sandboxSwitchesSchema = z.object({
   automationDelayMs: z.number().int().min(0),
   /** GET /oauth/authorize redirects straight back with a code instead of showing the consent page. */
   autoApprove: z.boolean(),
-  /** HubSpot dialect: search requests per second per token (the live limit is about 4). null = unlimited. */
+  /** HubSpot dialect: search requests per second per token; the live limit is about 4, so that is
+   * the default (the dialect's documented behaviour, not a lie). null = unlimited. */
   hubspotSearchPerSecond: z.number().positive().nullable(),
 });
 
@@ -65,7 +66,7 @@ export function defaultSwitches(): SandboxSwitches {
     automationDuplicateRate: 0,
     automationDelayMs: 0,
     autoApprove: false,
-    hubspotSearchPerSecond: null,
+    hubspotSearchPerSecond: 4,
   };
 }
 
