@@ -5,8 +5,10 @@ import { loggerOptions } from './logger.js';
 import configPlugin from './plugins/config.js';
 import daemonsPlugin from './plugins/daemons.js';
 import dbPlugin from './plugins/db.js';
+import deliveryPlugin from './plugins/delivery.js';
 import errorHandler from './plugins/error-handler.js';
 import jsonBody from './plugins/json-body.js';
+import deadLetterRoutes from './routes/dead-letters.js';
 import healthRoutes from './routes/health.js';
 import hookRoutes from './routes/hooks.js';
 
@@ -34,7 +36,9 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(configPlugin, { config: options.config });
   await app.register(dbPlugin, { database: options.database });
   await app.register(daemonsPlugin, { startDaemons: options.startDaemons ?? false });
+  await app.register(deliveryPlugin);
   await app.register(healthRoutes);
   await app.register(hookRoutes);
+  await app.register(deadLetterRoutes);
   return app;
 }

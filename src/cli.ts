@@ -33,6 +33,41 @@ program
     }
   });
 
+/** Opens the database named by the environment (no connections file needed) for an admin command. */
+async function withDatabase<T>(run: (db: import('./db/client.js').Db) => Promise<T>): Promise<T> {
+  const { loadEnv } = await import('./config/load.js');
+  const { openDatabase } = await import('./db/client.js');
+  const { join } = await import('node:path');
+  const env = loadEnv();
+  const database = openDatabase({ url: env.DATABASE_URL, dataDir: join(env.DATA_DIR, 'pgdata'), max: 1 });
+  try {
+    await database.migrate();
+    return await run(database.db);
+  } finally {
+    await database.close();
+  }
+}
+
+program
+  .command('dead-letters')
+  .description('list changes the intake pipeline refused or that ran out of retries, newest first')
+  .option('-c, --connection <id>', 'only this connection')
+  .option('-n, --limit <n>', 'how many to show', (v) => Number.parseInt(v, 10), 50)
+  .action(async (options: { connection?: string; limit: number }) => {
+    const { printDeadLetters } = await import('./sync/dead-letters.js');
+    await withDatabase((db) => printDeadLetters(db, { connectionId: options.connection, limit: options.limit }, (t) => process.stdout.write(t)));
+  });
+
+program
+  .command('replay')
+  .description('queue a dead letter for delivery again, with the same Idempotency-Key')
+  .argument('<eventId>', 'the event id shown by `crm-bridge dead-letters`')
+  .action(async (eventId: string) => {
+    const { replayFromCli } = await import('./sync/dead-letters.js');
+    const code = await withDatabase((db) => replayFromCli(db, eventId, (t) => process.stdout.write(t)));
+    if (code !== 0) process.exitCode = code;
+  });
+
 try {
   await program.parseAsync(process.argv);
 } catch (err) {

@@ -7,7 +7,8 @@ const DB_CHECK_TIMEOUT_MS = 2_000;
 /**
  * `GET /health` is what operators curl and load balancers poll: states, timestamps and counts
  * only, never client data. 503 when the database is unreachable or a connection needs
- * re-authorisation (and, as the poller lands, when a poll goes stale).
+ * re-authorisation, when a connection's oldest undelivered change is older than its
+ * `downstream.degradedAfter` (and, as the poller lands, when a poll goes stale).
  */
 export default async function healthRoutes(app: FastifyInstance) {
   app.get('/health/live', async () => ({ status: 'ok' }));
@@ -16,7 +17,7 @@ export default async function healthRoutes(app: FastifyInstance) {
     const started = performance.now();
     try {
       const report = await withTimeout(buildReport(app), DB_CHECK_TIMEOUT_MS);
-      const healthy = report.connections.every((c) => c.auth.state !== 'needs_reauth');
+      const healthy = report.connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded);
       return reply.code(healthy ? 200 : 503).send({
         status: healthy ? 'ok' : 'degraded',
         checks: { db: { status: 'ok', latencyMs: Math.round(performance.now() - started) } },
@@ -44,14 +45,18 @@ async function buildReport(app: FastifyInstance) {
       const lastReceivedAt = latest(stored, local);
       const d = delivery.get(c.id);
       const a = auth.get(c.id);
+      const oldestPendingAgeMs = d?.oldestPendingAt ? Math.max(0, now - d.oldestPendingAt.getTime()) : null;
+      // Age, not count: a burst of thousands draining fast is fine; one change stuck for an hour is not.
+      const degradedAfter = c.downstream?.degradedAfter;
       return {
         id: c.id,
         auth: a ? { state: a.state, expiresAt: a.expiresAt?.toISOString() ?? null } : { state: 'none' as const, expiresAt: null },
         hooks: { lastReceivedAt: lastReceivedAt?.toISOString() ?? null },
         delivery: {
           pending: d?.pending ?? 0,
-          oldestPendingAgeSeconds: d?.oldestPendingAt ? Math.max(0, Math.round((now - d.oldestPendingAt.getTime()) / 1000)) : null,
+          oldestPendingAgeSeconds: oldestPendingAgeMs === null ? null : Math.round(oldestPendingAgeMs / 1000),
           deadLetters: d?.deadLetters ?? 0,
+          degraded: oldestPendingAgeMs !== null && degradedAfter !== undefined && oldestPendingAgeMs > degradedAfter,
         },
       };
     }),

@@ -13,7 +13,7 @@ export async function getDeliveryStats(db: Db): Promise<Map<string, DeliveryStat
     .select({
       connectionId: outbox.connectionId,
       pending: sql<number>`count(*) filter (where ${outbox.state} = 'pending')`.mapWith(Number),
-      oldestPendingAt: sql<string | null>`min(${outbox.createdAt}) filter (where ${outbox.state} = 'pending')`,
+      oldestPendingAt: sql<string | null>`min(${outbox.queuedAt}) filter (where ${outbox.state} = 'pending')`,
       deadLetters: sql<number>`count(*) filter (where ${outbox.state} = 'dead')`.mapWith(Number),
     })
     .from(outbox)

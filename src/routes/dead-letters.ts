@@ -1,0 +1,102 @@
+import type { FastifyInstance } from 'fastify';
+import { listDeadLetters, replayDeadLetter } from '../db/queries/outbox.js';
+import { ConflictError, NotFoundError, UnauthorizedError } from '../errors.js';
+import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
+
+const UUID = '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
+
+const deadLetterSchema = {
+  type: 'object',
+  properties: {
+    eventId: { type: 'string' },
+    connection: { type: 'string' },
+    object: { type: 'string' },
+    crmId: { type: 'string' },
+    change: { type: 'string' },
+    version: { type: ['string', 'null'] },
+    attempts: { type: 'integer' },
+    lastStatus: { type: ['integer', 'null'] },
+    lastError: { type: ['string', 'null'] },
+    queuedAt: { type: 'string' },
+  },
+  required: ['eventId', 'connection', 'object', 'crmId', 'change', 'version', 'attempts', 'lastStatus', 'lastError', 'queuedAt'],
+} as const;
+
+/**
+ * Admin API for changes the pipeline refused or that ran out of retries. `Authorization: Bearer
+ * $ADMIN_TOKEN`, compared in constant time. With ADMIN_TOKEN unset every request gets the same
+ * 401 as a wrong token, rather than a 404: the routes stay discoverable in the docs and an
+ * operator who forgot the token is told about credentials, while nothing is open by default.
+ */
+export default async function deadLetterRoutes(app: FastifyInstance) {
+  const token = app.config.env.ADMIN_TOKEN;
+  const adminHashes = token === undefined ? undefined : [sha256(token)];
+  if (adminHashes === undefined) app.log.info('ADMIN_TOKEN is not set: the dead-letter API refuses every request');
+
+  app.addHook('onRequest', async (request) => {
+    if (!matchesAnySecret(bearerToken(request.headers.authorization), adminHashes)) {
+      request.log.warn('admin request rejected: missing or invalid token');
+      throw new UnauthorizedError();
+    }
+  });
+
+  app.get<{ Querystring: { connection?: string; limit: number; before?: number } }>(
+    '/v1/dead-letters',
+    {
+      schema: {
+        querystring: {
+          type: 'object',
+          properties: {
+            connection: { type: 'string', maxLength: 63 },
+            limit: { type: 'integer', minimum: 1, maximum: 500, default: 50 },
+            /** `nextBefore` from the previous page. */
+            before: { type: 'integer', minimum: 1 },
+          },
+          additionalProperties: false,
+        },
+        response: {
+          200: {
+            type: 'object',
+            properties: { items: { type: 'array', items: deadLetterSchema }, nextBefore: { type: ['integer', 'null'] } },
+            required: ['items', 'nextBefore'],
+          },
+        },
+      },
+    },
+    async (request) => {
+      const { items, nextBefore } = await listDeadLetters(app.db, {
+        connectionId: request.query.connection,
+        limit: request.query.limit,
+        before: request.query.before,
+      });
+      return {
+        items: items.map(({ id: _id, connectionId, queuedAt, ...rest }) => ({ ...rest, connection: connectionId, queuedAt: queuedAt.toISOString() })),
+        nextBefore,
+      };
+    },
+  );
+
+  app.post<{ Params: { eventId: string } }>(
+    '/v1/dead-letters/:eventId/replay',
+    {
+      schema: {
+        params: { type: 'object', properties: { eventId: { type: 'string', pattern: UUID } }, required: ['eventId'] },
+        response: {
+          202: {
+            type: 'object',
+            properties: { status: { type: 'string', const: 'queued' }, eventId: { type: 'string' } },
+            required: ['status', 'eventId'],
+          },
+        },
+      },
+    },
+    async (request, reply) => {
+      const { eventId } = request.params;
+      const outcome = await replayDeadLetter(app.db, eventId.toLowerCase());
+      if (outcome.status === 'not_found') throw new NotFoundError(`No change with event id ${eventId} is in the outbox.`);
+      if (outcome.status === 'not_dead') throw new ConflictError(`Change ${eventId} is ${outcome.state}, not a dead letter.`, 'NOT_A_DEAD_LETTER');
+      request.log.info({ eventId, connection: outcome.connectionId, object: outcome.object, crmId: outcome.crmId }, 'dead letter queued for replay');
+      return reply.code(202).send({ status: 'queued', eventId });
+    },
+  );
+}

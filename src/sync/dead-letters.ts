@@ -1,0 +1,59 @@
+import type { Db } from '../db/client.js';
+import { listDeadLetters, replayDeadLetter, type DeadLetter } from '../db/queries/outbox.js';
+
+/**
+ * The operator's side of dead letters for the CLI (`crm-bridge dead-letters`, `crm-bridge
+ * replay`); the HTTP API calls the same queries. Kept apart from src/cli.ts so tests can run them.
+ */
+
+export async function printDeadLetters(
+  db: Db,
+  options: { connectionId?: string | undefined; limit: number },
+  write: (text: string) => void,
+): Promise<number> {
+  const { items, nextBefore } = await listDeadLetters(db, { connectionId: options.connectionId, limit: options.limit });
+  if (items.length === 0) {
+    write('no dead letters\n');
+    return 0;
+  }
+  write(formatTable(items));
+  if (nextBefore !== null) write(`(showing the newest ${items.length}; raise --limit to see more)\n`);
+  return items.length;
+}
+
+/** Exit status: 0 queued again, 1 no such event or not a dead letter. */
+export async function replayFromCli(db: Db, eventId: string, write: (text: string) => void): Promise<number> {
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(eventId)) {
+    write(`"${eventId}" is not an event id (a UUID, as listed by crm-bridge dead-letters)\n`);
+    return 1;
+  }
+  const outcome = await replayDeadLetter(db, eventId.toLowerCase());
+  switch (outcome.status) {
+    case 'replayed':
+      write(`queued ${outcome.object}/${outcome.crmId} (${eventId}) for delivery to ${outcome.connectionId} again\n`);
+      return 0;
+    case 'not_found':
+      write(`no change with event id ${eventId} in the outbox\n`);
+      return 1;
+    case 'not_dead':
+      write(`${eventId} is ${outcome.state}, not a dead letter: nothing to replay\n`);
+      return 1;
+  }
+}
+
+function formatTable(items: DeadLetter[]): string {
+  const header = ['EVENT ID', 'CONNECTION', 'RECORD', 'VERSION', 'ATTEMPTS', 'STATUS', 'QUEUED AT', 'LAST ERROR'];
+  const rows = items.map((d) => [
+    d.eventId,
+    d.connectionId,
+    `${d.object}/${d.crmId}`,
+    d.version ?? '-',
+    String(d.attempts),
+    d.lastStatus === null ? '-' : String(d.lastStatus),
+    d.queuedAt.toISOString(),
+    (d.lastError ?? '').slice(0, 80),
+  ]);
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]) => `${cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')}\n`;
+  return [header, ...rows].map(line).join('');
+}
