@@ -9,7 +9,7 @@ const program = new Command()
   .exitOverride();
 
 program
-  .command('serve', { isDefault: true })
+  .command('serve')
   .description('run the bridge: hooks, health and (as configured) the poller and delivery')
   .action(async () => {
     const { serve } = await import('./server.js');

@@ -1,7 +1,7 @@
 import closeWithGrace from 'close-with-grace';
 import { pino } from 'pino';
 import { buildApp } from './app.js';
-import { loadConfig, loadEnv } from './config/load.js';
+import { loadConfig } from './config/load.js';
 import { demoConnections } from './demo/demo-connection.js';
 import { loggerOptions } from './logger.js';
 
@@ -9,9 +9,11 @@ const SHUTDOWN_GRACE_MS = 10_000;
 
 /** The process entry: configuration, logger, listen, and an ordered, time-boxed shutdown. */
 export async function serve(): Promise<void> {
-  const env = loadEnv();
-  const demo = env.CRM_BRIDGE_CONFIG === undefined ? demoConnections(env.DATA_DIR) : undefined;
-  const config = loadConfig(undefined, demo && { connections: demo.connections });
+  let demo: ReturnType<typeof demoConnections> | undefined;
+  const config = loadConfig(undefined, (env) => {
+    demo = demoConnections(env.DATA_DIR);
+    return { connections: demo.connections };
+  });
   const logger = pino(loggerOptions(config.env.LOG_LEVEL));
 
   const app = await buildApp({ config, loggerInstance: logger, startDaemons: true });

@@ -37,7 +37,10 @@ export function loadEnv(source: Source = process.env): Env {
  * Reads env and the connections file (YAML or JSON), resolves `${VAR}` references and presets,
  * and validates all of it, reporting every bad value in one error.
  */
-export function loadConfig(source: Source = process.env, defaults?: { connections: unknown[] }): Config {
+export function loadConfig(
+  source: Source = process.env,
+  defaults?: { connections: unknown[] } | ((env: Env) => { connections: unknown[] }),
+): Config {
   const problems: string[] = [];
   let env: Env | undefined;
   try {
@@ -48,7 +51,7 @@ export function loadConfig(source: Source = process.env, defaults?: { connection
   }
 
   const file = source.CRM_BRIDGE_CONFIG || undefined;
-  let raw: unknown = defaults;
+  let raw: unknown = typeof defaults === 'function' ? (env && file === undefined ? defaults(env) : undefined) : defaults;
   if (file !== undefined) {
     const path = resolve(file);
     try {
@@ -63,12 +66,17 @@ export function loadConfig(source: Source = process.env, defaults?: { connection
   let connections: ConnectionConfig[] = [];
   if (raw !== undefined) {
     const where = file ?? 'built-in demo config';
-    const interpolated = interpolate(raw, [], source, problems, where);
+    const unset = new Set<string>();
+    const interpolated = interpolate(raw, [], source, problems, where, unset);
     const withPresets = resolvePresets(interpolated, problems, where);
     const result = connectionsFileSchema.safeParse(withPresets);
     if (result.success) connections = result.data.connections;
-    else problems.push(...formatIssues(result.error.issues, `${where}: `));
-  } else if (file === undefined) {
+    else {
+      // A value left unset is reported once, as unset, not again for its shape.
+      const issues = result.error.issues.filter((issue) => !unset.has(formatPath(issue.path)));
+      problems.push(...formatIssues(issues, `${where}: `));
+    }
+  } else if (file === undefined && env !== undefined) {
     problems.push('no connections: set CRM_BRIDGE_CONFIG to a connections file');
   }
 
@@ -87,21 +95,22 @@ function formatPath(path: PropertyKey[]): string {
 const REFERENCE = /\$\{([A-Za-z_][A-Za-z0-9_]*)\}/g;
 
 /** Replaces `${VAR}` in every string, recording each missing variable with its path. */
-function interpolate(value: unknown, path: PropertyKey[], source: Source, problems: string[], where: string): unknown {
+function interpolate(value: unknown, path: PropertyKey[], source: Source, problems: string[], where: string, unset: Set<string>): unknown {
   if (typeof value === 'string') {
     return value.replace(REFERENCE, (reference, name: string) => {
       const found = source[name];
       if (found === undefined || found === '') {
         problems.push(`${where}: ${formatPath(path)}: environment variable ${name} is not set`);
+        unset.add(formatPath(path));
         return reference;
       }
       return found;
     });
   }
-  if (Array.isArray(value)) return value.map((v, i) => interpolate(v, [...path, i], source, problems, where));
+  if (Array.isArray(value)) return value.map((v, i) => interpolate(v, [...path, i], source, problems, where, unset));
   if (value !== null && typeof value === 'object') {
     return Object.fromEntries(
-      Object.entries(value).map(([k, v]) => [k, interpolate(v, [...path, k], source, problems, where)]),
+      Object.entries(value).map(([k, v]) => [k, interpolate(v, [...path, k], source, problems, where, unset)]),
     );
   }
   return value;

@@ -5,10 +5,6 @@ import { bearerToken, matchesAnySecret } from '../security.js';
 import { getPath, observeRecord } from '../sync/record.js';
 
 declare module 'fastify' {
-  interface FastifyInstance {
-    /** When this process last received an authenticated hook, per connection (duplicates included). */
-    hookActivity: Map<string, Date>;
-  }
   interface FastifyRequest {
     hookConnection?: Connection;
   }
@@ -22,7 +18,6 @@ type HookRequest = FastifyRequest<{ Params: { connection: string }; Querystring:
  * its outbox row have committed.
  */
 export default async function hookRoutes(app: FastifyInstance) {
-  app.decorate('hookActivity', new Map<string, Date>());
   const largestLimit = Math.max(1024 * 1024, ...[...app.connections.values()].map((c) => c.inbound.bodyLimit));
 
   app.post<{ Params: { connection: string }; Querystring: { object?: string } }>(

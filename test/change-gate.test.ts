@@ -1,0 +1,193 @@
+import { randomUUID } from 'node:crypto';
+import { and, asc, eq, sql } from 'drizzle-orm';
+import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { ledger, ledgerBodies, outbox, outboundWrites, recordHeads } from '../src/db/schema/index.js';
+import { passChanges, type ObservedChange } from '../src/sync/change-gate.js';
+import { ChangeWriter } from '../src/sync/change-writer.js';
+import type { ObjectDefinition } from '../src/config/schema.js';
+import { contentHash, observeRecord } from '../src/sync/record.js';
+import { createTestDatabase, resetDatabase } from './helpers/database.js';
+
+const database = await createTestDatabase();
+const { db } = database;
+afterAll(() => database.close());
+beforeEach(() => resetDatabase(database));
+
+const definition: ObjectDefinition = {
+  idPath: 'id',
+  updatedAtPath: 'updated_at',
+  fields: { name: 'display_number', status: 'status', practiceArea: 'practice_area.name' },
+  volatile: [],
+};
+
+function change(raw: Record<string, unknown>, overrides: Partial<ObservedChange> = {}): ObservedChange {
+  const observed = observeRecord({ connectionId: 'acme', object: 'matters', definition, raw, source: 'poll', observedAt: new Date() });
+  if (!observed) throw new Error('record without id');
+  return { ...observed, ...overrides };
+}
+
+const matter = (status: string, updatedAt: string, extra: Record<string, unknown> = {}) => ({
+  id: 42,
+  display_number: '00042-Doe',
+  status,
+  practice_area: { id: 7, name: 'Personal Injury' },
+  updated_at: updatedAt,
+  ...extra,
+});
+
+const pass = (c: ObservedChange) => db.transaction(async (tx) => (await passChanges(tx, [c]))[0]!);
+
+async function history() {
+  return db
+    .select({ disposition: ledger.disposition, version: ledger.version, delivered: outbox.id })
+    .from(ledger)
+    .leftJoin(outbox, eq(outbox.eventId, ledger.eventId))
+    .orderBy(asc(ledger.seq));
+}
+
+describe('the change gate', () => {
+  it('delivers A → B → A as three changes: dedup is against the head, not history', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    await pass(change(matter('Pending', '2026-11-01T11:00:00Z')));
+    const third = await pass(change(matter('Open', '2026-11-01T12:00:00Z')));
+    expect(third.disposition).toBe('accepted');
+    const rows = await history();
+    expect(rows.map((r) => r.disposition)).toEqual(['accepted', 'accepted', 'accepted']);
+    expect(rows.every((r) => r.delivered !== null)).toBe(true);
+  });
+
+  it('records an older version after a newer one as stale and does not deliver it', async () => {
+    await pass(change(matter('Pending', '2026-11-01T11:00:00Z')));
+    const old = await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    expect(old).toMatchObject({ disposition: 'stale', delivered: false });
+    const [head] = await db.select().from(recordHeads);
+    expect(head?.version).toBe('2026-11-01T11:00:00Z');
+    expect((await history()).map((r) => [r.disposition, r.delivered !== null])).toEqual([
+      ['accepted', true],
+      ['stale', false],
+    ]);
+  });
+
+  it('orders versions by time, not by text, across offsets', async () => {
+    await pass(change(matter('Pending', '2026-11-01T10:00:00-08:00')));
+    // 17:00Z is earlier than 10:00-08:00 (18:00Z) although it sorts later as text.
+    expect((await pass(change(matter('Open', '2026-11-01T17:00:00Z')))).disposition).toBe('stale');
+  });
+
+  it('records a newer version with unchanged mapped content as unchanged, and can be told to deliver it', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z', { unmapped_counter: 1 })));
+    const touched = await pass(change(matter('Open', '2026-11-01T10:05:00Z', { unmapped_counter: 2 })));
+    expect(touched).toMatchObject({ disposition: 'unchanged', delivered: false });
+    const configured = await pass(change(matter('Open', '2026-11-01T10:06:00Z'), { deliverUnchanged: true }));
+    expect(configured).toMatchObject({ disposition: 'accepted', delivered: true });
+  });
+
+  it('hashes canonical JSON: reordered keys and whitespace are the same content', async () => {
+    const a = JSON.parse('{"id": 42, "status": "Open", "display_number": "00042-Doe", "practice_area": {"name": "PI", "id": 7}}');
+    const b = JSON.parse('{ "practice_area":{"id":7,"name":"PI"},"display_number":"00042-Doe","status":"Open","id":42 }');
+    const { updatedAtPath: _ignored, ...noVersion } = definition;
+    const first = observeRecord({ connectionId: 'acme', object: 'matters', definition: noVersion, raw: a, source: 'hook', observedAt: new Date() })!;
+    const second = observeRecord({ connectionId: 'acme', object: 'matters', definition: noVersion, raw: b, source: 'hook', observedAt: new Date() })!;
+    expect(first.contentHash).toBe(second.contentHash);
+    const accepted = await pass(first);
+    expect(await pass(second)).toEqual({ disposition: 'duplicate', eventId: accepted.eventId, delivered: false });
+  });
+
+  it('records the echo of a write the bridge made to that record and does not deliver it', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    const echoed = change(matter('Closed', '2026-11-01T10:10:00Z'));
+    await db.insert(outboundWrites).values({
+      id: randomUUID(),
+      connectionId: 'acme',
+      object: 'matters',
+      idempotencyKey: 'k-1',
+      requestHash: 'r',
+      crmId: '42',
+      contentHash: echoed.contentHash!,
+      state: 'sent',
+    });
+    expect(await pass(echoed)).toMatchObject({ disposition: 'echo', delivered: false });
+    const [head] = await db.select().from(recordHeads);
+    expect(head).toMatchObject({ origin: 'pipeline', version: '2026-11-01T10:10:00Z' });
+    // A later human edit of that record is a real change again.
+    expect(await pass(change(matter('Open', '2026-11-01T11:00:00Z')))).toMatchObject({ disposition: 'accepted', delivered: true });
+  });
+
+  it('recognises an echo that arrives before the bridge learned the CRM id, and learns it', async () => {
+    const created = change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 9001 });
+    const stampId = randomUUID();
+    await db.insert(outboundWrites).values({
+      id: stampId,
+      connectionId: 'acme',
+      object: 'matters',
+      idempotencyKey: 'k-2',
+      requestHash: 'r',
+      externalId: 'lead-7',
+      contentHash: created.contentHash!,
+    });
+    expect(await pass(created)).toMatchObject({ disposition: 'echo', delivered: false });
+    const [stamp] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, stampId));
+    expect(stamp?.crmId).toBe('9001');
+  });
+
+  it('records an origin-marked change as an echo', async () => {
+    expect(await pass(change(matter('Open', '2026-11-01T10:00:00Z'), { originMarker: true }))).toMatchObject({ disposition: 'echo' });
+  });
+
+  it('delivers a delete once, and a repeated delete is a duplicate', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    const del: ObservedChange = { ...change(matter('Open', '2026-11-01T10:00:00Z')), change: 'delete', version: null, fields: null, contentHash: null, raw: null, source: 'sweep' };
+    expect(await pass(del)).toMatchObject({ disposition: 'accepted', delivered: true });
+    expect(await pass(del)).toMatchObject({ disposition: 'duplicate' });
+    // The version it had before the delete does not resurrect it.
+    expect(await pass(change(matter('Open', '2026-11-01T10:00:00Z')))).toMatchObject({ disposition: 'stale' });
+  });
+
+  it('keeps the ledger append-only: UPDATE and DELETE are refused by the database', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    await expect(db.update(ledger).set({ disposition: 'stale' })).rejects.toThrow();
+    await expect(db.delete(ledger)).rejects.toThrow();
+  });
+
+  it('stores the raw record and mapped fields beside the ledger row', async () => {
+    const accepted = await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    const [body] = await db.select().from(ledgerBodies).where(eq(ledgerBodies.eventId, accepted.eventId));
+    expect(body?.fields).toEqual({ name: '00042-Doe', status: 'Open', practiceArea: 'Personal Injury' });
+    expect((body?.raw as { practice_area: unknown }).practice_area).toEqual({ id: 7, name: 'Personal Injury' });
+  });
+
+  it('gives one delivery for the same change racing through many batches and paths', async () => {
+    const writer = new ChangeWriter(db, { maxBatch: 8, concurrency: 4 });
+    const same = matter('Open', '2026-11-01T10:00:00Z');
+    const results = await Promise.all(
+      Array.from({ length: 40 }, (_, i) => writer.submit(change(same, { source: i % 2 ? 'hook' : 'poll' }))),
+    );
+    expect(results.filter((r) => r.delivered)).toHaveLength(1);
+    expect(new Set(results.map((r) => r.eventId)).size).toBe(1);
+    const [counted] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(outbox);
+    expect(counted?.n).toBe(1);
+  });
+
+  it('keeps arrival order for one record inside a batch and answers each caller with its own outcome', async () => {
+    const writer = new ChangeWriter(db, { maxBatch: 64, concurrency: 1 });
+    const outcomes = await Promise.all([
+      writer.submit(change(matter('Open', '2026-11-01T10:00:00Z'))),
+      writer.submit(change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 43 })),
+      writer.submit(change(matter('Pending', '2026-11-01T11:00:00Z'))),
+      writer.submit(change(matter('Open', '2026-11-01T10:00:00Z'))),
+    ]);
+    expect(outcomes.map((o) => o.disposition)).toEqual(['accepted', 'accepted', 'accepted', 'stale']);
+  });
+
+  it('keys everything by connection: the same record id in two connections is two records', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    const other = await pass(change(matter('Open', '2026-11-01T10:00:00Z'), { connectionId: 'other-firm' }));
+    expect(other.disposition).toBe('accepted');
+    const heads = await db.select().from(recordHeads).where(and(eq(recordHeads.crmId, '42')));
+    expect(heads).toHaveLength(2);
+  });
+
+  it('hashes content independent of key order', () => {
+    expect(contentHash({ a: 1, b: { c: [1, { d: 2, e: 3 }] } })).toBe(contentHash({ b: { c: [1, { e: 3, d: 2 }] }, a: 1 }));
+  });
+});

@@ -1,0 +1,105 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../src/config/load.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-config-'));
+function file(name: string, text: string): string {
+  const path = join(dir, name);
+  writeFileSync(path, text);
+  return path;
+}
+
+function problemsOf(fn: () => unknown): string[] {
+  try {
+    fn();
+  } catch (err) {
+    if (err instanceof ConfigError) return err.problems;
+    throw err;
+  }
+  throw new Error('expected a ConfigError');
+}
+
+const goodYaml = `
+connections:
+  - id: acme-law
+    connector:
+      objects:
+        matters: { idPath: id, updatedAtPath: updated_at, fields: { area: practice_area.name } }
+    inbound:
+      header: X-Bridge-Secret
+      secrets: ["\${HOOK_SECRET}", "\${HOOK_SECRET_PREVIOUS}"]
+`;
+
+describe('configuration', () => {
+  it('reads a YAML connections file with ${ENV} secrets', () => {
+    const config = loadConfig({
+      CRM_BRIDGE_CONFIG: file('good.yaml', goodYaml),
+      HOOK_SECRET: 'new-secret-0123456789',
+      HOOK_SECRET_PREVIOUS: 'old-secret-0123456789',
+    });
+    expect(config.connections[0]).toMatchObject({
+      id: 'acme-law',
+      inbound: { header: 'x-bridge-secret', secrets: ['new-secret-0123456789', 'old-secret-0123456789'], payload: 'record', bodyLimit: 1048576 },
+    });
+    expect(config.env).toMatchObject({ PORT: 3000, DATA_DIR: '.data', LOG_LEVEL: 'info' });
+  });
+
+  it('reads the same file as JSON', () => {
+    const json = JSON.stringify({ connections: [{ id: 'j', connector: { objects: { leads: {} } }, inbound: { secrets: ['0123456789abcdef'] } }] });
+    expect(loadConfig({ CRM_BRIDGE_CONFIG: file('c.json', json) }).connections[0]?.connector.objects.leads?.idPath).toBe('id');
+  });
+
+  it('names every bad value and where it is, in one error', () => {
+    const bad = file(
+      'bad.yaml',
+      `
+connections:
+  - id: Acme Law
+    connector: { objects: { matters: { idPath: "a..b" } } }
+    inbound:
+      secrets: ["short", "\${MISSING_SECRET}"]
+      payload: webhook
+      object: invoices
+    surprise: true
+  - id: dup
+    connector: nosuchpreset
+    inbound: { secrets: ["0123456789abcdef"] }
+`,
+    );
+    const problems = problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: bad, PORT: 'eighty', DATABASE_URL: 'mysql://x', LOG_LEVEL: 'loud' }));
+    const text = problems.join('\n');
+    expect(text).toMatch(/environment variable PORT/);
+    expect(text).toMatch(/environment variable DATABASE_URL: must be a postgres/);
+    expect(text).toMatch(/environment variable LOG_LEVEL/);
+    expect(text).toMatch(/connections\[0\]\.id: must be lowercase/);
+    expect(text).toMatch(/connections\[0\]\.connector\.objects\.matters\.idPath: must be a dotted path/);
+    expect(text).toMatch(/connections\[0\]\.inbound\.secrets\[0\]: a hook secret must be at least 16 characters/);
+    expect(text).toMatch(/connections\[0\]\.inbound\.secrets\[1\]: environment variable MISSING_SECRET is not set/);
+    expect(text).toMatch(/connections\[0\]\.inbound\.payload/);
+    expect(text).toMatch(/connections\[0\]: Unrecognized key: "surprise"/i);
+    expect(text).toMatch(/connections\[1\]\.connector: unknown preset "nosuchpreset"/);
+    expect(text).toContain(bad);
+    expect(problems.length).toBeGreaterThanOrEqual(9);
+  });
+
+  it('reports a missing file and unparseable YAML clearly', () => {
+    expect(problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: join(dir, 'nope.yaml') })).join()).toMatch(/nope\.yaml: file not found/);
+    expect(problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: file('broken.yaml', 'connections: [\n  - id: x\n    : :') })).join()).toMatch(/broken\.yaml/);
+  });
+
+  it('refuses duplicate connection ids and an inbound object the connector lacks', () => {
+    const conn = { connector: { objects: { matters: {} } }, inbound: { secrets: ['0123456789abcdef'], object: 'contacts' } };
+    const text = problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: file('dup.json', JSON.stringify({ connections: [{ id: 'a', ...conn }, { id: 'a', ...conn }] })) })).join('\n');
+    expect(text).toMatch(/duplicate connection id "a"/);
+    expect(text).toMatch(/"contacts" is not an object of this connector/);
+  });
+
+  it('accepts a 32-byte base64 TOKEN_ENCRYPTION_KEY and refuses another length', () => {
+    const conns = { connections: [] as unknown[] };
+    conns.connections.push({ id: 'a', connector: { objects: { m: {} } }, inbound: { secrets: ['0123456789abcdef'] } });
+    expect(() => loadConfig({ TOKEN_ENCRYPTION_KEY: Buffer.alloc(32, 1).toString('base64') }, conns)).not.toThrow();
+    expect(problemsOf(() => loadConfig({ TOKEN_ENCRYPTION_KEY: 'abc' }, conns)).join()).toMatch(/TOKEN_ENCRYPTION_KEY: must be 32 bytes/);
+  });
+});

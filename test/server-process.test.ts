@@ -1,0 +1,75 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+
+const dataDir = mkdtempSync(join(tmpdir(), 'crm-bridge-serve-'));
+const children: ChildProcess[] = [];
+afterAll(() => children.forEach((c) => c.kill('SIGKILL')));
+
+/** Starts `crm-bridge serve` as `npm start` does and resolves with its address and output. */
+function serve(env: Record<string, string>) {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'serve'], {
+    env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  children.push(child);
+  let output = '';
+  child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+  const ready = new Promise<string>((resolve, reject) => {
+    child.stdout!.on('data', () => {
+      const match = /listening on (http:\/\/[\d.:]+)/.exec(output);
+      if (match) resolve(match[1]!);
+    });
+    child.on('exit', (code) => reject(new Error(`exited ${code}: ${output}`)));
+  });
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  return { child, ready, exited, output: () => output };
+}
+
+describe('crm-bridge serve, as npm start runs it', () => {
+  it('starts on the embedded database, prints the demo secret and a working curl, and stops cleanly on SIGTERM', async () => {
+    const server = serve({});
+    const base = await server.ready;
+    const secret = readFileSync(join(dataDir, 'demo-hook-secret'), 'utf8').trim();
+    expect(server.output()).toContain(`Authorization: Bearer ${secret}`);
+    expect(server.output()).toContain(`${base}/hooks/demo`);
+
+    const hook = await fetch(`${base}/hooks/demo`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ id: 1001, updated_at: '2026-11-26T10:00:00Z', status: 'Open' }),
+    });
+    expect(hook.status).toBe(202);
+    expect((await fetch(`${base}/health`)).status).toBe(200);
+
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
+    expect(server.output()).toMatch(/crm-bridge is stopping/);
+  });
+
+  it('keeps the demo secret and the ledger across a restart', async () => {
+    const server = serve({});
+    const base = await server.ready;
+    const secret = readFileSync(join(dataDir, 'demo-hook-secret'), 'utf8').trim();
+    const again = await fetch(`${base}/hooks/demo`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ id: 1001, updated_at: '2026-11-26T10:00:00Z', status: 'Open' }),
+    });
+    expect(await again.json()).toMatchObject({ status: 'duplicate' });
+    server.child.kill('SIGINT');
+    expect(await server.exited).toBe(0);
+  });
+
+  it('fails at start with one error naming every bad value, exit status 2', async () => {
+    const server = serve({ PORT: 'eighty', LOG_LEVEL: 'chatty' });
+    await expect(server.ready).rejects.toThrow();
+    expect(await server.exited).toBe(2);
+    expect(server.output()).toMatch(/PORT/);
+    expect(server.output()).toMatch(/LOG_LEVEL/);
+    expect(server.output()).not.toMatch(/\n\s+at .*\.ts:\d+/);
+  });
+});
