@@ -1,0 +1,88 @@
+import type { ConnectorDefinitionInput } from './index.js';
+
+/**
+ * Clio Manage API v4 (specs/clio-manage-v4.openapi.json, and specs/README.md for where the live
+ * system differs). Facts this definition depends on:
+ * - Without `fields` a record has only `id` and `etag`; relations are selected with braces, and
+ *   `practice_area` is an object ({id, name, ...}), not the string some docs and integrations assume.
+ * - Cursor paging follows `meta.paging.next` (a full URL) and requires `order=id(asc)`; offset
+ *   paging stops at 10,000 records. Pages are in id order, so a poll may only move its cursor
+ *   once the whole run has completed.
+ * - Statuses read capitalised (`Open`) and are accepted only lowercase on write.
+ * - 50 requests/min per token with X-RateLimit-* headers; 429 Retry-After is in seconds.
+ */
+const MATTER_FIELDS =
+  'id,etag,number,display_number,description,status,location,client_reference,billable,open_date,pending_date,close_date,created_at,updated_at,client{id,name},practice_area{id,name}';
+const CONTACT_FIELDS = 'id,etag,name,first_name,last_name,type,title,primary_email_address,primary_phone_number,created_at,updated_at';
+
+function clioObject(resource: 'matters' | 'contacts', fields: string) {
+  return {
+    list: {
+      request: {
+        method: 'GET' as const,
+        path: `/api/v4/${resource}.json`,
+        query: { fields, order: 'id(asc)', limit: '{{limit}}', updated_since: '{{since}}' },
+      },
+      limit: 200,
+      records: 'data',
+      pagination: { style: 'nextUrl' as const, nextUrlPath: 'meta.paging.next' },
+      since: { format: 'iso8601' as const },
+      order: 'id' as const,
+    },
+    get: { request: { method: 'GET' as const, path: `/api/v4/${resource}/{{id}}.json`, query: { fields } }, record: 'data' },
+    create: { request: { method: 'POST' as const, path: `/api/v4/${resource}.json`, query: { fields } }, bodyPath: 'data', record: 'data' },
+    update: { request: { method: 'PATCH' as const, path: `/api/v4/${resource}/{{id}}.json`, query: { fields } }, bodyPath: 'data', record: 'data' },
+  };
+}
+
+export const clio: ConnectorDefinitionInput = {
+  baseUrl: 'https://app.clio.com',
+  // A token from one region gets 401 on another; app.goclio.com is the legacy US host.
+  regionalHosts: ['https://app.clio.com', 'https://eu.app.clio.com', 'https://ca.app.clio.com', 'https://au.app.clio.com'],
+  rateLimit: { retryAfterUnit: 'seconds', minIntervalMs: 0 },
+  objects: {
+    matters: {
+      idPath: 'id',
+      updatedAtPath: 'updated_at',
+      fields: {
+        displayNumber: 'display_number',
+        description: 'description',
+        status: 'status',
+        practiceArea: 'practice_area.name',
+        practiceAreaId: 'practice_area.id',
+        clientId: 'client.id',
+        clientName: 'client.name',
+        location: 'location',
+        clientReference: 'client_reference',
+        billable: 'billable',
+        openDate: 'open_date',
+        closeDate: 'close_date',
+      },
+      fieldTypes: { displayNumber: 'string', status: 'string', practiceArea: 'string', clientName: 'string', billable: 'boolean' },
+      // Clio computes the display number, and relations are written by id, not by name.
+      readOnly: ['displayNumber', 'practiceArea', 'clientName'],
+      volatile: ['etag'],
+      lowercaseOnWrite: ['status'],
+      originMarker: { path: 'client_reference', value: 'crm-bridge:{{writeId}}' },
+      ...clioObject('matters', MATTER_FIELDS),
+    },
+    contacts: {
+      idPath: 'id',
+      updatedAtPath: 'updated_at',
+      fields: {
+        name: 'name',
+        firstName: 'first_name',
+        lastName: 'last_name',
+        type: 'type',
+        title: 'title',
+        email: 'primary_email_address',
+        phone: 'primary_phone_number',
+      },
+      fieldTypes: { name: 'string', type: 'string' },
+      // Clio derives these; writes go through email_addresses[] / phone_numbers[].
+      readOnly: ['name', 'email', 'phone'],
+      volatile: ['etag'],
+      ...clioObject('contacts', CONTACT_FIELDS),
+    },
+  },
+};
