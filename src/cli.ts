@@ -1,4 +1,4 @@
-import { Command, CommanderError } from 'commander';
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { ConfigError } from './config/load.js';
 
 /** The `crm-bridge` command. Operator mistakes end in one line and the usage, exit status 2. */
@@ -14,6 +14,28 @@ program
   .action(async () => {
     const { serve } = await import('./server.js');
     await serve();
+  });
+
+/** A whole, non-negative number for an option, or a clear error (exit 2). */
+function wholeNumber(name: string, max = Number.MAX_SAFE_INTEGER) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < 0 || n > max) throw new InvalidArgumentError(`${name} must be a whole number from 0 to ${max}.`);
+    return n;
+  };
+}
+
+program
+  .command('sandbox')
+  .description('run the sandbox CRM (Clio Manage v4 dialect with switchable lies) for tests, demos and benchmarks')
+  .option('--port <port>', 'port to listen on', wholeNumber('--port', 65535), 4010)
+  .option('--host <host>', 'address to bind', '127.0.0.1')
+  .option('--seed <seed>', 'seed for the deterministic records', wholeNumber('--seed'), 42)
+  .option('--records <n>', 'how many records to seed (split between matters and contacts)', wholeNumber('--records', 5_000_000), 500)
+  .option('--no-control', 'disable the /_sandbox control API')
+  .action(async (opts: { port: number; host: string; seed: number; records: number; control: boolean }) => {
+    const { runSandboxCommand } = await import('./sandbox/index.js');
+    await runSandboxCommand(opts);
   });
 
 program
