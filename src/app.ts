@@ -8,9 +8,11 @@ import dbPlugin from './plugins/db.js';
 import deliveryPlugin from './plugins/delivery.js';
 import errorHandler from './plugins/error-handler.js';
 import jsonBody from './plugins/json-body.js';
+import tokensPlugin from './plugins/tokens.js';
 import deadLetterRoutes from './routes/dead-letters.js';
 import healthRoutes from './routes/health.js';
 import hookRoutes from './routes/hooks.js';
+import oauthRoutes from './routes/oauth.js';
 
 export interface AppOptions {
   config: Config;
@@ -36,9 +38,11 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(configPlugin, { config: options.config });
   await app.register(dbPlugin, { database: options.database });
   await app.register(daemonsPlugin, { startDaemons: options.startDaemons ?? false });
+  await app.register(tokensPlugin);
   await app.register(deliveryPlugin);
   await app.register(healthRoutes);
   await app.register(hookRoutes);
+  await app.register(oauthRoutes);
   await app.register(deadLetterRoutes);
   return app;
 }
