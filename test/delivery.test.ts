@@ -1,0 +1,372 @@
+import { createServer, type AddressInfo } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { eq, sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { claimDeliveries } from '../src/db/queries/outbox.js';
+import { outbox } from '../src/db/schema/index.js';
+import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
+import { printDeadLetters, replayFromCli } from '../src/sync/dead-letters.js';
+import { buildTestApp, captureLogs, connection, SECRET } from './helpers/app.js';
+import { createTestDatabase, resetDatabase } from './helpers/database.js';
+import { startSink, type Sink } from './fixtures/delivery-sink.js';
+
+const ADMIN_TOKEN = 'admin-token-0123456789abcdef';
+const PIPELINE_KEY = 'pipeline-api-key-5f1e2d3c4b5a';
+
+const database = await createTestDatabase();
+let sink: Sink;
+const apps: FastifyInstance[] = [];
+
+beforeEach(async () => {
+  await resetDatabase(database);
+  sink = await startSink();
+});
+afterEach(async () => {
+  await Promise.all(apps.splice(0).map((a) => a.close()));
+  await sink.close();
+});
+afterAll(() => database.close());
+
+async function startApp(downstream: Record<string, unknown> = {}, logger?: ReturnType<typeof captureLogs>['logger']) {
+  const app = await buildTestApp({
+    database,
+    env: { ADMIN_TOKEN },
+    connections: [
+      connection({
+        downstream: {
+          url: sink.url,
+          headers: { Authorization: `Bearer ${PIPELINE_KEY}` },
+          timeout: '5s',
+          backoff: { base: '1ms', max: '5ms' },
+          ...downstream,
+        },
+      }),
+    ],
+    ...(logger ? { logger } : {}),
+  });
+  apps.push(app);
+  return { app, worker: app.deliveryWorkers.get('acme')! };
+}
+
+const matter = (id: number, version: number, overrides: Record<string, unknown> = {}) => ({
+  id,
+  display_number: `000${id}-Doe`,
+  status: `status-v${version}`,
+  practice_area: { id: 7, name: 'Personal Injury' },
+  updated_at: new Date(Date.UTC(2026, 10, 20, 10, version)).toISOString(),
+  ...overrides,
+});
+
+/** Sends a change the way a CRM automation does; returns its event id. */
+async function hook(app: FastifyInstance, record: Record<string, unknown>): Promise<string> {
+  const res = await app.inject({
+    method: 'POST',
+    url: '/hooks/acme',
+    headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+    payload: JSON.stringify(record),
+  });
+  expect(res.statusCode).toBe(202);
+  return res.json().eventId;
+}
+
+async function states() {
+  return database.db.select({ eventId: outbox.eventId, state: outbox.state, attempts: outbox.attempts, lastStatus: outbox.lastStatus, lastError: outbox.lastError, leaseOwner: outbox.leaseOwner }).from(outbox).orderBy(outbox.id);
+}
+
+async function pendingCount(): Promise<number> {
+  const rows = await database.db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(outbox).where(eq(outbox.state, 'pending'));
+  return rows[0]!.n;
+}
+
+/** Ticks until nothing is pending; retries come due after their (tiny) backoff. */
+async function drain(worker: DeliveryWorker, maxTicks = 1_000): Promise<void> {
+  const signal = new AbortController().signal;
+  for (let i = 0; i < maxTicks; i++) {
+    await worker.tick(signal);
+    if ((await pendingCount()) === 0) return;
+    await sleep(5);
+  }
+  throw new Error(`still ${await pendingCount()} pending after ${maxTicks} ticks`);
+}
+
+const tickOnce = (worker: DeliveryWorker) => worker.tick(new AbortController().signal);
+
+describe('delivery to the intake pipeline', () => {
+  it('applies each change once and in per-record order when the sink fails 20 times with 5xx before recovering', async () => {
+    const logs = captureLogs();
+    const { app, worker } = await startApp({ maxAttempts: 40, concurrency: 4 }, logs.logger);
+    sink.behave((_r, index) => (index < 20 ? { status: index % 2 ? 502 : 503, body: '{"error":"pipeline down"}' } : { status: 200 }));
+
+    const sent: Record<string, string[]> = { '1': [], '2': [], '3': [] };
+    for (let version = 1; version <= 4; version++) {
+      for (const id of [1, 2, 3]) {
+        if (id === 3 && version > 2) continue;
+        sent[String(id)]!.push(await hook(app, matter(id, version)));
+      }
+    }
+    const eventIds = Object.values(sent).flat();
+
+    await drain(worker);
+
+    expect(sink.requests.filter((r) => r.status! >= 500)).toHaveLength(20);
+    // Applied once each, and no key was even answered 2xx twice.
+    expect(sink.applied.map((b) => b.id).sort()).toEqual([...eventIds].sort());
+    expect(sink.requests.filter((r) => r.status === 200)).toHaveLength(eventIds.length);
+    // Order: per record, every request (failed ones included) carries a version no older than the one before.
+    for (const [crmId, ids] of Object.entries(sent)) {
+      expect(sink.applied.filter((b) => b.crmId === crmId).map((b) => b.id)).toEqual(ids);
+      const versionsSeen = sink.requests.filter((r) => r.body.crmId === crmId).map((r) => r.body.version!);
+      expect(versionsSeen).toEqual([...versionsSeen].sort());
+    }
+    const rows = await states();
+    expect(rows.every((r) => r.state === 'delivered' && r.leaseOwner === null)).toBe(true);
+    expect(rows.reduce((n, r) => n + r.attempts, 0)).toBe(sink.requests.length);
+    expect(logs.text()).toMatch(/delivered matters\/1 to acme \(attempt \d+\)/);
+    expect(logs.text()).not.toContain(PIPELINE_KEY);
+  });
+
+  it('posts the body DESIGN.md describes with the Idempotency-Key and the configured headers', async () => {
+    const { app, worker } = await startApp();
+    const eventId = await hook(app, matter(42, 1));
+    await drain(worker);
+    const [request] = sink.requests;
+    expect(request!.headers['idempotency-key']).toBe(eventId);
+    expect(request!.headers.authorization).toBe(`Bearer ${PIPELINE_KEY}`);
+    expect(request!.headers['content-type']).toBe('application/json');
+    expect(request!.body).toEqual({
+      id: eventId,
+      connection: 'acme',
+      object: 'matters',
+      crmId: '42',
+      change: 'upsert',
+      version: matter(42, 1).updated_at,
+      origin: 'crm',
+      source: 'hook',
+      observedAt: expect.stringMatching(/^\d{4}-\d\d-\d\dT/),
+      record: matter(42, 1),
+      fields: { name: '00042-Doe', status: 'status-v1', practiceArea: 'Personal Injury', description: null },
+    });
+  });
+
+  it('dead-letters a 400 at once, keeps the status and an excerpt without secrets, and replay through the API delivers it', async () => {
+    const logs = captureLogs();
+    const { app, worker } = await startApp({}, logs.logger);
+    sink.behave(() => ({ status: 400, body: JSON.stringify({ error: 'practiceArea is not a known value', youSent: `Bearer ${PIPELINE_KEY}` }) }));
+    const eventId = await hook(app, matter(7, 1));
+
+    await tickOnce(worker);
+    const [dead] = await states();
+    expect(dead).toMatchObject({ state: 'dead', attempts: 1, lastStatus: 400 });
+    expect(dead!.lastError).toContain('practiceArea is not a known value');
+    expect(dead!.lastError).not.toContain(PIPELINE_KEY);
+    expect(logs.text()).toMatch(/dead letter matters\/7 for acme/);
+    expect(logs.text()).not.toContain(PIPELINE_KEY);
+    expect(await tickOnce(worker)).toBe(false);
+    expect(sink.requests).toHaveLength(1);
+
+    const list = await app.inject({ method: 'GET', url: '/v1/dead-letters?connection=acme', headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+    expect(list.statusCode).toBe(200);
+    expect(list.json()).toEqual({
+      items: [expect.objectContaining({ eventId, connection: 'acme', object: 'matters', crmId: '7', attempts: 1, lastStatus: 400 })],
+      nextBefore: null,
+    });
+
+    sink.behave(() => ({ status: 200 }));
+    const replay = await app.inject({ method: 'POST', url: `/v1/dead-letters/${eventId}/replay`, headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+    expect(replay.statusCode).toBe(202);
+    expect(replay.json()).toEqual({ status: 'queued', eventId });
+    await drain(worker);
+
+    expect(sink.requests.map((r) => [r.key, r.status])).toEqual([
+      [eventId, 400],
+      [eventId, 200],
+    ]);
+    expect((await states())[0]).toMatchObject({ state: 'delivered', attempts: 1 });
+    const again = await app.inject({ method: 'POST', url: `/v1/dead-letters/${eventId}/replay`, headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+    expect(again.statusCode).toBe(409);
+  });
+
+  it('lists and replays dead letters through the CLI functions', async () => {
+    const { app, worker } = await startApp();
+    sink.behave(() => ({ status: 422, body: '{"error":"missing email"}' }));
+    const first = await hook(app, matter(1, 1));
+    const second = await hook(app, matter(2, 1));
+    await tickOnce(worker);
+
+    let out = '';
+    expect(await printDeadLetters(database.db, { limit: 10 }, (t) => (out += t))).toBe(2);
+    expect(out).toContain(first);
+    expect(out).toContain(second);
+    expect(out).toContain('missing email');
+
+    sink.behave(() => ({ status: 204 }));
+    out = '';
+    expect(await replayFromCli(database.db, first, (t) => (out += t))).toBe(0);
+    expect(out).toContain('queued matters/1');
+    await drain(worker);
+    expect(sink.applied.map((b) => b.id)).toEqual([first]);
+    expect(await replayFromCli(database.db, first, () => {})).toBe(1);
+    expect(await replayFromCli(database.db, 'not-an-id', () => {})).toBe(1);
+    expect((await states()).map((r) => r.state)).toEqual(['delivered', 'dead']);
+  });
+
+  it('answers the dead-letter API with one 401 problem for a missing or wrong admin token, and pages the list', async () => {
+    const { app, worker } = await startApp();
+    sink.behave(() => ({ status: 400 }));
+    for (const id of [1, 2, 3]) await hook(app, matter(id, 1));
+    await tickOnce(worker);
+
+    const missing = await app.inject({ method: 'GET', url: '/v1/dead-letters' });
+    const wrong = await app.inject({ method: 'GET', url: '/v1/dead-letters', headers: { authorization: `Bearer ${ADMIN_TOKEN}x` } });
+    const replay = await app.inject({ method: 'POST', url: '/v1/dead-letters/00000000-0000-0000-0000-000000000000/replay' });
+    for (const res of [missing, wrong, replay]) {
+      expect(res.statusCode).toBe(401);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+    }
+    expect(wrong.body).toBe(missing.body);
+
+    const auth = { authorization: `Bearer ${ADMIN_TOKEN}` };
+    const page1 = (await app.inject({ method: 'GET', url: '/v1/dead-letters?limit=2', headers: auth })).json();
+    expect(page1.items.map((d: { crmId: string }) => d.crmId)).toEqual(['3', '2']);
+    const page2 = (await app.inject({ method: 'GET', url: `/v1/dead-letters?limit=2&before=${page1.nextBefore}`, headers: auth })).json();
+    expect(page2).toEqual({ items: [expect.objectContaining({ crmId: '1' })], nextBefore: null });
+    const unknown = await app.inject({ method: 'POST', url: '/v1/dead-letters/00000000-0000-0000-0000-000000000000/replay', headers: auth });
+    expect(unknown.statusCode).toBe(404);
+  });
+
+  it('answers 401 on the dead-letter API when ADMIN_TOKEN is not set', async () => {
+    const app = await buildTestApp({ database });
+    apps.push(app);
+    const res = await app.inject({ method: 'GET', url: '/v1/dead-letters', headers: { authorization: 'Bearer ' } });
+    expect(res.statusCode).toBe(401);
+  });
+
+  it('sends nothing before a 429 Retry-After (delay-seconds) has passed', async () => {
+    const { app, worker } = await startApp();
+    sink.behave((_r, index) => (index === 0 ? { status: 429, headers: { 'retry-after': '1' } } : { status: 200 }));
+    const eventId = await hook(app, matter(9, 1));
+    await drain(worker);
+    const [limited, next] = sink.requests;
+    expect(limited!.status).toBe(429);
+    expect(next!.key).toBe(eventId);
+    expect(next!.receivedAt - limited!.answeredAt!).toBeGreaterThanOrEqual(1_000);
+  });
+
+  it('sends nothing before a 503 Retry-After given as an HTTP date', async () => {
+    const { app, worker } = await startApp();
+    let retryAt = 0;
+    sink.behave((_r, index) => {
+      if (index > 0) return { status: 200 };
+      retryAt = Math.ceil((Date.now() + 1_500) / 1000) * 1000;
+      return { status: 503, headers: { 'retry-after': new Date(retryAt).toUTCString() } };
+    });
+    await hook(app, matter(10, 1));
+    await drain(worker);
+    expect(sink.requests).toHaveLength(2);
+    expect(sink.requests[1]!.receivedAt).toBeGreaterThanOrEqual(retryAt);
+  });
+
+  it('dead-letters a retryable failure once maxAttempts is used up, and not before', async () => {
+    const { app, worker } = await startApp({ maxAttempts: 3 });
+    sink.behave(() => ({ status: 500, body: 'boom' }));
+    await hook(app, matter(11, 1));
+    await drain(worker);
+    expect(sink.requests).toHaveLength(3);
+    const [row] = await states();
+    expect(row).toMatchObject({ state: 'dead', attempts: 3, lastStatus: 500 });
+    expect(row!.lastError).toBe('gave up after 3 attempts: HTTP 500: boom');
+  });
+
+  it('retries a network failure (nothing listening) and a timeout, then delivers', async () => {
+    const closed = createServer();
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+    const { port } = closed.address() as AddressInfo;
+    await new Promise((resolve) => closed.close(resolve));
+    const { app, worker } = await startApp({ url: `http://127.0.0.1:${port}/closed`, maxAttempts: 2 });
+    await hook(app, matter(12, 1));
+    await drain(worker);
+    const [row] = await states();
+    expect(row).toMatchObject({ state: 'dead', attempts: 2, lastStatus: null });
+    expect(row!.lastError).toMatch(/network error: ECONNREFUSED/);
+
+    const slow = await startApp({ timeout: '200ms', lease: '5s' });
+    sink.behave((_r, index) => (index === 0 ? 'hold' : { status: 200 }));
+    const eventId = await hook(slow.app, matter(13, 1));
+    await drain(slow.worker);
+    sink.release();
+    expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
+    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
+  });
+
+  it('never lets two workers on one database claim the same row while its lease holds', async () => {
+    const a = await startApp({ concurrency: 3 });
+    const b = await startApp({ concurrency: 3 });
+    expect(a.worker.owner).not.toBe(b.worker.owner);
+    sink.behave(() => 'hold');
+    const eventIds: string[] = [];
+    for (const id of [1, 2, 3, 4, 5, 6]) eventIds.push(await hook(a.app, matter(id, 1)));
+
+    const first = tickOnce(a.worker);
+    await sink.until(() => sink.heldCount === 3, 'worker A to send its batch');
+    const second = tickOnce(b.worker);
+    await sink.until(() => sink.heldCount === 6, 'worker B to send its batch');
+
+    // Every row is leased and in flight: a third claimer gets nothing, and so do A and B again.
+    expect(await claimDeliveries(database.db, { connectionId: 'acme', owner: 'third', limit: 10, leaseMs: 60_000 })).toEqual([]);
+    const leases = await states();
+    expect(new Set(leases.map((r) => r.leaseOwner))).toEqual(new Set([a.worker.owner, b.worker.owner]));
+
+    sink.release();
+    await Promise.all([first, second]);
+    expect(await tickOnce(a.worker)).toBe(false);
+    expect(await tickOnce(b.worker)).toBe(false);
+    expect(sink.requests.map((r) => r.key).sort()).toEqual([...eventIds].sort());
+    expect((await states()).every((r) => r.state === 'delivered')).toBe(true);
+  });
+
+  it('holds a newer version of a record while an older one waits for its retry, even for another worker', async () => {
+    const a = await startApp({ backoff: { base: '1h', max: '1h' } });
+    const b = await startApp();
+    sink.behave((_r, index) => (index === 0 ? { status: 503 } : { status: 200 }));
+    const v1 = await hook(a.app, matter(5, 1));
+    await tickOnce(a.worker);
+    const v2 = await hook(a.app, matter(5, 2));
+    const other = await hook(a.app, matter(6, 1));
+
+    await tickOnce(b.worker);
+    expect(sink.requests.map((r) => r.key)).toEqual([v1, other]);
+    expect((await states()).map((r) => [r.eventId, r.state])).toEqual([
+      [v1, 'pending'],
+      [v2, 'pending'],
+      [other, 'delivered'],
+    ]);
+  });
+
+  it('reports pending, the oldest pending age and dead letters in /health, and 503 degraded once the backlog is older than degradedAfter', async () => {
+    const { app, worker } = await startApp({ degradedAfter: '60s' });
+    sink.behave(() => ({ status: 400 }));
+    await hook(app, matter(1, 1));
+    await tickOnce(worker);
+    await hook(app, matter(2, 1));
+
+    const fresh = await app.inject({ method: 'GET', url: '/health' });
+    expect(fresh.statusCode).toBe(200);
+    const delivery = fresh.json().connections[0].delivery;
+    expect(delivery).toMatchObject({ pending: 1, deadLetters: 1, degraded: false });
+    expect(delivery.oldestPendingAgeSeconds).toBeLessThan(60);
+
+    await database.db.update(outbox).set({ queuedAt: sql`now() - interval '5 minutes'` }).where(eq(outbox.state, 'pending'));
+    const stale = await app.inject({ method: 'GET', url: '/health' });
+    expect(stale.statusCode).toBe(503);
+    expect(stale.json().status).toBe('degraded');
+    expect(stale.json().connections[0].delivery).toMatchObject({ pending: 1, deadLetters: 1, degraded: true });
+    expect(stale.json().connections[0].delivery.oldestPendingAgeSeconds).toBeGreaterThanOrEqual(300);
+
+    sink.behave(() => ({ status: 200 }));
+    await drain(worker);
+    const drained = await app.inject({ method: 'GET', url: '/health' });
+    expect(drained.statusCode).toBe(200);
+    expect(drained.json().connections[0].delivery).toEqual({ pending: 0, oldestPendingAgeSeconds: null, deadLetters: 1, degraded: false });
+  });
+});
