@@ -57,7 +57,7 @@ export interface Connector {
   readonly definition: ConnectorDefinition;
   readonly client: CrmHttpClient;
   /** Pages of records changed at or after `since` (exclusive or inclusive as the CRM decides). */
-  listChanges(args: { object: string; since: Date | string; signal?: AbortSignal }): AsyncIterable<ListPage>;
+  listChanges(args: { object: string; since: Date | string; signal?: AbortSignal; pageSize?: number }): AsyncIterable<ListPage>;
   /** Every record's id and version, page by page, for the sweep. */
   listAll(args: { object: string; signal?: AbortSignal }): AsyncIterable<Array<{ id: string; version: string | null }>>;
   /** The raw record, or null when the CRM says it does not exist. */
@@ -142,9 +142,10 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     });
   }
 
-  async function* pages(object: string, since: string | undefined, signal: AbortSignal | undefined): AsyncGenerator<ListPage> {
+  async function* pages(object: string, since: string | undefined, signal: AbortSignal | undefined, pageSize?: number): AsyncGenerator<ListPage> {
     const def = objectDef(object);
-    const list = call(object, 'list');
+    const defined = call(object, 'list');
+    const list = pageSize === undefined ? defined : { ...defined, limit: pageSize };
     const firstPage = list.pagination.style === 'page' ? list.pagination.firstPage : 1;
     let template = list.request;
     let vars: Vars = { since, limit: list.limit, page: firstPage, offset: 0 };
@@ -232,7 +233,7 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     };
   }
 
-  function writeBody(object: string, c: RecordCall, record: Record<string, unknown>, writeId: string | undefined): unknown {
+  function writeBody(object: string, c: RecordCall, record: Record<string, unknown>, writeId: string | undefined, vars: Vars): unknown {
     const def = objectDef(object);
     const out = structuredClone(record);
     for (const path of def.lowercaseOnWrite ?? []) {
@@ -244,9 +245,11 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
       setPath(out, def.originMarker.path, value);
     }
     if (c.bodyPath === undefined) return out;
-    const base = c.request.body === undefined ? {} : renderValue(c.request.body, {}, 'body');
+    // The template may hold fixed parts of the envelope (JSON:API `type`, `id`); the record merges into them.
+    const base = c.request.body === undefined ? {} : renderValue(c.request.body, vars, 'body');
     const envelope = base !== null && typeof base === 'object' && !Array.isArray(base) ? (base as Record<string, unknown>) : {};
-    setPath(envelope, c.bodyPath, out);
+    const existing = getPath(envelope, c.bodyPath);
+    setPath(envelope, c.bodyPath, isPlainObject(existing) ? deepMerge(existing, out) : out);
     return envelope;
   }
 
@@ -257,9 +260,9 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
   const base: Connector = {
     definition,
     client,
-    listChanges({ object, since, signal }) {
+    listChanges({ object, since, signal, pageSize }) {
       const list = call(object, 'list');
-      return pages(object, formatTime(since, list.since.format), signal);
+      return pages(object, formatTime(since, list.since.format), signal, pageSize);
     },
     async *listAll({ object, signal }) {
       const def = objectDef(object);
@@ -279,12 +282,12 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     },
     async createRecord(object, record, opts = {}) {
       const c = call(object, 'create');
-      const res = await send(c.request, {}, opts.signal, { body: writeBody(object, c, record, opts.writeId), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
+      const res = await send(c.request, {}, opts.signal, { body: writeBody(object, c, record, opts.writeId, {}), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
       return recordOf(res.body, c);
     },
     async updateRecord(object, id, record, opts = {}) {
       const c = call(object, 'update');
-      const res = await send(c.request, { id }, opts.signal, { body: writeBody(object, c, record, opts.writeId), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
+      const res = await send(c.request, { id }, opts.signal, { body: writeBody(object, c, record, opts.writeId, { id }), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
       return recordOf(res.body, c);
     },
     mapRecord,
@@ -350,6 +353,19 @@ function renderPath(path: string, vars: Vars, encode = true): string {
     if (v === undefined) throw new ConnectorError('CONNECTOR_TEMPLATE', `${path}: {{${name}}} has no value here`);
     return encode ? encodeURIComponent(String(v)) : String(v);
   });
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === 'object' && !Array.isArray(v);
+}
+
+function deepMerge(a: Record<string, unknown>, b: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = { ...a };
+  for (const [k, v] of Object.entries(b)) {
+    const prev = out[k];
+    out[k] = isPlainObject(prev) && isPlainObject(v) ? deepMerge(prev, v) : v;
+  }
+  return out;
 }
 
 /** Sets a dotted path, creating plain objects on the way; refuses prototype keys. */

@@ -218,12 +218,14 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
 
     const headers: Record<string, string> = { accept: 'application/json', ...(options.userAgent ? { 'user-agent': options.userAgent } : {}), ...req.headers };
     let body: string | undefined;
+    // A content type the caller set wins (JSON:API wants application/vnd.api+json).
+    const typed = Object.keys(headers).some((h) => h.toLowerCase() === 'content-type');
     if (req.json !== undefined) {
       body = JSON.stringify(req.json);
-      headers['content-type'] = 'application/json';
+      if (!typed) headers['content-type'] = 'application/json';
     } else if (req.form !== undefined) {
       body = new URLSearchParams(req.form).toString();
-      headers['content-type'] = 'application/x-www-form-urlencoded';
+      if (!typed) headers['content-type'] = 'application/x-www-form-urlencoded';
     }
 
     let token = useAuth ? await options.tokens!.getAccessToken(req.signal) : undefined;

@@ -1,0 +1,199 @@
+import Fastify from 'fastify';
+import type { FastifyInstance } from 'fastify';
+import type { AddressInfo } from 'node:net';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { CrmHttpError, createCrmHttpClient } from '../../src/crm/http-client.js';
+import { startSandbox } from '../../src/sandbox/index.js';
+import type { Sandbox } from '../../src/sandbox/index.js';
+import { captureLog, sandboxTokens } from './helpers.js';
+
+/** A tiny server for the faults the sandbox cannot stage on demand (a first answer that hangs, a fixed Retry-After). */
+async function startLocal(register: (app: FastifyInstance) => void): Promise<{ url: string; app: FastifyInstance }> {
+  const app = Fastify({ forceCloseConnections: true });
+  register(app);
+  await app.listen({ port: 0, host: '127.0.0.1' });
+  return { url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`, app };
+}
+
+async function rejection(p: Promise<unknown>): Promise<CrmHttpError> {
+  try {
+    await p;
+  } catch (err) {
+    if (err instanceof CrmHttpError) return err;
+    throw err;
+  }
+  throw new Error('expected the call to fail');
+}
+
+describe('CRM HTTP client', () => {
+  let sb: Sandbox;
+  beforeAll(async () => {
+    sb = await startSandbox({ records: 40 });
+  });
+  beforeEach(() => sb.state.resetSwitches());
+  afterAll(() => sb.close());
+
+  const sinceNow = () => sb.state.requestLog.lastSeq;
+  const apiLog = (since: number) => sb.state.requestLog.list({ since, pathPrefix: '/api/v4' });
+
+  it('retries a call that outlives its timeout and returns the answer of the attempt that came back', async () => {
+    let calls = 0;
+    const local = await startLocal((app) => {
+      app.get('/slow', async () => {
+        calls++;
+        if (calls === 1) await new Promise((r) => setTimeout(r, 2_000));
+        return { ok: calls };
+      });
+    });
+    try {
+      const client = createCrmHttpClient({ baseUrl: local.url, timeoutMs: 200, maxRetries: 2, retryBaseMs: 10 });
+      const res = await client.request<{ ok: number }>({ url: '/slow' });
+      expect(res.body).toEqual({ ok: 2 });
+      expect(calls).toBe(2);
+    } finally {
+      await local.app.close();
+    }
+  });
+
+  it('gives up with CRM_TIMEOUT when every attempt times out', async () => {
+    sb.state.setSwitches({ latencyMs: 400 });
+    const tokens = sandboxTokens(sb);
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens, timeoutMs: 50, maxRetries: 1, retryBaseMs: 5 });
+    const err = await rejection(client.request({ url: '/api/v4/practice_areas.json' }));
+    expect(err.code).toBe('CRM_TIMEOUT');
+    expect(err.message).toContain('/api/v4/practice_areas.json');
+    expect(err.message).toContain('2 attempts');
+  });
+
+  it('retries 5xx answers with backoff until one succeeds (seeded 50% error rate)', async () => {
+    sb.state.setSwitches({ errorRate: 0.5 });
+    const since = sinceNow();
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens: sandboxTokens(sb), maxRetries: 10, retryBaseMs: 1, retryMaxMs: 5 });
+    for (let i = 0; i < 12; i++) expect((await client.request({ url: '/api/v4/practice_areas.json' })).status).toBe(200);
+    const log = apiLog(since);
+    expect(log.filter((e) => e.fault === 'error').length).toBeGreaterThan(0);
+    expect(log.filter((e) => e.status === 200)).toHaveLength(12);
+  });
+
+  it('stops retrying 5xx after maxRetries with CRM_HTTP_STATUS naming the status', async () => {
+    sb.state.setSwitches({ errorRate: 1 });
+    const since = sinceNow();
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens: sandboxTokens(sb), maxRetries: 2, retryBaseMs: 1 });
+    const err = await rejection(client.request({ url: '/api/v4/matters.json' }));
+    expect(err.code).toBe('CRM_HTTP_STATUS');
+    expect([500, 503]).toContain(err.status);
+    expect(apiLog(since)).toHaveLength(3);
+  });
+
+  it('retries connection resets for reads, but never resends a create whose socket was reset', async () => {
+    sb.state.setSwitches({ resetRate: 0.4 });
+    const since = sinceNow();
+    const tokens = sandboxTokens(sb);
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens, maxRetries: 10, retryBaseMs: 1, retryMaxMs: 5 });
+    for (let i = 0; i < 10; i++) expect((await client.request({ url: '/api/v4/practice_areas.json' })).status).toBe(200);
+    expect(apiLog(since).some((e) => e.fault === 'reset')).toBe(true);
+
+    sb.state.setSwitches({ resetRate: 1 });
+    const before = sinceNow();
+    const err = await rejection(client.request({ method: 'POST', url: '/api/v4/contacts.json', json: { data: { type: 'Person', first_name: 'Ada' } } }));
+    expect(err.code).toBe('CRM_UNREACHABLE');
+    expect(apiLog(before)).toHaveLength(1);
+  });
+
+  it('on 429 waits the Retry-After seconds before the next request (request log timestamps)', async () => {
+    sb.state.setSwitches({ rateLimit: { limit: 2, windowSeconds: 2 } });
+    const tokens = sandboxTokens(sb);
+    const token = await tokens.getAccessToken();
+    // Someone else spent this token's budget: the client learns of the limit from the 429 itself.
+    for (let i = 0; i < 2; i++) await fetch(`${sb.url}/api/v4/practice_areas.json`, { headers: { authorization: `Bearer ${token}` } });
+    const since = sinceNow();
+    const log = captureLog();
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens, log, maxRetries: 3 });
+    expect((await client.request({ url: '/api/v4/practice_areas.json' })).status).toBe(200);
+    const [limited, retried] = apiLog(since);
+    expect(limited?.status).toBe(429);
+    expect(retried?.status).toBe(200);
+    const waited = log.lines.find((l) => l.msg.includes('429'))?.obj.delayMs as number;
+    expect(waited).toBeGreaterThanOrEqual(1_000);
+    // Retry-After is whole seconds, so the wait is too; timers may fire up to 1 ms early.
+    expect(Date.parse(retried?.at ?? '') - Date.parse(limited?.at ?? '')).toBeGreaterThanOrEqual(waited - 1);
+  });
+
+  it('reads Retry-After as milliseconds when the connector says so (HubSpot search)', async () => {
+    sb.state.setSwitches({ hubspotSearchPerSecond: 2 });
+    const tokens = sandboxTokens(sb);
+    const log = captureLog();
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens, log, retryAfterUnit: 'milliseconds', maxRetryAfterMs: 5_000 });
+    const since = sinceNow();
+    for (let i = 0; i < 4; i++) {
+      const res = await client.request({ method: 'POST', url: '/crm/v3/objects/contacts/search', json: { limit: 1 }, idempotent: true });
+      expect(res.status).toBe(200);
+    }
+    const entries = sb.state.requestLog.list({ since, pathPrefix: '/crm/v3' });
+    const limitedAt = entries.findIndex((e) => e.status === 429);
+    expect(limitedAt).toBeGreaterThan(-1);
+    const waited = log.lines.find((l) => l.msg.includes('429'))?.obj.delayMs as number;
+    // Read as seconds, a Retry-After of a few hundred would have been refused as too long.
+    expect(waited).toBeLessThanOrEqual(1_000);
+    expect(Date.parse(entries[limitedAt + 1]?.at ?? '') - Date.parse(entries[limitedAt]?.at ?? '')).toBeGreaterThanOrEqual(waited - 1);
+  });
+
+  it('paces a long run by X-RateLimit-* so it never meets a 429', async () => {
+    sb.state.setSwitches({ rateLimit: { limit: 4, windowSeconds: 1 } });
+    const since = sinceNow();
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens: sandboxTokens(sb), maxRetries: 0 });
+    for (let i = 0; i < 13; i++) expect((await client.request({ url: '/api/v4/practice_areas.json' })).status).toBe(200);
+    const log = apiLog(since);
+    expect(log).toHaveLength(13);
+    expect(log.filter((e) => e.status === 429)).toEqual([]);
+  });
+
+  it('turns an HTML page where JSON was expected into CRM_NOT_JSON naming the URL and status, secrets stripped', async () => {
+    sb.state.setSwitches({ documentedHostBroken: true });
+    const tokens = sandboxTokens(sb);
+    const client = createCrmHttpClient({ baseUrl: sb.documentedUrl, tokens });
+    const err = await rejection(client.request({ url: '/api/v4/matters.json', query: { access_token: 'sekrit-value', limit: 1 } }));
+    expect(err.code).toBe('CRM_NOT_JSON');
+    expect(err.status).toBe(404);
+    expect(err.message).toContain(`${sb.documentedUrl}/api/v4/matters.json`);
+    expect(err.message).toContain('HTML page');
+    expect(err.message).not.toContain('sekrit-value');
+    expect(err.url).toContain('access_token=%5BRedacted%5D');
+  });
+
+  it('on 401 refreshes the token once and replays the call; a second 401 fails instead of looping', async () => {
+    const tokens = sandboxTokens(sb);
+    const log = captureLog();
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens, log });
+    await client.request({ url: '/api/v4/practice_areas.json' });
+    sb.state.expireAccessTokens();
+    const since = sinceNow();
+    expect((await client.request({ url: '/api/v4/practice_areas.json' })).status).toBe(200);
+    const after = sb.state.requestLog.list({ since });
+    expect(after.map((e) => [e.path, e.status])).toEqual([
+      ['/api/v4/practice_areas.json', 401],
+      ['/oauth/token', 200],
+      ['/api/v4/practice_areas.json', 200],
+    ]);
+    expect(tokens.unauthorizedCalls).toBe(1);
+
+    // A provider whose "fresh" token is refused too: one replay, then a clear error.
+    const stuck = { getAccessToken: async () => 'not-a-token', handleUnauthorized: async () => 'still-not-a-token' };
+    const err = await rejection(createCrmHttpClient({ baseUrl: sb.url, tokens: stuck, log }).request({ url: '/api/v4/matters.json' }));
+    expect(err.code).toBe('CRM_UNAUTHORIZED');
+    for (const t of [...tokens.issued, 'not-a-token', 'still-not-a-token']) expect(log.text()).not.toContain(t);
+  });
+
+  it('sends form bodies without auth for token endpoints and hands back error bodies', async () => {
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens: sandboxTokens(sb) });
+    const ok = await client.request<{ access_token: string; expires_in: number }>({
+      method: 'POST',
+      url: '/oauth/token',
+      auth: false,
+      form: { grant_type: 'client_credentials', client_id: 'sandbox-client', client_secret: 'sandbox-secret' },
+    });
+    expect(ok.body.expires_in).toBe(604800);
+    const bad = await client.request<{ error: string }>({ method: 'POST', url: '/oauth/token', auth: false, form: { grant_type: 'refresh_token', refresh_token: 'x', client_id: 'sandbox-client', client_secret: 'sandbox-secret' }, acceptStatus: [400] });
+    expect(bad).toMatchObject({ status: 400, body: { error: 'invalid_grant' } });
+  });
+});
