@@ -1,0 +1,126 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { eq } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { outbox } from '../src/db/schema/index.js';
+import { buildTestApp, connection, SECRET } from './helpers/app.js';
+import { createTestDatabase, resetDatabase } from './helpers/database.js';
+import { startSink, type Sink } from './fixtures/delivery-sink.js';
+
+/**
+ * Workers in separate processes on one database. PGlite is an in-process database that another
+ * process cannot open, so these run only against Postgres (DATABASE_URL set); the in-process
+ * two-worker test in delivery.test.ts covers lease exclusion on both databases.
+ */
+const onPostgres = Boolean(process.env.DATABASE_URL);
+const database = onPostgres ? await createTestDatabase() : undefined;
+const fixture = fileURLToPath(new URL('./fixtures/delivery-worker.ts', import.meta.url));
+
+let sink: Sink;
+let app: FastifyInstance | undefined;
+const children: ChildProcess[] = [];
+
+beforeEach(async () => {
+  if (database) await resetDatabase(database);
+  sink = await startSink();
+});
+afterEach(async () => {
+  for (const child of children.splice(0)) await killGroup(child);
+  await app?.close();
+  app = undefined;
+  await sink.close();
+});
+afterAll(() => database?.close());
+
+/** `npx tsx` runs the worker in a grandchild; its own process group lets SIGKILL reach all of them. */
+function spawnWorker(env: Record<string, string>): ChildProcess {
+  const child = spawn('npx', ['tsx', fixture], {
+    env: { ...process.env, DATABASE_URL: database!.url!, SINK_URL: sink.url, ...env },
+    detached: true,
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  children.push(child);
+  return child;
+}
+
+async function killGroup(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  try {
+    process.kill(-child.pid!, 'SIGKILL');
+  } catch {
+    return;
+  }
+  await exited;
+}
+
+async function startApp() {
+  app = await buildTestApp({
+    database: database!,
+    connections: [connection({ downstream: { url: sink.url, timeout: '1500ms', lease: '2500ms', backoff: { base: '1ms', max: '5ms' } } })],
+  });
+  return { app, worker: app.deliveryWorkers.get('acme')! };
+}
+
+async function hook(id: number): Promise<string> {
+  const res = await app!.inject({
+    method: 'POST',
+    url: '/hooks/acme',
+    headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+    payload: JSON.stringify({ id, display_number: `000${id}-Doe`, status: 'Open', updated_at: '2026-11-20T10:00:00Z' }),
+  });
+  expect(res.statusCode).toBe(202);
+  return res.json().eventId;
+}
+
+async function undelivered(): Promise<number> {
+  const rows = await database!.db.select({ state: outbox.state }).from(outbox);
+  return rows.filter((r) => r.state !== 'delivered').length;
+}
+
+describe('delivery workers in separate processes on one Postgres', () => {
+  it.skipIf(!onPostgres)('delivers each row once when two worker processes share the outbox', async () => {
+    await startApp();
+    const eventIds: string[] = [];
+    for (let id = 1; id <= 30; id++) eventIds.push(await hook(id));
+
+    spawnWorker({ OWNER: 'process-a' });
+    spawnWorker({ OWNER: 'process-b' });
+    // Done means recorded as delivered, not just answered: a kill between the two is a redelivery.
+    for (let i = 0; i < 600 && (await undelivered()) > 0; i++) await sleep(100);
+    for (const child of children.splice(0)) await killGroup(child);
+
+    expect(await undelivered()).toBe(0);
+    expect(sink.requests.map((r) => r.key).sort()).toEqual([...eventIds].sort());
+  });
+
+  it.skipIf(!onPostgres)('loses nothing when a worker is killed with SIGKILL mid-delivery: the row is delivered again with the same key after its lease expires', async () => {
+    const { worker } = await startApp();
+    const eventId = await hook(1);
+    sink.behave(() => 'hold');
+
+    const child = spawnWorker({ OWNER: 'doomed', TIMEOUT: '1500ms', LEASE: '2500ms' });
+    await sink.until(() => sink.heldCount === 1, 'the child to start delivering', 60_000);
+    await killGroup(child);
+
+    const [leased] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
+    expect(leased).toMatchObject({ state: 'pending', leaseOwner: 'doomed', attempts: 1 });
+
+    // While the dead worker's lease holds, nobody else may send the row.
+    sink.behave(() => ({ status: 200 }));
+    const signal = new AbortController().signal;
+    expect(await worker.tick(signal)).toBe(false);
+    expect(sink.requests).toHaveLength(1);
+
+    for (let i = 0; i < 200 && sink.applied.length === 0; i++) {
+      await worker.tick(signal);
+      await sleep(50);
+    }
+    expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
+    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
+    const [delivered] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
+    expect(delivered).toMatchObject({ state: 'delivered', leaseOwner: null, attempts: 2 });
+  });
+});
