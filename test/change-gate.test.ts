@@ -191,3 +191,19 @@ describe('the change gate', () => {
     expect(contentHash({ a: 1, b: { c: [1, { d: 2, e: 3 }] } })).toBe(contentHash({ b: { c: [1, { e: 3, d: 2 }] }, a: 1 }));
   });
 });
+
+describe('the change gate with opaque versions (etags) and a separate updated_at', () => {
+  const etagDefinition: ObjectDefinition = { ...definition, versionPath: 'etag' };
+  const observe = (raw: Record<string, unknown>) =>
+    observeRecord({ connectionId: 'acme', object: 'matters', definition: etagDefinition, raw, source: 'poll', observedAt: new Date() })!;
+
+  it('dedups on the etag and orders by updated_at, even when one second holds two edits', async () => {
+    const first = await pass(observe({ ...matter('Open', '2026-11-01T10:00:00Z'), etag: '"a"' }));
+    expect(first.disposition).toBe('accepted');
+    // A second edit inside the same second: same updated_at, new etag, new content.
+    expect((await pass(observe({ ...matter('Pending', '2026-11-01T10:00:00Z'), etag: '"b"' }))).disposition).toBe('accepted');
+    expect((await pass(observe({ ...matter('Pending', '2026-11-01T10:00:00Z'), etag: '"b"' }))).disposition).toBe('duplicate');
+    // An etag from before, read late: older updated_at, so stale.
+    expect((await pass(observe({ ...matter('Closed', '2026-11-01T09:59:00Z'), etag: '"z"' }))).disposition).toBe('stale');
+  });
+});

@@ -21,8 +21,14 @@ export interface ObservedChange {
   crmId: string;
   source: ChangeSource;
   change: ChangeKind;
-  /** The CRM's version or updated_at; null when the payload has none. */
+  /** The CRM's version (an etag, a revision, or updated_at); null when the payload has none. */
   version: string | null;
+  /**
+   * Where the change sits in the record's history: the CRM's updated_at (or a numeric version)
+   * as a number. Versions may be opaque (Clio's etag), so order comes from here; null when
+   * unknown. Defaults to a reading of `version`.
+   */
+  rank?: number | null;
   raw: unknown;
   /** Mapped canonical fields; null for a delete. */
   fields: Record<string, unknown> | null;
@@ -66,7 +72,7 @@ function compareKeys(a: ObservedChange, b: ObservedChange): number {
 
 async function passChange(tx: Db, change: ObservedChange): Promise<GateOutcome> {
   const eventId = randomUUID();
-  const rank = versionRank(change.version);
+  const rank = change.rank !== undefined ? change.rank : versionRank(change.version);
   const key = { connectionId: change.connectionId, object: change.object, crmId: change.crmId };
 
   // Rule 6: the head row is claimed through a constraint, never check-then-insert. A losing

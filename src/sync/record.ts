@@ -90,13 +90,16 @@ export function observeRecord(args: {
   const crmId = readId(args.raw, args.definition);
   if (crmId === undefined) return undefined;
   const fields = mapFields(args.raw, args.definition);
+  const version = readVersion(args.raw, args.definition);
+  const updatedAt = args.definition.updatedAtPath === undefined ? undefined : getPath(args.raw, args.definition.updatedAtPath);
   return {
     connectionId: args.connectionId,
     object: args.object,
     crmId,
     source: args.source,
     change: 'upsert',
-    version: readVersion(args.raw, args.definition),
+    version,
+    rank: versionRank(typeof updatedAt === 'string' || typeof updatedAt === 'number' ? String(updatedAt) : version),
     raw: args.raw,
     fields,
     contentHash: contentHash(fields),
