@@ -236,10 +236,9 @@ export class TokenManager implements TokenProvider {
           );
         }
       } else {
-        // Another replica is refreshing: wait for its result instead of calling the CRM too.
-        await sleep(50 + Math.random() * 100);
-        const theirs = this.#usable(await getTokenRow(this.#db, this.connectionId), rejected);
-        if (theirs !== null) return theirs;
+        // Another replica is refreshing. Its result is read once we hold the lease ourselves,
+        // which it releases right after storing: one place decides between theirs and a refresh.
+        await sleep(25 + Math.random() * 50);
       }
       if (this.#now() > deadline) throw new TokenEndpointError(this.connectionId, 'another replica held the token lease too long');
     }
