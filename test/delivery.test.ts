@@ -343,6 +343,16 @@ describe('delivery to the intake pipeline', () => {
     ]);
   });
 
+  it('gives an in-flight row back untried when the worker is stopped, so another replica can take it at once', async () => {
+    const { app, worker } = await startApp();
+    sink.behave(() => 'hold');
+    await hook(app, matter(3, 1));
+    worker.start();
+    await sink.until(() => sink.heldCount === 1, 'the worker to send');
+    await worker.stop();
+    expect((await states())[0]).toMatchObject({ state: 'pending', attempts: 0, leaseOwner: null });
+  });
+
   it('reports pending, the oldest pending age and dead letters in /health, and 503 degraded once the backlog is older than degradedAfter', async () => {
     const { app, worker } = await startApp({ degradedAfter: '60s' });
     sink.behave(() => ({ status: 400 }));
