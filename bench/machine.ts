@@ -1,0 +1,43 @@
+import { execFileSync } from 'node:child_process';
+import { availableParallelism, cpus, loadavg, release, totalmem } from 'node:os';
+import postgres from 'postgres';
+
+export interface Machine {
+  lines: string[];
+}
+
+function git(args: string[]): string {
+  try {
+    return execFileSync('git', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
+/** What the figures were measured on; the durability settings matter as much as the CPU. */
+export async function describeMachine(postgresUrl: string): Promise<Machine> {
+  const sql = postgres(postgresUrl, { max: 1, onnotice: () => {} });
+  let pg: string;
+  try {
+    const [v] = await sql<{ version: string }[]>`select version()`;
+    const [sc] = await sql<{ synchronous_commit: string }[]>`show synchronous_commit`;
+    const [fs] = await sql<{ fsync: string }[]>`show fsync`;
+    const [mc] = await sql<{ max_connections: string }[]>`show max_connections`;
+    pg = `${v?.version.split(' on ')[0]} (synchronous_commit=${sc?.synchronous_commit}, fsync=${fs?.fsync}, max_connections=${mc?.max_connections}) at ${new URL(postgresUrl).host}`;
+  } catch (err) {
+    pg = `unreachable (${(err as Error).message})`;
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+  const dirty = git(['status', '--porcelain', '--untracked-files=no']) === '' ? '' : ' (with uncommitted changes)';
+  return {
+    lines: [
+      `CPUs (nproc): ${availableParallelism()} × ${cpus()[0]?.model.trim() ?? 'unknown'}`,
+      `Memory: ${(totalmem() / 1024 ** 3).toFixed(1)} GiB`,
+      `Load average at start: ${loadavg().map((l) => l.toFixed(2)).join(' ')}`,
+      `Node: ${process.version}; kernel ${release()}`,
+      `Postgres: ${pg}`,
+      `Commit: ${git(['rev-parse', '--short', 'HEAD'])}${dirty}`,
+    ],
+  };
+}
