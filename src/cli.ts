@@ -90,6 +90,17 @@ program
     if (code !== 0) process.exitCode = code;
   });
 
+program
+  .command('probe')
+  .description("fetch one live record through the connection's auth and check it against the connector definition (exit 1 on a mismatch)")
+  .argument('<connection>', 'the connection id from the connections file')
+  .option('-o, --object <name>', 'the object to probe (default: the connector\'s first object, e.g. matters)')
+  .action(async (connectionId: string, options: { object?: string }) => {
+    const { runProbeCommand } = await import('./crm/probe.js');
+    const code = await runProbeCommand({ connectionId, ...(options.object ? { object: options.object } : {}), print: (t) => process.stdout.write(t) });
+    if (code !== 0) process.exitCode = code;
+  });
+
 try {
   await program.parseAsync(process.argv);
 } catch (err) {
