@@ -39,6 +39,26 @@ program
   });
 
 program
+  .command('auth <connection>')
+  .description("authorise a connection with the CRM (OAuth2 authorization code): prints the consent URL, receives the redirect, stores the tokens encrypted")
+  .option('--port <port>', 'local port for the redirect listener (default: the redirect URI\'s port, else any free port)', (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('--port must be a whole number from 0 to 65535.');
+    return n;
+  })
+  .option('--redirect-uri <uri>', 'the redirect URI registered with the CRM (default: auth.redirectUri, else http://127.0.0.1:<port>/oauth/<connection>/callback)')
+  .option('--no-listen', 'do not listen: paste the URL the CRM redirected to (or just the code) on stdin')
+  .option('--timeout <seconds>', 'give up after this long', (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n <= 0) throw new InvalidArgumentError('--timeout must be a positive whole number of seconds.');
+    return n;
+  }, 600)
+  .action(async (connection: string, opts: { port?: number; redirectUri?: string; listen: boolean; timeout: number }) => {
+    const { runAuthCommand } = await import('./crm/auth-command.js');
+    await runAuthCommand({ connection, port: opts.port, redirectUri: opts.redirectUri, listen: opts.listen, timeoutSeconds: opts.timeout });
+  });
+
+program
   .command('migrate')
   .description('apply database migrations and exit (the server also applies them at start)')
   .action(async () => {

@@ -188,7 +188,7 @@ export class TokenManager implements TokenProvider {
    * connection is usable again. Not retried: a code is single-use, and replaying one makes the
    * CRM revoke what it issued (RFC 6749 §4.1.2).
    */
-  async exchangeCode(code: string, redirectUri: string): Promise<void> {
+  async exchangeCode(code: string, redirectUri: string): Promise<{ claimedLifetimeSeconds: number | null; hasRefreshToken: boolean }> {
     if (this.auth.type !== 'oauth2') throw new Error(`connection ${this.connectionId} does not use the authorization-code grant`);
     const answer = await this.#requestToken({ grant_type: 'authorization_code', code, redirect_uri: redirectUri });
     if (answer.kind === 'transient') throw new TokenEndpointError(this.connectionId, answer.detail);
@@ -202,6 +202,7 @@ export class TokenManager implements TokenProvider {
     this.#cache = this.#cacheOf(answer.accessToken, sealed.expiresAt, sealed.claimedLifetimeSeconds);
     this.#rejectedHere = null;
     this.#log?.info({ connection: this.connectionId, claimedLifetimeSeconds: sealed.claimedLifetimeSeconds }, 'connection authorised');
+    return { claimedLifetimeSeconds: sealed.claimedLifetimeSeconds, hasRefreshToken: answer.refreshToken !== undefined };
   }
 
   // ---- shared refresh -------------------------------------------------------------------------
