@@ -3,6 +3,8 @@ import type { Config } from './config/load.js';
 import type { Database } from './db/client.js';
 import { loggerOptions } from './logger.js';
 import configPlugin from './plugins/config.js';
+import crmPlugin from './plugins/crm.js';
+import pollerPlugin from './plugins/poller.js';
 import daemonsPlugin from './plugins/daemons.js';
 import dbPlugin from './plugins/db.js';
 import deliveryPlugin from './plugins/delivery.js';
@@ -39,6 +41,8 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(dbPlugin, { database: options.database });
   await app.register(daemonsPlugin, { startDaemons: options.startDaemons ?? false });
   await app.register(tokensPlugin);
+  await app.register(crmPlugin);
+  await app.register(pollerPlugin);
   await app.register(deliveryPlugin);
   await app.register(healthRoutes);
   await app.register(hookRoutes);

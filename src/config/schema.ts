@@ -241,6 +241,33 @@ export const downstreamSchema = z
   .refine((d) => d.backoff.max >= d.backoff.base, { path: ['backoff', 'max'], message: 'must be at least backoff.base' });
 export type DownstreamConfig = z.infer<typeof downstreamSchema>;
 
+/**
+ * The reconciling poller and sweep (DESIGN "Poller and sweep"). Durations parse to ms; zod 4
+ * defaults skip the transform, so defaults are written in ms.
+ */
+export const pollSchema = z
+  .object({
+    /** Objects to poll; default: every object whose connector defines a list call. */
+    objects: z.array(z.string()).optional(),
+    interval: duration.default(300_000),
+    /** Random extra pause, as a fraction of the interval, so replicas and streams spread out. */
+    jitter: z.number().min(0).max(1).default(0.2),
+    /** Each run re-reads this far behind its cursor: clock skew, inclusive/exclusive doubt, ties. */
+    lookback: duration.default(120_000),
+    /** A stream with no successful run for this long is stale (/health 503). Default: three intervals. */
+    staleAfter: duration.optional(),
+    /** Full id listing that finds deletes and anything the changed-since filter missed; 0 turns it off. */
+    sweepInterval: duration.default(86_400_000),
+    /** Records per page (the connector's limit when unset). */
+    pageSize: z.number().int().positive().optional(),
+    /** How long a replica holds a stream; another takes over after this when the holder dies. */
+    lease: duration.optional(),
+    /** Where a stream with no cursor starts (ISO-8601); default: everything. */
+    initialSince: z.iso.datetime({ offset: true }).optional(),
+  })
+  .strict();
+export type PollConfig = z.infer<typeof pollSchema>;
+
 /** An absolute http(s) URL, or a path (`/oauth/token`) resolved against the connection's baseUrl. */
 const endpointUrl = z
   .string()
@@ -291,6 +318,8 @@ export const connectionSchema = z
     /** The intake pipeline; without it, changes are recorded and queued but not delivered. */
     downstream: downstreamSchema.optional(),
     auth: authSchema.default({ type: 'none' }),
+    /** Without it, the connection is hooks-only. */
+    poll: pollSchema.optional(),
   })
   .strict();
 export type ConnectionConfig = z.infer<typeof connectionSchema>;
@@ -306,6 +335,16 @@ export const connectionsFileSchema = z
       if (seen.has(c.id)) ctx.addIssue({ code: 'custom', path: ['connections', i, 'id'], message: `duplicate connection id "${c.id}"` });
       seen.add(c.id);
       const objects = Object.keys(c.connector.objects);
+      for (const [j, object] of (c.poll?.objects ?? []).entries()) {
+        const list = c.connector.objects[object]?.list;
+        if (list === undefined) {
+          ctx.addIssue({
+            code: 'custom',
+            path: ['connections', i, 'poll', 'objects', j],
+            message: `"${object}" has no list call in this connector (objects: ${objects.join(', ')})`,
+          });
+        }
+      }
       if (c.inbound.object !== undefined && !objects.includes(c.inbound.object)) {
         ctx.addIssue({
           code: 'custom',

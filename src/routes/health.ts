@@ -1,6 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import { sql } from 'drizzle-orm';
 import { getAuthStates, getDeliveryStats, getLastHookAt } from '../db/queries/health.js';
+import { listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
+import type { Connection } from '../plugins/config.js';
+import { pollObjects } from '../sync/poller.js';
 
 const DB_CHECK_TIMEOUT_MS = 2_000;
 
@@ -11,6 +14,8 @@ const DB_CHECK_TIMEOUT_MS = 2_000;
  * `downstream.degradedAfter` (and, as the poller lands, when a poll goes stale).
  */
 export default async function healthRoutes(app: FastifyInstance) {
+  // A stream that has not succeeded since start is judged from the start, not from never.
+  const startedAt = Date.now();
   app.get('/health/live', async () => ({ status: 'ok' }));
 
   app.get('/health', async (_request, reply) => {
@@ -26,8 +31,8 @@ export default async function healthRoutes(app: FastifyInstance) {
       });
     }
     const latencyMs = Math.round(performance.now() - started);
-    const { connections } = await buildReport(app);
-    const healthy = connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded);
+    const { connections } = await buildReport(app, startedAt);
+    const healthy = connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded && !c.poll?.stale);
     return reply.code(healthy ? 200 : 503).send({
       status: healthy ? 'ok' : 'degraded',
       checks: { db: { status: 'ok', latencyMs } },
@@ -36,8 +41,8 @@ export default async function healthRoutes(app: FastifyInstance) {
   });
 }
 
-async function buildReport(app: FastifyInstance) {
-  const [delivery, auth] = await Promise.all([getDeliveryStats(app.db), getAuthStates(app.db)]);
+async function buildReport(app: FastifyInstance, startedAt: number) {
+  const [delivery, auth, cursors] = await Promise.all([getDeliveryStats(app.db), getAuthStates(app.db), listStreamCursors(app.db)]);
   const now = Date.now();
   const connections = await Promise.all(
     [...app.connections.values()].map(async (c) => {
@@ -59,10 +64,49 @@ async function buildReport(app: FastifyInstance) {
           deadLetters: d?.deadLetters ?? 0,
           degraded: oldestPendingAgeMs !== null && degradedAfter !== undefined && oldestPendingAgeMs > degradedAfter,
         },
+        ...pollReport(c, cursors, now, startedAt),
       };
     }),
   );
   return { connections };
+}
+
+/** Per stream: last attempt, last success, last error (a class and status only), stale. */
+function pollReport(connection: Connection, cursors: StreamCursor[], now: number, startedAt: number) {
+  const objects = pollObjects(connection);
+  if (objects.length === 0) return {};
+  const interval = connection.poll?.interval ?? 300_000;
+  const staleAfter = connection.poll?.staleAfter ?? 3 * interval;
+  const streams = objects.map((object) => {
+    const cursor = cursors.find((row) => row.connectionId === connection.id && row.object === object);
+    const lastSuccess = cursor?.lastSuccessAt?.getTime() ?? null;
+    return {
+      object,
+      lastSuccessAt: iso(cursor?.lastSuccessAt),
+      lastAttemptAt: iso(cursor?.lastAttemptAt),
+      lastError: cursor?.lastError ?? null,
+      lastSweepAt: iso(cursor?.lastSweepAt),
+      cursor: cursor?.cursorUpdatedAt ?? null,
+      caughtByPoll: cursor?.caughtByPoll ?? 0,
+      stale: now - (lastSuccess ?? startedAt) > staleAfter,
+    };
+  });
+  const oldest = streams.reduce<string | null>((min, s) => (s.lastSuccessAt === null || (min !== null && min < s.lastSuccessAt) ? min : s.lastSuccessAt), null);
+  return {
+    poll: {
+      lastSuccessAt: streams.some((s) => s.lastSuccessAt === null) ? null : oldest,
+      lastAttemptAt: streams.map((s) => s.lastAttemptAt).reduce<string | null>((max, t) => (t !== null && (max === null || t > max) ? t : max), null),
+      lastError: streams.find((s) => s.lastError !== null)?.lastError ?? null,
+      stale: streams.some((s) => s.stale),
+      staleAfterSeconds: Math.round(staleAfter / 1000),
+      streams,
+    },
+    caughtByPoll: streams.reduce((sum, s) => sum + s.caughtByPoll, 0),
+  };
+}
+
+function iso(d: Date | null | undefined): string | null {
+  return d ? d.toISOString() : null;
 }
 
 function latest(a: Date | null, b: Date | null): Date | null {

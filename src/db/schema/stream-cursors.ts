@@ -1,4 +1,4 @@
-import { integer, jsonb, pgTable, primaryKey, text } from 'drizzle-orm/pg-core';
+import { doublePrecision, integer, jsonb, pgTable, primaryKey, text } from 'drizzle-orm/pg-core';
 import { connectionId, timestamptz } from './columns.js';
 
 /** Where each (connection, object) poll stream stands, in the CRM's own timestamps. */
@@ -9,6 +9,8 @@ export const streamCursors = pgTable(
     object: text('object').notNull(),
     cursorUpdatedAt: text('cursor_updated_at'),
     cursorId: text('cursor_id'),
+    /** cursor_updated_at as epoch ms, so the cursor only ever moves forward whatever the text format. */
+    cursorRank: doublePrecision('cursor_rank'),
     lastAttemptAt: timestamptz('last_attempt_at'),
     lastSuccessAt: timestamptz('last_success_at'),
     lastError: text('last_error'),

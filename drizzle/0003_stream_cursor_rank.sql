@@ -1,0 +1,1 @@
+ALTER TABLE "stream_cursors" ADD COLUMN "cursor_rank" double precision;

@@ -1,0 +1,89 @@
+import { and, eq, sql } from 'drizzle-orm';
+import type { Db } from '../client.js';
+import { pendingFetches, recordHeads, streamCursors } from '../schema/index.js';
+
+export type StreamKey = { connectionId: string; object: string };
+export type StreamCursor = typeof streamCursors.$inferSelect;
+
+const keyOf = (s: StreamKey) => and(eq(streamCursors.connectionId, s.connectionId), eq(streamCursors.object, s.object));
+
+export async function getStreamCursor(db: Db, stream: StreamKey): Promise<StreamCursor | undefined> {
+  const [row] = await db.select().from(streamCursors).where(keyOf(stream));
+  return row;
+}
+
+export async function listStreamCursors(db: Db): Promise<StreamCursor[]> {
+  return db.select().from(streamCursors);
+}
+
+/** Records the start of a run; creates the stream's row on its first run. */
+export async function markStreamAttempt(db: Db, stream: StreamKey, at: Date): Promise<void> {
+  await db
+    .insert(streamCursors)
+    .values({ ...stream, lastAttemptAt: at })
+    .onConflictDoUpdate({ target: [streamCursors.connectionId, streamCursors.object], set: { lastAttemptAt: at } });
+}
+
+/**
+ * Moves the cursor forward, never back: the CRM's (updated_at, id) of the newest record read.
+ * `rank` is updated_at as epoch ms, compared so that text formats cannot reorder it.
+ */
+export async function advanceStreamCursor(db: Db, stream: StreamKey, cursor: { updatedAt: string; id: string; rank: number }): Promise<void> {
+  await db
+    .update(streamCursors)
+    .set({ cursorUpdatedAt: cursor.updatedAt, cursorId: cursor.id, cursorRank: cursor.rank })
+    .where(and(keyOf(stream), sql`(${streamCursors.cursorRank} is null or ${streamCursors.cursorRank} <= ${cursor.rank})`));
+}
+
+export async function finishStreamRun(
+  db: Db,
+  stream: StreamKey,
+  result: { at: Date; error: string | null; counts: Record<string, number>; caught: number; sweptAt?: Date },
+): Promise<void> {
+  await db
+    .update(streamCursors)
+    .set({
+      ...(result.error === null ? { lastSuccessAt: result.at, lastError: null } : { lastError: result.error }),
+      counts: result.counts,
+      caughtByPoll: sql`${streamCursors.caughtByPoll} + ${result.caught}`,
+      ...(result.sweptAt ? { lastSweepAt: result.sweptAt } : {}),
+    })
+    .where(keyOf(stream));
+}
+
+/** Every live record head of a stream, for the sweep to compare with the CRM's full listing. */
+export async function listStreamHeads(db: Db, stream: StreamKey): Promise<Array<{ crmId: string; version: string | null }>> {
+  return db
+    .select({ crmId: recordHeads.crmId, version: recordHeads.version })
+    .from(recordHeads)
+    .where(and(eq(recordHeads.connectionId, stream.connectionId), eq(recordHeads.object, stream.object), eq(recordHeads.deleted, false)));
+}
+
+export async function listPendingFetches(db: Db, stream: StreamKey, limit: number) {
+  return db
+    .select()
+    .from(pendingFetches)
+    .where(and(eq(pendingFetches.connectionId, stream.connectionId), eq(pendingFetches.object, stream.object)))
+    .orderBy(pendingFetches.receivedAt)
+    .limit(limit);
+}
+
+export async function deletePendingFetch(db: Db, stream: StreamKey, crmId: string, eventId: string): Promise<void> {
+  await db
+    .delete(pendingFetches)
+    .where(
+      and(
+        eq(pendingFetches.connectionId, stream.connectionId),
+        eq(pendingFetches.object, stream.object),
+        eq(pendingFetches.crmId, crmId),
+        eq(pendingFetches.eventId, eventId),
+      ),
+    );
+}
+
+export async function notePendingFetchError(db: Db, stream: StreamKey, crmId: string, error: string): Promise<void> {
+  await db
+    .update(pendingFetches)
+    .set({ lastError: error })
+    .where(and(eq(pendingFetches.connectionId, stream.connectionId), eq(pendingFetches.object, stream.object), eq(pendingFetches.crmId, crmId)));
+}

@@ -1,0 +1,42 @@
+import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+import type { FastifyInstance } from 'fastify';
+import fp from 'fastify-plugin';
+import { PollDaemon, pollObjects, type StreamContext } from '../sync/poller.js';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    poller: {
+      /** What a poll or sweep of one stream needs, for the daemons, the CLI and tests. */
+      stream(connectionId: string, object: string): StreamContext;
+      daemons: PollDaemon[];
+    };
+  }
+}
+
+/**
+ * A poll daemon per (connection, object) stream on every replica; the stream's lease lets one
+ * of them work at a time and hands the stream over when its holder dies.
+ */
+export default fp(
+  async (app: FastifyInstance) => {
+    const owner = `${app.config.env.INSTANCE_ID ?? `${hostname()}:${process.pid}`}:${randomUUID().slice(0, 8)}`;
+    const log = app.log.child({ component: 'poller' });
+    const stream = (connectionId: string, object: string): StreamContext => {
+      const connection = app.connections.get(connectionId);
+      if (connection === undefined) throw new Error(`unknown connection ${connectionId}`);
+      if (connection.connector.objects[object] === undefined) throw new Error(`connection ${connectionId} has no object ${object}`);
+      return { db: app.db, connection, object, connector: app.crm.connector(connectionId), owner, log };
+    };
+    const daemons: PollDaemon[] = [];
+    for (const connection of app.connections.values()) {
+      for (const object of pollObjects(connection)) {
+        const daemon = new PollDaemon(stream(connection.id, object));
+        daemons.push(daemon);
+        app.daemons.push(daemon);
+      }
+    }
+    app.decorate('poller', { stream, daemons });
+  },
+  { name: 'poller', dependencies: ['config', 'db', 'daemons', 'crm'] },
+);

@@ -1,0 +1,343 @@
+import type { FastifyBaseLogger } from 'fastify';
+import type { ConnectionConfig } from '../config/schema.js';
+import type { Connector } from '../crm/connector.js';
+import { NeedsReauthError } from '../crm/token-provider.js';
+import type { Db } from '../db/client.js';
+import { acquireLease, releaseLease, renewLease } from '../db/queries/leases.js';
+import {
+  advanceStreamCursor,
+  deletePendingFetch,
+  finishStreamRun,
+  getStreamCursor,
+  listPendingFetches,
+  listStreamHeads,
+  markStreamAttempt,
+  notePendingFetchError,
+} from '../db/queries/streams.js';
+import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
+import { Daemon } from './daemon.js';
+import { getPath, observeRecord } from './record.js';
+
+/** One (connection, object) stream of changes, and what polling it needs. */
+export interface StreamContext {
+  db: Db;
+  connection: Pick<ConnectionConfig, 'id' | 'connector' | 'poll' | 'deliverUnchanged'>;
+  object: string;
+  connector: Connector;
+  /** This replica's name in lease rows. */
+  owner: string;
+  log: FastifyBaseLogger;
+}
+
+export interface RunReport {
+  connectionId: string;
+  object: string;
+  kind: 'poll' | 'sweep';
+  /** `busy`: another replica holds the stream's lease. */
+  status: 'ok' | 'busy' | 'failed';
+  pages: number;
+  records: number;
+  counts: Record<string, number>;
+  /** Changes this run delivered that no hook had announced (the automation's misses). */
+  caught: number;
+  deleted: number;
+  error?: string;
+  needsReauth?: boolean;
+}
+
+export interface RunOptions {
+  signal?: AbortSignal;
+  /** Called after each committed page (CLI progress, tests that stop a run part-way). */
+  onPage?: (report: RunReport) => void | Promise<void>;
+}
+
+/** The poller lost its lease to another replica: it must write nothing more. */
+export class LeaseLostError extends Error {
+  readonly code = 'LEASE_LOST';
+  constructor(lease: string) {
+    super(`lease ${lease} was taken over by another replica`);
+    this.name = 'LeaseLostError';
+  }
+}
+
+export const DEFAULT_POLL = { interval: 300_000, lookback: 120_000, sweepInterval: 86_400_000, jitter: 0.2 } as const;
+
+function pollSettings(ctx: StreamContext) {
+  const poll = ctx.connection.poll;
+  const interval = poll?.interval ?? DEFAULT_POLL.interval;
+  return {
+    interval,
+    lookback: poll?.lookback ?? DEFAULT_POLL.lookback,
+    sweepInterval: poll?.sweepInterval ?? DEFAULT_POLL.sweepInterval,
+    staleAfter: poll?.staleAfter ?? interval * 3,
+    lease: poll?.lease ?? Math.max(2 * interval, 60_000),
+    pageSize: poll?.pageSize,
+    initialSince: poll?.initialSince,
+  };
+}
+
+export const leaseName = (connectionId: string, object: string) => `poll:${connectionId}:${object}`;
+
+/**
+ * One poll run of a stream: list what changed since `cursor - lookback`, page by page, and pass
+ * every record through the change gate (source `poll`). Each page commits its changes, the lease
+ * renewal and (for time-ordered pages) the advanced cursor in one transaction, so a crash at any
+ * point loses nothing and a replica that lost the lease writes nothing.
+ */
+export async function pollStream(ctx: StreamContext, options: RunOptions = {}): Promise<RunReport> {
+  const settings = pollSettings(ctx);
+  const stream = { connectionId: ctx.connection.id, object: ctx.object };
+  const lease = leaseName(stream.connectionId, stream.object);
+  const report = emptyReport(ctx, 'poll');
+  if (!(await acquireLease(ctx.db, lease, ctx.owner, settings.lease))) return { ...report, status: 'busy' };
+
+  const started = performance.now();
+  await markStreamAttempt(ctx.db, stream, new Date());
+  const cursor = await getStreamCursor(ctx.db, stream);
+  // A stream that never completed a run is a backfill: its changes are not "missed hooks".
+  const hadCursor = cursor?.cursorRank !== null && cursor?.cursorRank !== undefined;
+  const since = hadCursor
+    ? new Date(cursor!.cursorRank! - settings.lookback)
+    : new Date(settings.initialSince ?? 0);
+  const definition = ctx.connection.connector.objects[ctx.object]!;
+  let newest: { updatedAt: string; id: string; rank: number } | undefined;
+
+  try {
+    await fetchPendingNotifications(ctx, options.signal);
+    for await (const page of ctx.connector.listChanges({
+      object: ctx.object,
+      since,
+      ...(options.signal ? { signal: options.signal } : {}),
+      ...(settings.pageSize ? { pageSize: settings.pageSize } : {}),
+    })) {
+      const observedAt = new Date();
+      const changes: ObservedChange[] = [];
+      for (const raw of page.records) {
+        const change = observeRecord({
+          connectionId: stream.connectionId,
+          object: ctx.object,
+          definition,
+          raw,
+          source: 'poll',
+          observedAt,
+          deliverUnchanged: ctx.connection.deliverUnchanged,
+        });
+        if (change === undefined) {
+          report.counts.skipped = (report.counts.skipped ?? 0) + 1;
+          continue;
+        }
+        changes.push(change);
+        const updatedAt = definition.updatedAtPath === undefined ? undefined : getPath(raw, definition.updatedAtPath);
+        if (change.rank != null && (newest === undefined || change.rank > newest.rank || (change.rank === newest.rank && change.crmId > newest.id))) {
+          newest = { updatedAt: String(updatedAt ?? change.version), id: change.crmId, rank: change.rank };
+        }
+      }
+      // Time-ordered pages can checkpoint as they go; id-ordered ones (Clio) only at the end.
+      const checkpoint = page.order === 'updatedAt' ? newest : undefined;
+      const outcomes = await ctx.db.transaction(async (tx) => {
+        if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
+        const result = await passChanges(tx, changes);
+        if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
+        return result;
+      });
+      tally(report, outcomes, hadCursor);
+      report.pages++;
+      report.records += page.records.length;
+      await options.onPage?.(report);
+    }
+
+    if (newest) {
+      // Pages in id order: a record edited during the run, at an id already passed, carries an
+      // updated_at no earlier than the CRM's clock when the run started. The newest time seen
+      // minus the run's duration (measured here, so skew cannot bend it) is never later than
+      // that, so the next run's window still covers the edit.
+      const elapsed = Math.ceil(performance.now() - started);
+      const finalCursor = { ...newest, rank: newest.rank - elapsed, updatedAt: new Date(newest.rank - elapsed).toISOString() };
+      await ctx.db.transaction(async (tx) => {
+        if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
+        await advanceStreamCursor(tx, stream, finalCursor);
+      });
+    }
+    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: report.caught });
+    return report;
+  } catch (err) {
+    return failRun(ctx, stream, report, err, options.signal);
+  }
+}
+
+/**
+ * The sweep: list every id (and version) of the stream and reconcile with the record heads.
+ * Unseen or changed records are fetched and passed through the gate (source `sweep`); heads the
+ * CRM no longer lists become deletes, but only after a listing that completed.
+ */
+export async function sweepStream(ctx: StreamContext, options: RunOptions = {}): Promise<RunReport> {
+  const settings = pollSettings(ctx);
+  const stream = { connectionId: ctx.connection.id, object: ctx.object };
+  const lease = leaseName(stream.connectionId, stream.object);
+  const report = emptyReport(ctx, 'sweep');
+  if (!(await acquireLease(ctx.db, lease, ctx.owner, settings.lease))) return { ...report, status: 'busy' };
+  await markStreamAttempt(ctx.db, stream, new Date());
+
+  try {
+    const listed = new Map<string, string | null>();
+    for await (const page of ctx.connector.listAll({ object: ctx.object, ...(options.signal ? { signal: options.signal } : {}) })) {
+      for (const { id, version } of page) listed.set(id, version);
+      report.pages++;
+      report.records += page.length;
+      if (!(await renewLease(ctx.db, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
+      await options.onPage?.(report);
+    }
+
+    const heads = new Map((await listStreamHeads(ctx.db, stream)).map((h) => [h.crmId, h.version]));
+    const observedAt = new Date();
+    const definition = ctx.connection.connector.objects[ctx.object]!;
+    const toFetch = [...listed].filter(([id, version]) => !heads.has(id) || version === null || heads.get(id) !== version).map(([id]) => id);
+    const deletes: ObservedChange[] = [...heads.keys()]
+      .filter((id) => !listed.has(id))
+      .map((crmId) => deleteChange(stream, crmId, 'sweep', observedAt));
+
+    for (let i = 0; i < toFetch.length; i += 50) {
+      const changes: ObservedChange[] = [];
+      for (const id of toFetch.slice(i, i + 50)) {
+        const raw = await ctx.connector.getRecord(ctx.object, id, options.signal ? { signal: options.signal } : {});
+        const change =
+          raw === null
+            ? deleteChange(stream, id, 'sweep', new Date())
+            : observeRecord({ connectionId: stream.connectionId, object: ctx.object, definition, raw, source: 'sweep', observedAt, deliverUnchanged: ctx.connection.deliverUnchanged });
+        if (change) changes.push(change);
+      }
+      await commitGuarded(ctx, lease, settings.lease, changes, report);
+    }
+    await commitGuarded(ctx, lease, settings.lease, deletes, report);
+    report.deleted = deletes.length;
+    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: 0, sweptAt: new Date() });
+    return report;
+  } catch (err) {
+    return failRun(ctx, stream, report, err, options.signal);
+  }
+}
+
+/**
+ * Notification-mode hooks stored an id; the record is fetched here and passed through the gate
+ * (source `notification`). While the connection needs re-authorisation they stay pending.
+ */
+export async function fetchPendingNotifications(ctx: StreamContext, signal?: AbortSignal): Promise<number> {
+  const stream = { connectionId: ctx.connection.id, object: ctx.object };
+  const definition = ctx.connection.connector.objects[ctx.object]!;
+  if (definition.get === undefined) return 0;
+  let done = 0;
+  for (;;) {
+    const pending = await listPendingFetches(ctx.db, stream, 50);
+    if (pending.length === 0) return done;
+    for (const note of pending) {
+      let raw: unknown;
+      try {
+        raw = await ctx.connector.getRecord(ctx.object, note.crmId, signal ? { signal } : {});
+      } catch (err) {
+        if (err instanceof NeedsReauthError || signal?.aborted) throw err;
+        await notePendingFetchError(ctx.db, stream, note.crmId, errorSummary(err));
+        throw err;
+      }
+      const observedAt = new Date();
+      const change =
+        raw === null
+          ? deleteChange(stream, note.crmId, 'notification', observedAt)
+          : observeRecord({ connectionId: stream.connectionId, object: ctx.object, definition, raw, source: 'notification', observedAt, deliverUnchanged: ctx.connection.deliverUnchanged });
+      await ctx.db.transaction(async (tx) => {
+        if (change) await passChanges(tx, [change]);
+        await deletePendingFetch(tx, stream, note.crmId, note.eventId);
+      });
+      done++;
+    }
+  }
+}
+
+async function commitGuarded(ctx: StreamContext, lease: string, ttl: number, changes: ObservedChange[], report: RunReport) {
+  if (changes.length === 0) return;
+  const outcomes = await ctx.db.transaction(async (tx) => {
+    if (!(await renewLease(tx, lease, ctx.owner, ttl))) throw new LeaseLostError(lease);
+    return passChanges(tx, changes);
+  });
+  tally(report, outcomes, false);
+}
+
+function deleteChange(stream: { connectionId: string; object: string }, crmId: string, source: ObservedChange['source'], observedAt: Date): ObservedChange {
+  return { ...stream, crmId, source, change: 'delete', version: null, rank: null, raw: null, fields: null, contentHash: null, observedAt };
+}
+
+function tally(report: RunReport, outcomes: GateOutcome[], countCaught: boolean) {
+  for (const o of outcomes) {
+    report.counts[o.disposition] = (report.counts[o.disposition] ?? 0) + 1;
+    if (o.delivered && countCaught) report.caught++;
+  }
+}
+
+function emptyReport(ctx: StreamContext, kind: RunReport['kind']): RunReport {
+  return { connectionId: ctx.connection.id, object: ctx.object, kind, status: 'ok', pages: 0, records: 0, counts: {}, caught: 0, deleted: 0 };
+}
+
+async function failRun(ctx: StreamContext, stream: { connectionId: string; object: string }, report: RunReport, err: unknown, signal?: AbortSignal): Promise<RunReport> {
+  const error = signal?.aborted ? 'ABORTED: the run was stopped' : errorSummary(err);
+  // Changes of committed pages count, even though the run did not finish.
+  await finishStreamRun(ctx.db, stream, { at: new Date(), error, counts: report.counts, caught: report.caught }).catch(() => {});
+  if (err instanceof LeaseLostError) ctx.log.warn({ stream }, `${report.kind} of ${stream.connectionId}/${stream.object} stopped: another replica took the stream over`);
+  return { ...report, status: 'failed', error, ...(err instanceof NeedsReauthError ? { needsReauth: true } : {}) };
+}
+
+/** A class and status for /health and logs: never a record's content or a URL with a token. */
+export function errorSummary(err: unknown): string {
+  const e = err as { code?: unknown; statusCode?: unknown; status?: unknown; message?: unknown; name?: unknown };
+  const code = typeof e.code === 'string' ? e.code : typeof e.name === 'string' ? e.name : 'Error';
+  const message = typeof e.message === 'string' ? e.message.replace(/[?#]\S*/g, '').slice(0, 200) : '';
+  return message ? `${code}: ${message}` : code;
+}
+
+/**
+ * Polls one stream on its interval (with jitter), fetches pending notifications, and sweeps
+ * when the sweep is due. Many replicas may run it: the lease decides who works.
+ */
+export class PollDaemon extends Daemon {
+  private lastSweepCheck = 0;
+
+  constructor(private readonly ctx: StreamContext) {
+    const settings = pollSettings(ctx);
+    super({ name: `poll:${ctx.connection.id}:${ctx.object}`, intervalMs: settings.interval, jitter: ctx.connection.poll?.jitter ?? DEFAULT_POLL.jitter, log: ctx.log });
+  }
+
+  async tick(signal: AbortSignal): Promise<void> {
+    const report = await pollStream(this.ctx, { signal });
+    if (report.status === 'busy' || signal.aborted) return;
+    this.logRun(report);
+    const settings = pollSettings(this.ctx);
+    if (report.status === 'ok' && settings.sweepInterval > 0) {
+      const cursor = await getStreamCursor(this.ctx.db, { connectionId: this.ctx.connection.id, object: this.ctx.object });
+      const lastSweep = cursor?.lastSweepAt?.getTime() ?? 0;
+      if (Date.now() - lastSweep >= settings.sweepInterval) this.logRun(await sweepStream(this.ctx, { signal }));
+    }
+  }
+
+  override async stop(): Promise<void> {
+    await super.stop();
+    // Hand the stream over now rather than after the lease expires.
+    await releaseLease(this.ctx.db, leaseName(this.ctx.connection.id, this.ctx.object), this.ctx.owner).catch(() => {});
+  }
+
+  private logRun(report: RunReport) {
+    const where = `${report.connectionId}/${report.object}`;
+    if (report.status === 'failed') {
+      if (report.needsReauth) this.ctx.log.debug({ report }, `${report.kind} of ${where} waits for re-authorisation`);
+      else this.ctx.log.warn({ report }, `${report.kind} of ${where} failed: ${report.error}`);
+      return;
+    }
+    if (report.caught > 0) this.ctx.log.info({ report }, `poll caught ${report.caught} change(s) on ${where} that the automation missed`);
+    else if (report.kind === 'sweep' && report.deleted > 0) this.ctx.log.info({ report }, `sweep found ${report.deleted} deleted record(s) on ${where}`);
+    else this.ctx.log.debug({ report }, `${report.kind} of ${where}: ${report.records} record(s), nothing new`);
+  }
+}
+
+/** The streams a connection polls: its configured objects, or every object with a list call. */
+export function pollObjects(connection: Pick<ConnectionConfig, 'connector' | 'poll'>): string[] {
+  if (!connection.poll) return [];
+  return connection.poll.objects ?? Object.entries(connection.connector.objects).filter(([, def]) => def.list !== undefined).map(([name]) => name);
+}
+
