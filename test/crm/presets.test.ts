@@ -52,7 +52,7 @@ describe('clio preset against the sandbox', () => {
     const mapped = clio.mapRecord('matters', withArea);
     expect(typeof mapped.fields.practiceArea).toBe('string');
     expect(mapped.fields.status).toMatch(/^(Open|Pending|Closed)$/);
-    expect(mapped.version).toBe((withArea as { updated_at: string }).updated_at);
+    expect(mapped.version).toBe((withArea as { etag: string }).etag);
   });
 
   it('asks only for what changed since the given time', async () => {

@@ -44,6 +44,9 @@ export const clio: ConnectorDefinitionInput = {
     matters: {
       idPath: 'id',
       updatedAtPath: 'updated_at',
+      // The etag changes on every write; updated_at has one-second granularity, so two edits in
+      // one second share it. The gate dedups on the etag and orders by updated_at.
+      versionPath: 'etag',
       fields: {
         displayNumber: 'display_number',
         description: 'description',
@@ -69,6 +72,7 @@ export const clio: ConnectorDefinitionInput = {
     contacts: {
       idPath: 'id',
       updatedAtPath: 'updated_at',
+      versionPath: 'etag',
       fields: {
         name: 'name',
         firstName: 'first_name',
