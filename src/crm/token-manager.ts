@@ -16,6 +16,7 @@ import {
 } from '../db/queries/tokens.js';
 import { AppError } from '../errors.js';
 import type { TokenCipher } from './crypto.js';
+import { createCrmHttpClient, CrmHttpError, type CrmHttpClient } from './http-client.js';
 import { NeedsReauthError, type TokenProvider } from './token-provider.js';
 
 /**
@@ -43,7 +44,7 @@ export interface TokenConnection {
   id: string;
   auth: AuthConfig;
   baseUrl?: string | undefined;
-  connector?: { baseUrl?: string | undefined } | undefined;
+  connector?: { baseUrl?: string | undefined; rateLimit?: { retryAfterUnit?: 'seconds' | 'milliseconds' } | undefined } | undefined;
 }
 
 export interface TokenManagerOptions {
@@ -55,7 +56,7 @@ export interface TokenManagerOptions {
   requestTimeoutMs?: number;
   /** Attempts at the token endpoint per refresh when it fails transiently. */
   attempts?: number;
-  /** Exponential backoff between those attempts: base × 2^(n-1) with jitter, capped; Retry-After wins when longer (up to the cap). */
+  /** Exponential backoff between those attempts: base × 2^(n-1) with jitter, capped. (A 429's Retry-After is waited out by the HTTP client.) */
   backoffBaseMs?: number;
   backoffMaxMs?: number;
   /** How long a caller waits for another replica's refresh before giving up (transiently). */
@@ -105,9 +106,11 @@ type TokenAnswer =
   | { kind: 'ok'; accessToken: string; refreshToken: string | undefined; expiresIn: number | undefined }
   | { kind: 'invalid_grant'; detail: string }
   | { kind: 'rejected'; error: string; detail: string }
-  | { kind: 'transient'; detail: string; retryAfterMs: number | undefined };
+  | { kind: 'transient'; detail: string };
 
 const LEASE_MARGIN_MS = 5_000;
+/** Retries the HTTP client may make itself: only for answers the CRM did not act on (429, refused). */
+const CLIENT_RETRIES = 2;
 
 export class TokenManager implements TokenProvider {
   readonly connectionId: string;
@@ -126,6 +129,7 @@ export class TokenManager implements TokenProvider {
   readonly #backoffMaxMs: number;
   readonly #waitForOtherMs: number;
   readonly #now: () => number;
+  readonly #http: CrmHttpClient | undefined;
   #cache: CachedToken | null = null;
   #inflight: Promise<string> | null = null;
   /** Client credentials and static tokens have no grant to re-authorise; the flag stops retries in this process. */
@@ -143,12 +147,27 @@ export class TokenManager implements TokenProvider {
     this.#leaseName = `token:${connection.id}`;
     this.#owner = `${options.instanceId ?? `${hostname()}:${process.pid}`}:${randomBytes(4).toString('hex')}`;
     this.#timeoutMs = options.requestTimeoutMs ?? 15_000;
-    this.#leaseTtlMs = this.#timeoutMs * 2 + LEASE_MARGIN_MS;
+    // Outlasts the longest one request can take in the client: every attempt timing out, and
+    // each retry's wait (Retry-After, backoff) capped at the timeout too.
+    this.#leaseTtlMs = this.#timeoutMs * (2 * CLIENT_RETRIES + 1) + LEASE_MARGIN_MS;
     this.#attempts = options.attempts ?? 5;
     this.#backoffBaseMs = options.backoffBaseMs ?? 500;
     this.#backoffMaxMs = options.backoffMaxMs ?? 30_000;
     this.#waitForOtherMs = options.waitForOtherMs ?? this.#leaseTtlMs * 2;
     this.#now = options.now ?? Date.now;
+    this.#http =
+      this.tokenUrl === undefined
+        ? undefined
+        : createCrmHttpClient({
+            baseUrl: this.tokenUrl,
+            timeoutMs: this.#timeoutMs,
+            maxRetries: CLIENT_RETRIES,
+            retryAfterUnit: connection.connector?.rateLimit?.retryAfterUnit ?? 'seconds',
+            // Longer waits belong to this class's backoff, where the lease is renewed around them.
+            maxRetryAfterMs: this.#timeoutMs,
+            retryMaxMs: this.#timeoutMs,
+            pacing: false,
+          });
   }
 
   async getAccessToken(signal?: AbortSignal): Promise<string> {
@@ -287,7 +306,7 @@ export class TokenManager implements TokenProvider {
         this.#log?.warn({ connection: this.connectionId, attempts: failures }, `token endpoint still failing after ${failures} attempts: ${answer.detail}`);
         throw new TokenEndpointError(this.connectionId, answer.detail);
       }
-      const delay = this.#backoff(failures, answer.retryAfterMs);
+      const delay = this.#backoff(failures);
       this.#log?.warn({ connection: this.connectionId, attempt: failures, delayMs: Math.round(delay) }, `token endpoint failed transiently (${answer.detail}); retrying`);
       if (!(await renewLease(this.#db, this.#leaseName, this.#owner, delay + this.#leaseTtlMs))) return null;
       await sleep(delay);
@@ -387,13 +406,11 @@ export class TokenManager implements TokenProvider {
       body.set('client_id', this.auth.clientId);
       body.set('client_secret', this.auth.clientSecret);
     }
-    const answer = await postTokenForm(this.tokenUrl, body, headers, this.#timeoutMs);
-    if ('failure' in answer) return { kind: 'transient', detail: answer.failure, retryAfterMs: undefined };
+    const answer = await postTokenForm(this.#http!, Object.fromEntries(body), headers);
+    if ('failure' in answer) return { kind: 'transient', detail: answer.failure };
     const { status, json } = answer;
     const field = (name: string): unknown => (json !== null && typeof json === 'object' ? (json as Record<string, unknown>)[name] : undefined);
-    if (status === 429 || status >= 500) {
-      return { kind: 'transient', detail: `HTTP ${status}`, retryAfterMs: answer.retryAfterMs };
-    }
+    if (status >= 500) return { kind: 'transient', detail: `HTTP ${status}` };
     if (status >= 200 && status < 300) {
       const accessToken = field('access_token');
       if (typeof accessToken !== 'string' || accessToken === '') {
@@ -437,10 +454,9 @@ export class TokenManager implements TokenProvider {
     return cached.expiresAt === null || this.#now() < cached.expiresAt - cached.marginMs;
   }
 
-  #backoff(failures: number, retryAfterMs: number | undefined): number {
+  #backoff(failures: number): number {
     const exponential = Math.min(this.#backoffMaxMs, this.#backoffBaseMs * 2 ** (failures - 1));
-    const jittered = exponential / 2 + Math.random() * (exponential / 2);
-    return Math.min(this.#backoffMaxMs, Math.max(jittered, retryAfterMs ?? 0));
+    return exponential / 2 + Math.random() * (exponential / 2);
   }
 
   #context(kind: 'access' | 'refresh'): string {
@@ -448,30 +464,40 @@ export class TokenManager implements TokenProvider {
   }
 }
 
-type FormAnswer = { status: number; json: unknown; retryAfterMs: number | undefined } | { failure: string };
+type FormAnswer = { status: number; json: unknown } | { failure: string };
+
+/** Every error status comes back as a value: this caller classifies them itself. */
+const ERROR_STATUSES = Array.from({ length: 200 }, (_, i) => 400 + i);
 
 /**
- * A form POST with a timeout; network failures come back as a value, not a throw. Uses fetch
- * until the shared CRM HTTP client exists; its retries must stay off here, since this caller
- * decides what may be retried (a refresh token may not be sent twice).
+ * One form POST through the shared CRM HTTP client, with auth off. The client may retry only
+ * what the CRM provably did not act on (429 after its Retry-After, refused connections); a 5xx,
+ * reset or timeout comes back here, because whether a refresh token may be sent again is this
+ * caller's decision. Network failures come back as a value, not a throw.
  */
-async function postTokenForm(url: string, body: URLSearchParams, headers: Record<string, string>, timeoutMs: number): Promise<FormAnswer> {
-  let response: Response;
+async function postTokenForm(client: CrmHttpClient, form: Record<string, string>, headers: Record<string, string>): Promise<FormAnswer> {
   try {
-    response = await fetch(url, { method: 'POST', headers, body, redirect: 'error', signal: AbortSignal.timeout(timeoutMs) });
+    const res = await client.request<string>({
+      method: 'POST',
+      url: client.baseUrl,
+      form,
+      headers,
+      auth: false,
+      idempotent: false,
+      acceptStatus: ERROR_STATUSES,
+      expect: 'text',
+    });
+    let json: unknown = null;
+    try {
+      json = JSON.parse(res.body);
+    } catch {
+      // An HTML error page where JSON was promised: classified by status alone.
+    }
+    return { status: res.status, json };
   } catch (err) {
-    const cause = (err as { cause?: { code?: string } }).cause;
-    return { failure: (err as Error).name === 'TimeoutError' ? `no answer within ${timeoutMs} ms` : `network error ${cause?.code ?? (err as Error).message}` };
+    if (err instanceof CrmHttpError) return { failure: err.status === 429 ? 'HTTP 429 after waiting out Retry-After' : err.message };
+    throw err;
   }
-  const text = await response.text().catch(() => '');
-  let json: unknown = null;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    // An HTML error page where JSON was promised: classified by status alone.
-  }
-  const retryAfter = Number(response.headers.get('retry-after'));
-  return { status: response.status, json, retryAfterMs: Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter * 1000 : undefined };
 }
 
 /** Lets one caller stop waiting without cancelling the refresh other callers share. */

@@ -9,6 +9,7 @@ import { eq } from 'drizzle-orm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ConfigError } from '../../src/config/load.js';
 import { loadTokenKey, TokenCipher } from '../../src/crm/crypto.js';
+import { createCrmHttpClient } from '../../src/crm/http-client.js';
 import { createTokenManager, TokenEndpointError, type TokenManagerOptions } from '../../src/crm/token-manager.js';
 import { NeedsReauthError } from '../../src/crm/token-provider.js';
 import { tokens } from '../../src/db/schema/index.js';
@@ -75,16 +76,25 @@ describe('refreshing', () => {
     await authorise(m);
     sb.state.setClock({ advanceSeconds: 61 });
 
+    // Through the one CRM HTTP client, as connectors call: it refreshes once on the 401 and replays.
+    const client = createCrmHttpClient({ baseUrl: sb.url, tokens: m });
+    const dead = await m.getAccessToken();
     const since = sb.state.requestLog.lastSeq;
-    const call = await callApi(sb, m);
-    expect(call.statuses).toEqual([401, 200]);
+    const res = await client.request<{ data: unknown[] }>({ url: '/api/v4/matters.json', query: { limit: 1 } });
+    expect(res.body.data).toHaveLength(1);
+    expect(apiRequests(sb, since).map((r) => [r.status, r.auth.state])).toEqual([
+      [401, 'expired'],
+      [200, 'valid'],
+    ]);
     expect(tokenRequests(sb, since).map((r) => r.auth.grantType)).toEqual(['refresh_token']);
 
+    const fresh = await m.getAccessToken();
+    expect(fresh).not.toBe(dead);
     const next = await callApi(sb, m);
     expect(next.statuses).toEqual([200]);
-    expect(next.tokens[0]).toBe(call.tokens[1]);
+    expect(tokenRequests(sb, since)).toHaveLength(1);
     expect(logs.text()).toContain('access token refreshed');
-    for (const token of call.tokens) expect(logs.text()).not.toContain(token);
+    for (const token of [dead, fresh]) expect(logs.text()).not.toContain(token);
   });
 
   it('refreshes before the claimed expiry minus the margin, without waiting for a 401', async () => {
@@ -279,6 +289,22 @@ describe('transient token-endpoint failures', () => {
       expect(row?.state).toBe('ok');
       expect(row?.lastError).toBeNull();
       expect(logs.text().match(/failed transiently/g)).toHaveLength(2);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  it('a 429 from the token endpoint is waited out (Retry-After) and is not needs_reauth', async () => {
+    await authorise(manager());
+    await expireStoredToken();
+    const proxy = await startTokenProxy(sb.url, { failures: 2, status: 429 });
+    try {
+      const since = sb.state.requestLog.lastSeq;
+      const call = await callApi(sb, manager({ tokenBaseUrl: proxy.url }));
+      expect(call.status).toBe(200);
+      expect(proxy.received).toBe(3);
+      expect(tokenRequests(sb, since)).toHaveLength(1);
+      expect((await storedRow())?.state).toBe('ok');
     } finally {
       await proxy.close();
     }
