@@ -240,9 +240,27 @@ export class TokenManager implements TokenProvider {
   }
 
   async #obtain(rejected: string | undefined): Promise<string> {
-    const stored = this.#usable(await getTokenRow(this.#db, this.connectionId), rejected);
+    const row = await getTokenRow(this.#db, this.connectionId);
+    const stored = this.#usable(row, rejected);
     if (stored !== null) return stored;
+    try {
+      return await this.#refreshUnderLease(rejected);
+    } catch (err) {
+      // An early refresh that failed transiently is no reason to fail the call: the token it
+      // was replacing has not expired yet (as far as the CRM claimed), so it is still worth a try.
+      const standing = err instanceof TokenEndpointError && rejected === undefined ? this.#unexpired(row) : null;
+      if (standing === null) throw err;
+      this.#log?.warn({ connection: this.connectionId }, 'early token refresh failed; using the current token until it expires');
+      return standing;
+    }
+  }
 
+  #unexpired(row: TokenRow | undefined): string | null {
+    if (!row?.accessTokenEnc || row.state !== 'ok' || row.expiresAt === null || row.expiresAt.getTime() <= this.#now()) return null;
+    return this.#cipher.decrypt(row.accessTokenEnc, this.#context('access'));
+  }
+
+  async #refreshUnderLease(rejected: string | undefined): Promise<string> {
     const deadline = this.#now() + this.#waitForOtherMs;
     for (;;) {
       if (await acquireLease(this.#db, this.#leaseName, this.#owner, this.#leaseTtlMs)) {

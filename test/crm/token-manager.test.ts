@@ -328,6 +328,28 @@ describe('transient token-endpoint failures', () => {
     }
   });
 
+  it('an early refresh that fails keeps using the current token until it really expires', async () => {
+    sb.state.setSwitches({ advertisedExpiresInSeconds: 600 });
+    let now = Date.now();
+    const proxy = await startTokenProxy(sb.url, { failures: 100 });
+    try {
+      const auth = oauthAuth({ refreshMarginSeconds: 120, tokenUrl: `${proxy.url}/oauth/token`, authorizeUrl: `${sb.url}/oauth/authorize` });
+      const m = manager({ auth, now: () => now, attempts: 2 });
+      await authorise(manager({ auth: oauthAuth() }));
+      const current = await m.getAccessToken();
+      now += 500_000; // inside the margin, before the claimed expiry
+      const call = await callApi(sb, m);
+      expect(call.statuses).toEqual([200]);
+      expect(call.tokens[0]).toBe(current);
+      expect(proxy.received).toBe(2);
+      now += 101_000; // past the claimed expiry: no token left to fall back on
+      await expect(m.getAccessToken()).rejects.toBeInstanceOf(TokenEndpointError);
+      expect((await storedRow())?.state).toBe('ok');
+    } finally {
+      await proxy.close();
+    }
+  });
+
   it('a token endpoint that does not answer at all is transient too', async () => {
     await authorise(manager());
     await expireStoredToken();
