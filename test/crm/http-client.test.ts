@@ -41,12 +41,12 @@ describe('CRM HTTP client', () => {
     const local = await startLocal((app) => {
       app.get('/slow', async () => {
         calls++;
-        if (calls === 1) await new Promise((r) => setTimeout(r, 2_000));
+        if (calls === 1) await new Promise((r) => setTimeout(r, 5_000));
         return { ok: calls };
       });
     });
     try {
-      const client = createCrmHttpClient({ baseUrl: local.url, timeoutMs: 200, maxRetries: 2, retryBaseMs: 10 });
+      const client = createCrmHttpClient({ baseUrl: local.url, timeoutMs: 1_000, maxRetries: 2, retryBaseMs: 10 });
       const res = await client.request<{ ok: number }>({ url: '/slow' });
       expect(res.body).toEqual({ ok: 2 });
       expect(calls).toBe(2);
@@ -120,15 +120,19 @@ describe('CRM HTTP client', () => {
   });
 
   it('reads Retry-After as milliseconds when the connector says so (HubSpot search)', async () => {
-    sb.state.setSwitches({ hubspotSearchPerSecond: 2 });
+    sb.state.setSwitches({ hubspotSearchPerSecond: 1 });
     const tokens = sandboxTokens(sb);
     const log = captureLog();
     const client = createCrmHttpClient({ baseUrl: sb.url, tokens, log, retryAfterUnit: 'milliseconds', maxRetryAfterMs: 5_000 });
     const since = sinceNow();
-    for (let i = 0; i < 4; i++) {
-      const res = await client.request({ method: 'POST', url: '/crm/v3/objects/contacts/search', json: { limit: 1 }, idempotent: true });
-      expect(res.status).toBe(200);
-    }
+    // One search spends this second's budget; the client's search right after meets the 429.
+    await fetch(`${sb.url}/crm/v3/objects/contacts/search`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${await tokens.getAccessToken()}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ limit: 1 }),
+    });
+    const res = await client.request({ method: 'POST', url: '/crm/v3/objects/contacts/search', json: { limit: 1 }, idempotent: true });
+    expect(res.status).toBe(200);
     const entries = sb.state.requestLog.list({ since, pathPrefix: '/crm/v3' });
     const limitedAt = entries.findIndex((e) => e.status === 429);
     expect(limitedAt).toBeGreaterThan(-1);
