@@ -1,0 +1,314 @@
+import { and, eq, sql } from 'drizzle-orm';
+import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { ledger, outbox, pendingFetches, recordHeads } from '../src/db/schema/index.js';
+import { pollStream, sweepStream } from '../src/sync/poller.js';
+import { SECRET } from './helpers/app.js';
+import { startBridge } from './helpers/bridge.js';
+import { startFaultProxy } from './helpers/fault-proxy.js';
+import { connectorForConnection } from '../src/crm/connector.js';
+import { createTestDatabase, resetDatabase } from './helpers/database.js';
+
+const database = await createTestDatabase();
+const { db } = database;
+afterAll(() => database.close());
+beforeEach(() => resetDatabase(database));
+
+async function outboxVersions() {
+  return db
+    .select({ crmId: ledger.crmId, version: ledger.version, source: ledger.source })
+    .from(outbox)
+    .innerJoin(ledger, eq(ledger.eventId, outbox.eventId))
+    .where(eq(outbox.connectionId, 'firm'))
+    .orderBy(outbox.id);
+}
+
+async function headsByCrmId() {
+  const heads = await db.select().from(recordHeads).where(eq(recordHeads.connectionId, 'firm'));
+  return new Map(heads.map((h) => [h.crmId, h]));
+}
+
+const matterIds = (sandbox: { state: { store: { matters: { items: Array<{ id: number }> } } } }) => sandbox.state.store.matters.items.map((m) => m.id);
+
+describe('the reconciling poller against the sandbox CRM', () => {
+  it('catches exactly the changes whose hooks the automation dropped, and delivers every change once', async () => {
+    const bridge = await startBridge({ database, sandbox: { seed: 7 }, automation: { dropRate: 0.3 } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      expect((await pollStream(stream)).status).toBe('ok'); // the backfill sets the cursor
+      const backfilled = (await outboxVersions()).length;
+
+      const ids = matterIds(bridge.sandbox);
+      const edits: Array<{ id: string; etag: string; fired: boolean }> = [];
+      let seen = bridge.sandbox.state.automation.entries().length;
+      for (let i = 0; i < 500; i++) {
+        const id = ids[(i * 7919) % ids.length]!;
+        bridge.sandbox.state.updateRecord('matters', id, { description: `Intake note ${i}` });
+        const etag = String(bridge.sandbox.state.renderFull('matters', id)!.etag);
+        const entry = bridge.sandbox.state.automation.entries().slice(seen).find((e) => e.status !== 'duplicate');
+        seen = bridge.sandbox.state.automation.entries().length;
+        edits.push({ id: String(id), etag, fired: entry?.status === 'fired' });
+        // Hooks arrive in order, so every fired one is a new change rather than a stale one.
+        await bridge.sandbox.state.automationIdle();
+      }
+      const dropped = edits.filter((e) => !e.fired).length;
+      expect(dropped).toBeGreaterThan(100);
+
+      const run = await pollStream(stream);
+      expect(run.status).toBe('ok');
+
+      const lastEdit = new Map(edits.map((e) => [e.id, e]));
+      const missedFinal = [...lastEdit.values()].filter((e) => !e.fired);
+      expect(run.caught).toBe(missedFinal.length);
+
+      const delivered = (await outboxVersions()).slice(backfilled);
+      const keys = delivered.map((d) => `${d.crmId}@${d.version}`);
+      expect(new Set(keys).size).toBe(keys.length); // no change delivered twice
+      const expected = new Set([...edits.filter((e) => e.fired), ...missedFinal].map((e) => `${e.id}@${e.etag}`));
+      expect([...keys].filter((k) => !expected.has(k))).toEqual([]);
+      expect([...expected].filter((k) => !keys.includes(k))).toEqual([]);
+
+      const health = (await bridge.app.inject('/health')).json();
+      expect(health.connections[0].caughtByPoll).toBe(missedFinal.length);
+      expect(health.connections[0].poll).toMatchObject({ stale: false, lastError: null });
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('delivers all 1,000 records of a bulk import stamped with one timestamp, once, with pages of 50', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 50 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      await pollStream(stream);
+      const before = (await outboxVersions()).length;
+      const imported = bridge.sandbox.state.bulkImport({ object: 'matters', count: 1000 });
+      const run = await pollStream(stream);
+      expect(run.status).toBe('ok');
+      expect(run.pages).toBeGreaterThanOrEqual(20);
+      const delivered = (await outboxVersions()).slice(before);
+      const importedIds = new Set(Array.from({ length: 1000 }, (_, i) => String(imported.firstId! + i)));
+      expect(delivered.filter((d) => importedIds.has(d.crmId))).toHaveLength(1000);
+      expect(new Set(delivered.map((d) => d.crmId)).size).toBe(delivered.length);
+      // A second run reads the overlap again and writes nothing.
+      await pollStream(stream);
+      expect((await outboxVersions()).length).toBe(before + delivered.length);
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  describe.each([
+    [90, true],
+    [90, false],
+    [-90, true],
+    [-90, false],
+  ])('with the CRM clock skewed %i s and updated_since inclusive=%s', (skew, inclusive) => {
+    it('misses nothing', async () => {
+      const bridge = await startBridge({ database, sandbox: { switches: { clockSkewSeconds: skew, updatedSinceInclusive: inclusive } } });
+      try {
+        const stream = bridge.app.poller.stream('firm', 'matters');
+        const ids = matterIds(bridge.sandbox);
+        await pollStream(stream);
+        for (let round = 0; round < 4; round++) {
+          for (let i = 0; i < 10; i++) bridge.sandbox.state.updateRecord('matters', ids[(round * 10 + i) % ids.length]!, { description: `round ${round} edit ${i}` });
+          expect((await pollStream(stream)).status).toBe('ok');
+        }
+        const heads = await headsByCrmId();
+        for (const id of ids) expect(heads.get(String(id))?.version).toBe(String(bridge.sandbox.state.renderFull('matters', id)!.etag));
+      } finally {
+        await bridge.close();
+      }
+    });
+  });
+
+  it('loses nothing when a run is stopped after k of n pages, and the restart writes each change once', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      const controller = new AbortController();
+      const stopped = await pollStream(stream, {
+        signal: controller.signal,
+        onPage: (r) => {
+          if (r.pages === 3) controller.abort();
+        },
+      });
+      expect(stopped.status).toBe('failed');
+      expect(stopped.pages).toBe(3);
+      expect((await outboxVersions()).length).toBe(30);
+
+      const resumed = await pollStream(stream);
+      expect(resumed.status).toBe('ok');
+      const delivered = await outboxVersions();
+      const ids = matterIds(bridge.sandbox).map(String);
+      expect(delivered.map((d) => d.crmId).sort()).toEqual([...ids].sort());
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('refreshes a token that dies early in the middle of a run and completes it', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      const run = await pollStream(stream, {
+        onPage: (r) => {
+          if (r.pages === 2) bridge.sandbox.state.expireAccessTokens();
+        },
+      });
+      expect(run.status).toBe('ok');
+      expect((await outboxVersions()).length).toBe(matterIds(bridge.sandbox).length);
+      const unauthorized = bridge.sandbox.state.requestLog.list({}).filter((e) => e.status === 401);
+      expect(unauthorized.length).toBeGreaterThanOrEqual(1);
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('completes through injected 5xx and a rate limit, never sending into a window a 429 closed', async () => {
+    const bridge = await startBridge({ database, sandbox: { seed: 11 }, connection: { poll: { pageSize: 5 } } });
+    try {
+      bridge.sandbox.state.setSwitches({ errorRate: 0.3, rateLimit: { limit: 4, windowSeconds: 1 } });
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      const run = await pollStream(stream);
+      expect(run.status).toBe('ok');
+      expect((await outboxVersions()).length).toBe(matterIds(bridge.sandbox).length);
+      const log = bridge.sandbox.state.requestLog.list({}).filter((e) => e.path.startsWith('/api/'));
+      expect(log.some((e) => e.status >= 500)).toBe(true);
+      // A request sent before Retry-After had passed would meet the same full window: another 429.
+      for (const [i, entry] of log.entries()) {
+        if (entry.status === 429) expect(log[i + 1]?.status).not.toBe(429);
+      }
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('turns records deleted in the CRM into delete changes after a sweep, and a sweep that fails part-way deletes nothing', async () => {
+    // 500 matters: the id listing takes three pages of 200.
+    const bridge = await startBridge({ database, sandbox: { records: 1000 }, connection: { poll: { pageSize: 200 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      await pollStream(stream);
+      const ids = matterIds(bridge.sandbox);
+      for (const id of ids.slice(0, 3)) bridge.sandbox.state.deleteRecord('matters', id);
+
+      // The listing breaks off at page 3 and stays broken: nothing may be deleted.
+      let listPages = 0;
+      const proxy = await startFaultProxy(bridge.sandbox.url, (req) => {
+        if (!req.url?.startsWith('/api/v4/matters.json')) return undefined;
+        return ++listPages >= 3 ? 503 : undefined;
+      });
+      try {
+        const viaProxy = { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } }) };
+        const failing = await sweepStream(viaProxy);
+        expect(failing.status).toBe('failed');
+        expect(failing.pages).toBe(2);
+      } finally {
+        await proxy.close();
+      }
+      expect(await db.select().from(ledger).where(eq(ledger.change, 'delete'))).toHaveLength(0);
+
+      const swept = await sweepStream(stream);
+      expect(swept).toMatchObject({ status: 'ok', deleted: 3 });
+      const deletes = await db.select().from(ledger).innerJoin(outbox, eq(outbox.eventId, ledger.eventId)).where(eq(ledger.change, 'delete'));
+      expect(deletes.map((d) => d.ledger.crmId).sort()).toEqual(ids.slice(0, 3).map(String).sort());
+      expect(deletes.every((d) => d.ledger.source === 'sweep')).toBe(true);
+      // A second sweep finds nothing new.
+      expect(await sweepStream(stream)).toMatchObject({ status: 'ok', deleted: 0 });
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('fetches the records of notification hooks, and keeps them waiting while the grant is revoked', async () => {
+    const bridge = await startBridge({
+      database,
+      connection: {
+        auth: { type: 'oauth2', clientId: 'sandbox-client', clientSecret: 'sandbox-secret', tokenUrl: '/oauth/token', authorizeUrl: '/oauth/authorize' },
+        inbound: { payload: 'notification' },
+      },
+      sandbox: { autoApprove: true },
+      automation: { payload: 'notification' },
+    });
+    try {
+      // Authorise through the browser flow, as an operator would.
+      const start = await bridge.app.inject('/oauth/firm/start');
+      const cookie = String(start.headers['set-cookie']).split(';')[0]!;
+      const consent = await fetch(String(start.headers.location), { redirect: 'manual' });
+      const back = new URL(consent.headers.get('location')!);
+      expect((await bridge.app.inject({ url: `${back.pathname}${back.search}`, headers: { cookie } })).statusCode).toBe(200);
+
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      expect((await pollStream(stream)).status).toBe('ok');
+      const id = matterIds(bridge.sandbox)[0]!;
+
+      bridge.sandbox.state.revokeTokens();
+      bridge.sandbox.state.updateRecord('matters', id, { description: 'Client called about the settlement offer' });
+      await bridge.sandbox.state.automationIdle();
+      expect(await db.select().from(pendingFetches)).toHaveLength(1);
+
+      const blocked = await pollStream(stream);
+      expect(blocked).toMatchObject({ status: 'failed', needsReauth: true });
+      expect(await db.select().from(pendingFetches)).toHaveLength(1);
+      const health = await bridge.app.inject('/health');
+      expect(health.statusCode).toBe(503);
+      // Hooks are still taken and stored while the connection waits.
+      const hook = await fetch(`${bridge.base}/hooks/firm?object=matters`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ data: { id: matterIds(bridge.sandbox)[1] } }),
+      });
+      expect(hook.status).toBe(202);
+
+      // Re-authorise; the notifications are fetched and the cursor resumes.
+      const again = await bridge.app.inject('/oauth/firm/start');
+      const cookie2 = String(again.headers['set-cookie']).split(';')[0]!;
+      const consent2 = await fetch(String(again.headers.location), { redirect: 'manual' });
+      const back2 = new URL(consent2.headers.get('location')!);
+      expect((await bridge.app.inject({ url: `${back2.pathname}${back2.search}`, headers: { cookie: cookie2 } })).statusCode).toBe(200);
+
+      expect((await pollStream(stream)).status).toBe('ok');
+      expect(await db.select().from(pendingFetches)).toHaveLength(0);
+      const fetched = await db
+        .select()
+        .from(ledger)
+        .where(and(eq(ledger.source, 'notification'), eq(ledger.crmId, String(id))));
+      expect(fetched.map((r) => r.disposition)).toEqual(['accepted']);
+      expect((await bridge.app.inject('/health')).statusCode).toBe(200);
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('lets one replica poll a stream at a time: a poller that lost its lease writes nothing', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10, lease: '1m' } } });
+    try {
+      const mine = bridge.app.poller.stream('firm', 'matters');
+      const theirs = { ...mine, owner: 'other-replica' };
+      let second: Awaited<ReturnType<typeof pollStream>> | undefined;
+      const first = await pollStream(mine, {
+        onPage: async (r) => {
+          if (r.pages === 1) second = await pollStream(theirs);
+        },
+      });
+      expect(second?.status).toBe('busy');
+      expect(first.status).toBe('ok');
+
+      // The other replica takes the stream over (as after an expiry); the old holder stops writing.
+      await db.execute(sql`update leases set owner = 'other-replica' where name = 'poll:firm:matters'`);
+      const lost = await pollStream(mine);
+      expect(lost.status).toBe('busy');
+      await db.execute(sql`update leases set expires_at = now() - interval '1 second'`);
+      const before = (await outboxVersions()).length;
+      const stolen = await pollStream(mine, {
+        onPage: async () => {
+          await db.execute(sql`update leases set owner = 'other-replica'`);
+        },
+      });
+      expect(stolen).toMatchObject({ status: 'failed', error: expect.stringMatching(/LEASE_LOST/) });
+      expect((await outboxVersions()).length).toBe(before);
+    } finally {
+      await bridge.close();
+    }
+  });
+});
