@@ -298,6 +298,7 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
       try {
         text = expect === 'none' ? '' : await res.text();
       } catch (err) {
+        if (req.signal?.aborted) throw new CrmHttpError('CRM_ABORTED', `Call to ${shownUrl} aborted`, shownUrl, res.status, undefined, { cause: err });
         // The body was cut off mid-way: a reset, retried like one when that is safe.
         if (idempotent && attempt < maxRetries && !req.signal?.aborted) {
           await wait(backoffMs(attempt++), req.signal, shownUrl);
