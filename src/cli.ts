@@ -1,5 +1,6 @@
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { ConfigError } from './config/load.js';
+import { AppError } from './errors.js';
 
 /** The `crm-bridge` command. Operator mistakes end in one line and the usage, exit status 2. */
 const program = new Command()
@@ -111,6 +112,31 @@ program
   });
 
 program
+  .command('poll')
+  .description('poll a connection now: read what changed since its cursor and pass it through the change gate')
+  .argument('<connection>', 'the connection id from the connections file')
+  .option('--once', 'one pass over each stream, then exit (without it: keep polling on the interval until Ctrl-C)')
+  .option('-o, --object <name>', 'only this object (default: every polled object)')
+  .action(async (connectionId: string, options: { once?: boolean; object?: string }) => {
+    const { runPollCommand } = await import('./sync/poll-command.js');
+    const stop = new AbortController();
+    process.once('SIGINT', () => stop.abort());
+    const code = await runPollCommand({ connectionId, object: options.object, kind: 'poll', follow: !options.once, signal: stop.signal, print: (t) => process.stdout.write(t) });
+    if (code !== 0) process.exitCode = code;
+  });
+
+program
+  .command('sweep')
+  .description('list every record id of a connection and reconcile with the ledger: unseen records are processed, vanished ones become deletes')
+  .argument('<connection>', 'the connection id from the connections file')
+  .option('-o, --object <name>', 'only this object (default: every polled object)')
+  .action(async (connectionId: string, options: { object?: string }) => {
+    const { runPollCommand } = await import('./sync/poll-command.js');
+    const code = await runPollCommand({ connectionId, object: options.object, kind: 'sweep', print: (t) => process.stdout.write(t) });
+    if (code !== 0) process.exitCode = code;
+  });
+
+program
   .command('probe')
   .description("fetch one live record through the connection's auth and check it against the connector definition (exit 1 on a mismatch)")
   .argument('<connection>', 'the connection id from the connections file')
@@ -129,6 +155,11 @@ try {
   }
   if (err instanceof ConfigError) {
     process.stderr.write(`${err.message}\n`);
+    process.exit(2);
+  }
+  if (err instanceof AppError && err.statusCode < 500) {
+    // An operator's mistake (unknown connection or object): one line, no stack.
+    process.stderr.write(`crm-bridge: ${err.message}\n`);
     process.exit(2);
   }
   process.stderr.write(`crm-bridge: ${(err as Error).message}\n`);

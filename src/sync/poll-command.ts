@@ -1,0 +1,66 @@
+import { pino } from 'pino';
+import { buildApp } from '../app.js';
+import { loadConfig } from '../config/load.js';
+import { AppError } from '../errors.js';
+import { loggerOptions } from '../logger.js';
+import { pollObjects, pollStream, sweepStream, type RunReport } from './poller.js';
+
+export interface PollCommandOptions {
+  connectionId: string;
+  object?: string | undefined;
+  kind: 'poll' | 'sweep';
+  /** Keep polling on the connection's interval until interrupted (poll without --once). */
+  follow?: boolean;
+  print: (text: string) => void;
+  signal?: AbortSignal;
+}
+
+/**
+ * `crm-bridge poll <connection> --once` and `crm-bridge sweep <connection>`: one pass over each
+ * stream with a progress line, through the same app, auth and gate as the server. Exit status
+ * 1 when a stream failed.
+ */
+export async function runPollCommand(options: PollCommandOptions): Promise<number> {
+  const config = loadConfig();
+  const connection = config.connections.find((c) => c.id === options.connectionId);
+  if (connection === undefined) {
+    throw new AppError(404, 'UNKNOWN_CONNECTION', `no connection "${options.connectionId}" in ${config.source ?? 'the configuration'} (known: ${config.connections.map((c) => c.id).join(', ')})`);
+  }
+  const objects = options.object ? [options.object] : pollObjects(connection).length ? pollObjects(connection) : Object.keys(connection.connector.objects).filter((o) => connection.connector.objects[o]?.list);
+  const unknown = objects.find((o) => connection.connector.objects[o]?.list === undefined);
+  if (unknown !== undefined) throw new AppError(422, 'UNKNOWN_OBJECT', `connection ${connection.id} cannot list "${unknown}"`);
+
+  const app = await buildApp({ config, loggerInstance: pino(loggerOptions(config.env.LOG_LEVEL === 'info' ? 'warn' : config.env.LOG_LEVEL)) });
+  let failed = false;
+  try {
+    do {
+      for (const object of objects) {
+        const stream = app.poller.stream(connection.id, object);
+        const started = performance.now();
+        const progress = (r: RunReport) => {
+          const rate = r.records / Math.max(0.001, (performance.now() - started) / 1000);
+          options.print(`\r${options.kind} ${connection.id}/${object}: ${r.pages} page(s), ${r.records} record(s), ${r.counts.accepted ?? 0} new, ${rate.toFixed(0)} records/s   `);
+        };
+        const run = options.kind === 'poll' ? pollStream : sweepStream;
+        const report = await run(stream, { onPage: progress, ...(options.signal ? { signal: options.signal } : {}) });
+        progress(report);
+        options.print('\n');
+        options.print(`${summarise(report)}\n`);
+        if (report.status === 'failed') failed = true;
+      }
+      if (options.follow) await new Promise((resolve) => setTimeout(resolve, connection.poll?.interval ?? 300_000));
+    } while (options.follow && !options.signal?.aborted);
+  } finally {
+    await app.close();
+  }
+  return failed ? 1 : 0;
+}
+
+function summarise(r: RunReport): string {
+  const where = `${r.connectionId}/${r.object}`;
+  if (r.status === 'busy') return `${where}: another replica holds this stream's lease right now; try again after it expires`;
+  if (r.status === 'failed') return `${where}: ${r.kind} failed: ${r.error}${r.needsReauth ? ` (run \`crm-bridge auth ${r.connectionId}\`)` : ''}`;
+  const counts = Object.entries(r.counts).map(([k, v]) => `${v} ${k}`).join(', ') || 'no changes';
+  const extra = r.kind === 'poll' ? `, ${r.caught} caught that no hook announced` : `, ${r.deleted} deleted`;
+  return `${where}: ${r.kind} done: ${counts}${extra}`;
+}

@@ -1,0 +1,64 @@
+import { spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
+import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
+
+let sandbox: Sandbox;
+const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-cli-'));
+const config = join(dir, 'connections.json');
+
+beforeAll(async () => {
+  sandbox = await startSandbox({ records: 60 });
+  writeFileSync(config, JSON.stringify({ connections: [clioConnection(sandbox, { poll: { pageSize: 10 } })] }));
+});
+afterAll(() => sandbox.close());
+
+/** Runs `crm-bridge <args>` on the embedded database in a fresh DATA_DIR (or DATABASE_URL). */
+function cli(args: string[], dataDir = dir): Promise<{ code: number | null; out: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
+      env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dataDir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: '' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d));
+    child.stderr.on('data', (d: Buffer) => (out += d));
+    child.on('exit', (code) => resolve({ code, out }));
+  });
+}
+
+describe('crm-bridge poll and sweep', () => {
+  it('polls once with a progress line and a summary, then finds nothing new the second time', async () => {
+    const first = await cli(['poll', 'firm', '--once']);
+    expect(first.code).toBe(0);
+    expect(first.out).toMatch(/poll firm\/matters: 3 page\(s\), 30 record\(s\), 30 new/);
+    expect(first.out).toMatch(/firm\/matters: poll done: 30 accepted/);
+    const second = await cli(['poll', 'firm', '--once']);
+    expect(second.code).toBe(0);
+    expect(second.out).toMatch(/poll done: (\d+ duplicate|no changes)/);
+  });
+
+  it('sweeps and reports deletes', async () => {
+    sandbox.state.deleteRecord('matters', sandbox.state.store.matters.items[0]!.id);
+    const swept = await cli(['sweep', 'firm']);
+    expect(swept.code).toBe(0);
+    expect(swept.out).toMatch(/sweep done: .*1 deleted/);
+  });
+
+  it('answers an unknown connection with one line and exit status 2', async () => {
+    const res = await cli(['poll', 'nope', '--once']);
+    expect(res.code).toBe(2);
+    expect(res.out.trim().split('\n')).toHaveLength(1);
+    expect(res.out).toMatch(/no connection "nope"/);
+  });
+
+  it('shows usage and exits 2 on a bad argument', async () => {
+    const res = await cli(['poll']);
+    expect(res.code).toBe(2);
+    expect(res.out).toMatch(/missing required argument 'connection'/);
+    expect(res.out).toMatch(/Usage: crm-bridge poll/);
+  });
+});
