@@ -100,7 +100,10 @@ process.on('message', (message: ParentMessage) => {
   }
 });
 process.on('disconnect', () => void stop(1));
+process.on('SIGTERM', () => void stop(0));
 setTimeout(() => void stop(1), MAX_LIFETIME_MS).unref();
 
 const address = await app.listen({ host: '127.0.0.1', port: 0 });
 send({ type: 'listening', url: address });
+// Run by hand (e.g. under --cpu-prof), there is no IPC channel: say where to send load.
+if (!process.send) process.stderr.write(`listening on ${address}\n`);
