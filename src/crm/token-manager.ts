@@ -291,6 +291,9 @@ export class TokenManager implements TokenProvider {
       const theirs = this.#usable(row, rejected);
       if (theirs !== null) return theirs;
 
+      if (this.auth.type === 'oauth2' && !row?.refreshTokenEnc) {
+        throw await this.#needsReauth('no refresh token is stored (the CRM granted none); authorise the connection again', row?.generation);
+      }
       const form = this.#refreshForm(row);
       const answer = await this.#requestToken(form);
       if (answer.kind === 'ok') {
@@ -337,7 +340,7 @@ export class TokenManager implements TokenProvider {
     if (auth.type === 'client_credentials') {
       return { grant_type: 'client_credentials', ...(auth.scopes.length > 0 ? { scope: auth.scopes.join(' ') } : {}) };
     }
-    if (!row?.refreshTokenEnc) throw new NeedsReauthError(this.connectionId, 'no refresh token is stored; authorise the connection');
+    if (!row?.refreshTokenEnc) throw new Error('unreachable: checked by the caller');
     return { grant_type: 'refresh_token', refresh_token: this.#cipher.decrypt(row.refreshTokenEnc, this.#context('refresh')) };
   }
 
