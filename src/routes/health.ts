@@ -16,29 +16,40 @@ const DB_CHECK_TIMEOUT_MS = 2_000;
 export default async function healthRoutes(app: FastifyInstance) {
   // A stream that has not succeeded since start is judged from the start, not from never.
   const startedAt = Date.now();
-  app.get('/health/live', async () => ({ status: 'ok' }));
+  app.get('/health/live', { schema: liveSchema }, async () => ({ status: 'ok' }));
 
-  app.get('/health', async (_request, reply) => {
-    const started = performance.now();
-    try {
-      await withTimeout(app.db.execute(sql`select 1`), DB_CHECK_TIMEOUT_MS);
-    } catch (err) {
-      app.log.warn({ err }, 'health: database check failed');
-      return reply.code(503).send({
-        status: 'down',
-        checks: { db: { status: 'down', error: (err as { code?: string }).code ?? (err as Error).name } },
-        connections: [...app.connections.keys()].map((id) => ({ id })),
-      });
-    }
-    const latencyMs = Math.round(performance.now() - started);
-    const { connections } = await buildReport(app, startedAt);
-    const healthy = connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded && !c.poll?.stale);
-    return reply.code(healthy ? 200 : 503).send({
-      status: healthy ? 'ok' : 'degraded',
-      checks: { db: { status: 'ok', latencyMs } },
-      connections,
-    });
+  app.get('/health', { schema: healthSchema }, async (_request, reply) => {
+    const { code, body } = await healthReport(app, startedAt);
+    return reply.code(code).send(body);
   });
+}
+
+/**
+ * The /health answer as data, for the route, the status page and `crm-bridge status`.
+ * `startedAt`: streams that never succeeded are judged stale from then.
+ */
+export async function healthReport(app: FastifyInstance, startedAt: number) {
+  const started = performance.now();
+  try {
+    await withTimeout(app.db.execute(sql`select 1`), DB_CHECK_TIMEOUT_MS);
+  } catch (err) {
+    app.log.warn({ err }, 'health: database check failed');
+    return {
+      code: 503 as const,
+      body: {
+        status: 'down' as const,
+        checks: { db: { status: 'down' as const, error: (err as { code?: string }).code ?? (err as Error).name } },
+        connections: [...app.connections.keys()].map((id) => ({ id })),
+      },
+    };
+  }
+  const latencyMs = Math.round(performance.now() - started);
+  const { connections } = await buildReport(app, startedAt);
+  const healthy = connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded && !c.poll?.stale);
+  return {
+    code: healthy ? (200 as const) : (503 as const),
+    body: { status: healthy ? ('ok' as const) : ('degraded' as const), checks: { db: { status: 'ok' as const, latencyMs } }, connections },
+  };
 }
 
 async function buildReport(app: FastifyInstance, startedAt: number) {
@@ -122,3 +133,95 @@ function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
+
+const nullableTime = { type: ['string', 'null'], format: 'date-time' } as const;
+const nullableString = { type: ['string', 'null'] } as const;
+
+// additionalProperties stays open: a field added to the report later is sent, not silently
+// stripped by the serializer, while the fields listed here are documented and typed.
+const streamSchema = {
+  type: 'object',
+  additionalProperties: true,
+  properties: {
+    object: { type: 'string' },
+    lastSuccessAt: nullableTime,
+    lastAttemptAt: nullableTime,
+    lastError: nullableString,
+    lastSweepAt: nullableTime,
+    cursor: nullableString,
+    caughtByPoll: { type: 'integer' },
+    stale: { type: 'boolean' },
+  },
+} as const;
+
+const connectionReportSchema = {
+  type: 'object',
+  additionalProperties: true,
+  required: ['id'],
+  properties: {
+    id: { type: 'string' },
+    auth: {
+      type: 'object',
+      additionalProperties: true,
+      properties: { state: { type: 'string', enum: ['ok', 'needs_reauth', 'none'] }, expiresAt: nullableTime },
+    },
+    hooks: { type: 'object', additionalProperties: true, properties: { lastReceivedAt: nullableTime } },
+    delivery: {
+      type: 'object',
+      additionalProperties: true,
+      properties: {
+        pending: { type: 'integer' },
+        oldestPendingAgeSeconds: { type: ['integer', 'null'] },
+        deadLetters: { type: 'integer' },
+        degraded: { type: 'boolean' },
+      },
+    },
+    poll: {
+      type: 'object',
+      additionalProperties: true,
+      description: 'Only for connections that poll.',
+      properties: {
+        lastSuccessAt: nullableTime,
+        lastAttemptAt: nullableTime,
+        lastError: { ...nullableString, description: 'An error class and status, never record content.' },
+        stale: { type: 'boolean' },
+        staleAfterSeconds: { type: 'integer' },
+        streams: { type: 'array', items: streamSchema },
+      },
+    },
+    caughtByPoll: { type: 'integer', description: 'Changes the poll found that no hook had announced: the automation miss count.' },
+  },
+} as const;
+
+const healthBodySchema = {
+  type: 'object',
+  additionalProperties: true,
+  required: ['status', 'checks', 'connections'],
+  properties: {
+    status: { type: 'string', enum: ['ok', 'degraded', 'down'] },
+    checks: {
+      type: 'object',
+      additionalProperties: true,
+      properties: {
+        db: {
+          type: 'object',
+          additionalProperties: true,
+          properties: { status: { type: 'string', enum: ['ok', 'down'] }, latencyMs: { type: 'integer' }, error: { type: 'string' } },
+        },
+      },
+    },
+    connections: { type: 'array', items: connectionReportSchema },
+  },
+} as const;
+
+const healthSchema = {
+  summary: 'Per connection: auth state, last poll and hook, delivery backlog; 503 when anything needs attention',
+  tags: ['health'],
+  response: { 200: healthBodySchema, 503: healthBodySchema },
+} as const;
+
+const liveSchema = {
+  summary: 'Liveness probe: the process answers',
+  tags: ['health'],
+  response: { 200: { type: 'object', properties: { status: { type: 'string', const: 'ok' } }, required: ['status'] } },
+} as const;
