@@ -34,5 +34,7 @@ export interface BenchContext {
   postgresUrl: string;
   /** Seconds of measured load per autocannon run. */
   seconds: number;
+  /** The app's LOG_LEVEL under load (info, as in production, unless --log-level says otherwise). */
+  logLevel: string;
   log: (line: string) => void;
 }

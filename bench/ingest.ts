@@ -138,7 +138,7 @@ interface BridgeRuns {
 
 /** Starts the real app, warms it, runs "new" then "duplicate" load, and checks every answer against the ledger. */
 async function measureBridge(label: BridgeRuns['label'], env: Record<string, string>, context: BenchContext): Promise<BridgeRuns> {
-  const server = await startServer('bridge', env);
+  const server = await startServer('bridge', { ...env, BENCH_LOG_LEVEL: context.logLevel });
   try {
     const warm = await load(server.url, WARMUP_SECONDS, { newPrefix: `warm-${label}` });
     const fresh = await load(server.url, context.seconds, { newPrefix: `new-${label}` });

@@ -1,7 +1,8 @@
 // `npm run bench`: runs every registered case, prints a table of figures with targets, and
 // writes the results, the machine and the command into BENCHMARKS.md. Exits 1 when a figure
 // misses its target or a case fails, so a regression cannot pass quietly.
-// Options: --seconds N (measured seconds per load run, default 10), --only id[,id].
+// Options: --seconds N (measured seconds per load run, default 10), --only id[,id],
+// --log-level L (the app's LOG_LEVEL under load, default info).
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import type { BenchCase, Figure } from './cases.js';
@@ -21,6 +22,7 @@ function option(name: string): string | undefined {
 const seconds = Number(option('seconds') ?? 10);
 if (!Number.isFinite(seconds) || seconds <= 0) throw new Error(`--seconds must be a positive number (got ${option('seconds')})`);
 const only = option('only')?.split(',');
+const logLevel = option('log-level') ?? 'info';
 const unknown = only?.filter((id) => !benchCases.some((c) => c.id === id)) ?? [];
 if (unknown.length > 0) throw new Error(`--only: unknown case(s) ${unknown.join(', ')} (known: ${benchCases.map((c) => c.id).join(', ')})`);
 // A bench script, not the service: it may read the environment for where Postgres is.
@@ -46,7 +48,7 @@ for (const c of benchCases) {
   console.log(`\n${c.title} …`);
   const began = performance.now();
   try {
-    const result = await c.run({ postgresUrl, seconds, log: (line) => console.log(line) });
+    const result = await c.run({ postgresUrl, seconds, logLevel, log: (line) => console.log(line) });
     rows.push(...result.figures.map((f) => ({ ...f, caseId: c.id })));
     details.push({ title: `${c.title} (${((performance.now() - began) / 1000).toFixed(0)} s)`, lines: result.details });
   } catch (err) {

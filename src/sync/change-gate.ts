@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { and, asc, eq, isNull, or, sql } from 'drizzle-orm';
+import { and, asc, eq, inArray, isNull, or, sql } from 'drizzle-orm';
 import type { Db } from '../db/client.js';
 import {
   ledger,
@@ -12,7 +12,7 @@ import {
   type ChangeSource,
   type Disposition,
 } from '../db/schema/index.js';
-import { versionRank } from './record.js';
+import { canonicalJson, versionRank } from './record.js';
 
 /** One observed change of one CRM record, from any path (hook, poll, sweep, fetched notification). */
 export interface ObservedChange {
@@ -34,8 +34,12 @@ export interface ObservedChange {
   fields: Record<string, unknown> | null;
   /** SHA-256 of the canonical fields; null for a delete. */
   contentHash: string | null;
-  /** The record carries the bridge's own origin marker (written by the pipeline through us). */
-  originMarker?: boolean;
+  /**
+   * The write id in the record's origin marker (the outbound write's id), when the CRM has a
+   * marker and the record carries one. A value, not a flag: a record the bridge created keeps
+   * its marker through later human edits, so the marker only names which write to compare with.
+   */
+  originMarker?: string;
   observedAt: Date;
   /** DESIGN rule 4 is configurable: deliver newer versions whose content did not change. */
   deliverUnchanged?: boolean;
@@ -52,7 +56,15 @@ export interface GateOutcome {
 }
 
 type Head = typeof recordHeads.$inferSelect;
-type Stamp = { id: string; connectionId: string; object: string; contentHash: string; crmId: string | null; createdAt: Date };
+type Stamp = {
+  id: string;
+  connectionId: string;
+  object: string;
+  contentHash: string;
+  crmId: string | null;
+  echoMatch: { fields: Record<string, unknown>; foldCase: string[] } | null;
+  createdAt: Date;
+};
 type LedgerRow = typeof ledger.$inferInsert;
 
 /**
@@ -77,22 +89,32 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   // concurrent insert waits for the winner's commit; its row is then read under lock below.
   const firstOfKey = new Map<string, number>();
   for (const i of order) if (!firstOfKey.has(recordKey(changes[i]!))) firstOfKey.set(recordKey(changes[i]!), i);
-  const claimed: Head[] = [];
-  for (const rows of chunks([...firstOfKey.values()], INSERT_CHUNK)) {
-    const values = rows.map((i) => {
-      const change = changes[i]!;
-      return {
-        ...keyOf(change),
-        version: change.version,
-        versionRank: rankOf(change),
-        contentHash: change.contentHash,
-        deleted: change.change === 'delete',
-        lastEventId: eventIds[i]!,
-        deliveredHash: change.contentHash,
-      };
-    });
-    claimed.push(...(await tx.insert(recordHeads).values(values).onConflictDoNothing().returning()));
-  }
+  // The stamps read does not depend on the claim: both are sent at once (see `pipelined`).
+  const [claimed, stamps] = await Promise.all([
+    pipelined(
+      chunks([...firstOfKey.values()], INSERT_CHUNK).map((rows) =>
+        tx
+          .insert(recordHeads)
+          .values(
+            rows.map((i) => {
+              const change = changes[i]!;
+              return {
+                ...keyOf(change),
+                version: change.version,
+                versionRank: rankOf(change),
+                contentHash: change.contentHash,
+                deleted: change.change === 'delete',
+                lastEventId: eventIds[i]!,
+                deliveredHash: change.contentHash,
+              };
+            }),
+          )
+          .onConflictDoNothing()
+          .returning(),
+      ),
+    ).then((parts) => parts.flat()),
+    readStamps(tx, changes),
+  ]);
   const heads = new Map<string, Head>(claimed.map((head) => [recordKey(head), head]));
   const newKeys = new Set(heads.keys());
   const existing = [...firstOfKey.keys()].filter((key) => !newKeys.has(key)).map((key) => changes[firstOfKey.get(key)!]!);
@@ -106,7 +128,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
     for (const head of locked) heads.set(recordKey(head), head);
   }
 
-  const echoes = new EchoStamps(await readStamps(tx, changes));
+  const echoes = new EchoStamps(stamps);
   const headUpdates = new Map<string, Partial<Head>>();
   const ledgerRows: LedgerRow[] = [];
   const bodyRows: (typeof ledgerBodies.$inferInsert)[] = [];
@@ -172,18 +194,30 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
 
   // A head that changed is written once, with its state after the batch; new records seen once
   // (the common case) need no update at all.
-  for (const [key, set] of headUpdates) await tx.update(recordHeads).set(set).where(headKey(heads.get(key)!));
-  for (const claim of echoes.claims()) {
-    await tx.update(outboundWrites).set({ crmId: claim.crmId, updatedAt: new Date() }).where(eq(outboundWrites.id, claim.id));
-  }
-  for (const rows of chunks(ledgerRows, INSERT_CHUNK)) await tx.insert(ledger).values(rows);
-  for (const rows of chunks(bodyRows, INSERT_CHUNK)) await tx.insert(ledgerBodies).values(rows);
-  for (const rows of chunks(outboxRows, INSERT_CHUNK)) await tx.insert(outbox).values(rows);
+  await pipelined([
+    ...[...headUpdates].map(([key, set]) => tx.update(recordHeads).set(set).where(headKey(heads.get(key)!))),
+    ...echoes.claims().map((claim) => tx.update(outboundWrites).set({ crmId: claim.crmId, settledAt: new Date(), updatedAt: new Date() }).where(eq(outboundWrites.id, claim.id))),
+    ...chunks(ledgerRows, INSERT_CHUNK).map((rows) => tx.insert(ledger).values(rows)),
+    ...chunks(bodyRows, INSERT_CHUNK).map((rows) => tx.insert(ledgerBodies).values(rows)),
+    ...chunks(outboxRows, INSERT_CHUNK).map((rows) => tx.insert(outbox).values(rows)),
+  ]);
   return outcomes;
 }
 
 function compareKeys(a: ObservedChange, b: ObservedChange): number {
   return a.connectionId.localeCompare(b.connectionId) || a.object.localeCompare(b.object) || a.crmId.localeCompare(b.crmId);
+}
+
+/**
+ * Runs statements of one transaction in the order given without waiting for each answer.
+ * `execute()` sends at once (a drizzle query is otherwise lazy), so postgres.js queues them on
+ * the transaction's connection in this order and the server runs them in this order: the
+ * outbox insert still follows the ledger insert its foreign key needs. One round trip instead
+ * of one per statement; PGlite takes them one at a time behind its own lock. If one fails, the
+ * transaction is aborted and the rest fail with it.
+ */
+function pipelined<T>(statements: { execute(): Promise<T> }[]): Promise<T[]> {
+  return Promise.all(statements.map((statement) => statement.execute()));
 }
 
 /** Rows per multi-row insert: well under Postgres's 65,535 bind parameters at ~10 columns a row. */
@@ -233,17 +267,22 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
   return 'accepted';
 }
 
-/** The outbound-write stamps any change of the batch could match: same record or no CRM id yet, same content. */
+/**
+ * The live outbound-write stamps any change of the batch could match: not settled (see
+ * EchoStamps), not failed or skipped, for the same record or with no CRM id yet. Only writes in
+ * flight or not yet echoed are live, so this reads a handful of rows through a partial index.
+ */
 async function readStamps(tx: Db, changes: readonly ObservedChange[]): Promise<Stamp[]> {
-  const candidates = changes.filter((c) => !c.originMarker && c.change !== 'delete' && c.contentHash !== null);
-  const stamps: Stamp[] = [];
-  for (const part of chunks(candidates, 500)) {
-    stamps.push(...(await selectStamps(tx, part)));
-  }
-  return stamps;
+  const candidates = changes.filter((c) => c.change !== 'delete' && c.contentHash !== null);
+  const parts = await pipelined(chunks(candidates, 500).map((part) => selectStamps(tx, part)));
+  const byId = new Map<string, Stamp>();
+  for (const stamp of parts.flat()) byId.set(stamp.id, stamp);
+  return [...byId.values()];
 }
 
-function selectStamps(tx: Db, candidates: readonly ObservedChange[]): Promise<Stamp[]> {
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function selectStamps(tx: Db, candidates: readonly ObservedChange[]) {
   return tx
     .select({
       id: outboundWrites.id,
@@ -251,17 +290,24 @@ function selectStamps(tx: Db, candidates: readonly ObservedChange[]): Promise<St
       object: outboundWrites.object,
       contentHash: outboundWrites.contentHash,
       crmId: outboundWrites.crmId,
+      echoMatch: outboundWrites.echoMatch,
       createdAt: outboundWrites.createdAt,
     })
     .from(outboundWrites)
     .where(
-      or(
-        ...candidates.map((c) =>
-          and(
-            eq(outboundWrites.connectionId, c.connectionId),
-            eq(outboundWrites.object, c.object),
-            eq(outboundWrites.contentHash, c.contentHash!),
-            or(eq(outboundWrites.crmId, c.crmId), isNull(outboundWrites.crmId)),
+      and(
+        isNull(outboundWrites.settledAt),
+        inArray(outboundWrites.state, ['pending', 'sent']),
+        or(
+          ...candidates.map((c) =>
+            and(
+              eq(outboundWrites.connectionId, c.connectionId),
+              eq(outboundWrites.object, c.object),
+              // A marker that is not a write id (someone typed into the field) names no stamp.
+              c.originMarker !== undefined && UUID.test(c.originMarker)
+                ? eq(outboundWrites.id, c.originMarker)
+                : or(eq(outboundWrites.crmId, c.crmId), isNull(outboundWrites.crmId)),
+            ),
           ),
         ),
       ),
@@ -269,39 +315,68 @@ function selectStamps(tx: Db, candidates: readonly ObservedChange[]): Promise<St
 }
 
 /**
- * Rule 5: the content matches a write the bridge made to this record, or one whose CRM id it
- * has not learned yet (the echo can arrive before the CRM call returns). The newest matching
- * stamp wins; a stamp without a CRM id is claimed for this record, so later changes of the
- * batch see it as that record's.
+ * Rule 5, the echo of an outbound write. A stamp (an outbound_writes row, committed before the
+ * CRM call) matches a change of the same record, or of any record while the stamp's CRM id is
+ * still unknown, in one of these ways:
+ *
+ * - After the CRM call returned, the writer passes the returned record through this gate with
+ *   the stamp's CRM id and that record's exact content hash: the head then holds the write's
+ *   version, so every later arrival of that version, by hook or poll, is a rule-1 duplicate,
+ *   and a versionless arrival with that content matches the exact hash.
+ * - Before it returned (the hook beat the response), the CRM id and the read-back content are
+ *   unknown (the CRM fills in computed fields), so:
+ *   - with an origin marker, the change names its write: it is an echo of that stamp only, and
+ *     only if the record still shows what was written (the stamp's `echoMatch` subset);
+ *   - without one, a record showing the written subset (fold-case fields compared
+ *     case-insensitively) is taken as the echo.
+ *
+ * A matched stamp is settled: it never matches again. That is what keeps a later human edit of
+ * a bridge-written record a real change although the record still carries the marker (the
+ * marker's write was already echoed) and still shows the written fields (they were not edited).
+ * The newest matching stamp wins; a stamp without a CRM id learns this record's.
  */
 class EchoStamps {
-  private readonly claimed = new Map<string, Stamp>();
+  private readonly settled = new Map<string, Stamp>();
 
   constructor(private readonly stamps: Stamp[]) {
     this.stamps.sort((a, b) => b.createdAt.getTime() - a.createdAt.getTime());
   }
 
   isEcho(change: ObservedChange): boolean {
-    if (change.originMarker) return true;
-    if (change.change === 'delete' || change.contentHash === null) return false;
-    const stamp = this.stamps.find(
-      (s) =>
-        s.connectionId === change.connectionId &&
-        s.object === change.object &&
-        s.contentHash === change.contentHash &&
-        (s.crmId === change.crmId || s.crmId === null),
-    );
+    if (change.change === 'delete' || change.contentHash === null || change.fields === null) return false;
+    const fields = change.fields;
+    const stamp = this.stamps.find((s) => {
+      if (this.settled.has(s.id) || s.connectionId !== change.connectionId || s.object !== change.object) return false;
+      if (s.crmId !== null && s.crmId !== change.crmId) return false;
+      // A marked record is compared with the write its marker names, and with no other.
+      if (change.originMarker !== undefined) return s.id === change.originMarker.toLowerCase() && (s.contentHash === change.contentHash || showsWritten(fields, s));
+      return s.contentHash === change.contentHash || showsWritten(fields, s);
+    });
     if (stamp === undefined) return false;
-    if (stamp.crmId === null) {
-      stamp.crmId = change.crmId;
-      this.claimed.set(stamp.id, stamp);
-    }
+    if (stamp.crmId === null) stamp.crmId = change.crmId;
+    this.settled.set(stamp.id, stamp);
     return true;
   }
 
+  /** Stamps matched in this batch: each learns its CRM id and is settled. */
   claims(): { id: string; crmId: string }[] {
-    return [...this.claimed.values()].map((s) => ({ id: s.id, crmId: s.crmId! }));
+    return [...this.settled.values()].map((s) => ({ id: s.id, crmId: s.crmId! }));
   }
+}
+
+/** The record shows every field the write set, as the CRM reads it back. */
+function showsWritten(fields: Record<string, unknown>, stamp: Stamp): boolean {
+  if (stamp.echoMatch === null) return false;
+  const { fields: written, foldCase } = stamp.echoMatch;
+  const names = Object.keys(written);
+  // An empty subset would match any record: such a write is recognised by exact hash only.
+  if (names.length === 0) return false;
+  return names.every((name) => {
+    const want = written[name];
+    const got = fields[name];
+    if (foldCase.includes(name) && typeof want === 'string' && typeof got === 'string') return want.toLowerCase() === got.toLowerCase();
+    return canonicalJson(want ?? null) === canonicalJson(got ?? null);
+  });
 }
 
 function headKey(change: Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>) {
