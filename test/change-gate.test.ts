@@ -130,8 +130,23 @@ describe('the change gate', () => {
     expect(stamp?.crmId).toBe('9001');
   });
 
-  it('records an origin-marked change as an echo', async () => {
-    expect(await pass(change(matter('Open', '2026-11-01T10:00:00Z'), { originMarker: true }))).toMatchObject({ disposition: 'echo' });
+  it('records a change whose origin marker names an unsettled write showing what it wrote as an echo, once', async () => {
+    const stampId = randomUUID();
+    await db.insert(outboundWrites).values({
+      id: stampId,
+      connectionId: 'acme',
+      object: 'matters',
+      idempotencyKey: 'k-3',
+      requestHash: 'r',
+      contentHash: 'not-the-read-back-hash',
+      echoMatch: { fields: { status: 'open' }, foldCase: ['status'] },
+    });
+    expect(await pass(change(matter('Open', '2026-11-01T10:00:00Z'), { originMarker: stampId }))).toMatchObject({ disposition: 'echo' });
+    // The marker stays on the record; a later edit that keeps the written fields is still a real change.
+    expect(await pass(change(matter('Open', '2026-11-01T11:00:00Z', { display_number: '00042-Roe' }), { originMarker: stampId }))).toMatchObject({
+      disposition: 'accepted',
+      delivered: true,
+    });
   });
 
   it('delivers a delete once, and a repeated delete is a duplicate', async () => {

@@ -75,6 +75,25 @@ export function versionRank(version: string | null): number | null {
 }
 
 /**
+ * The write id in a record's origin marker (`crm-bridge:{{writeId}}` → the id), or undefined
+ * when the object has no marker or the record does not carry one. The value, not a yes/no: the
+ * marker stays on a record the bridge created, so only the write it names can be echoed by it.
+ */
+export function readOriginMarker(raw: unknown, def: ObjectDefinition): string | undefined {
+  if (!def.originMarker) return undefined;
+  const template = def.originMarker.value;
+  const start = template.indexOf('{{');
+  const end = template.indexOf('}}', start);
+  if (start < 0 || end < 0) return undefined;
+  const prefix = template.slice(0, start);
+  const suffix = template.slice(end + 2);
+  const value = getPath(raw, def.originMarker.path);
+  if (typeof value !== 'string' || prefix === '' || !value.startsWith(prefix) || !value.endsWith(suffix)) return undefined;
+  const writeId = value.slice(prefix.length, value.length - suffix.length);
+  return writeId === '' ? undefined : writeId;
+}
+
+/**
  * A raw CRM record as the gate sees it: id, version, mapped fields and their hash. The one
  * place hooks, polls, sweeps and fetched notifications turn a record into a change.
  */
@@ -91,6 +110,7 @@ export function observeRecord(args: {
   if (crmId === undefined) return undefined;
   const fields = mapFields(args.raw, args.definition);
   const version = readVersion(args.raw, args.definition);
+  const originMarker = readOriginMarker(args.raw, args.definition);
   const updatedAt = args.definition.updatedAtPath === undefined ? undefined : getPath(args.raw, args.definition.updatedAtPath);
   return {
     connectionId: args.connectionId,
@@ -103,6 +123,7 @@ export function observeRecord(args: {
     raw: args.raw,
     fields,
     contentHash: contentHash(fields),
+    ...(originMarker === undefined ? {} : { originMarker }),
     observedAt: args.observedAt,
     deliverUnchanged: args.deliverUnchanged ?? false,
   };
