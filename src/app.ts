@@ -8,13 +8,18 @@ import pollerPlugin from './plugins/poller.js';
 import daemonsPlugin from './plugins/daemons.js';
 import dbPlugin from './plugins/db.js';
 import deliveryPlugin from './plugins/delivery.js';
+import adminAuth from './plugins/admin-auth.js';
 import errorHandler from './plugins/error-handler.js';
 import jsonBody from './plugins/json-body.js';
+import metricsPlugin from './plugins/metrics.js';
+import swaggerPlugin from './plugins/swagger.js';
 import tokensPlugin from './plugins/tokens.js';
 import deadLetterRoutes from './routes/dead-letters.js';
 import healthRoutes from './routes/health.js';
 import hookRoutes from './routes/hooks.js';
+import metricsRoutes from './routes/metrics.js';
 import oauthRoutes from './routes/oauth.js';
+import statusPageRoutes from './routes/status-page.js';
 
 export interface AppOptions {
   config: Config;
@@ -39,6 +44,10 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(jsonBody);
   await app.register(configPlugin, { config: options.config });
   await app.register(dbPlugin, { database: options.database });
+  await app.register(metricsPlugin);
+  await app.register(adminAuth);
+  // Before every route: it collects them into the OpenAPI document as they are added.
+  await app.register(swaggerPlugin);
   await app.register(daemonsPlugin, { startDaemons: options.startDaemons ?? false });
   await app.register(tokensPlugin);
   await app.register(crmPlugin);
@@ -48,5 +57,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(hookRoutes);
   await app.register(oauthRoutes);
   await app.register(deadLetterRoutes);
+  await app.register(metricsRoutes);
+  await app.register(statusPageRoutes);
   return app;
 }

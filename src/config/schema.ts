@@ -35,6 +35,8 @@ export const envSchema = z.object({
     .refine((v) => Buffer.from(v, 'base64').length === 32, 'must be 32 bytes, base64-encoded')
     .optional(),
   ADMIN_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
+  /** Set: GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`; unset: /metrics is open (it carries no client data). */
+  METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
   INSTANCE_ID: z.string().min(1).optional(),
 });
 export type Env = z.infer<typeof envSchema>;

@@ -62,6 +62,8 @@ export interface TokenManagerOptions {
   /** How long a caller waits for another replica's refresh before giving up (transiently). */
   waitForOtherMs?: number;
   now?: () => number;
+  /** Told how each refresh at the token endpoint ended (metrics). */
+  onRefresh?: ((outcome: 'refreshed' | 'needs_reauth' | 'rejected' | 'unavailable') => void) | undefined;
 }
 
 /** The token endpoint kept failing transiently; the grant itself is fine. */
@@ -120,6 +122,7 @@ export class TokenManager implements TokenProvider {
   readonly #connection: TokenConnection;
   readonly #cipher: TokenCipher;
   readonly #log: Logger | undefined;
+  readonly #onRefresh: TokenManagerOptions['onRefresh'];
   readonly #leaseName: string;
   readonly #owner: string;
   readonly #timeoutMs: number;
@@ -144,6 +147,7 @@ export class TokenManager implements TokenProvider {
     this.tokenUrl = auth.type === 'static' ? undefined : resolveAuthUrl(auth.tokenUrl, connection);
     this.#cipher = options.cipher;
     this.#log = options.logger;
+    this.#onRefresh = options.onRefresh;
     this.#leaseName = `token:${connection.id}`;
     this.#owner = `${options.instanceId ?? `${hostname()}:${process.pid}`}:${randomBytes(4).toString('hex')}`;
     this.#timeoutMs = options.requestTimeoutMs ?? 15_000;
@@ -302,6 +306,7 @@ export class TokenManager implements TokenProvider {
         // null: an operator stored a newer grant meanwhile; the next turn reads and uses it.
         if (generation === null) continue;
         this.#cache = this.#cacheOf(answer.accessToken, sealed.expiresAt, sealed.claimedLifetimeSeconds);
+        this.#onRefresh?.('refreshed');
         this.#log?.info({ connection: this.connectionId, grant: form.grant_type, claimedLifetimeSeconds: sealed.claimedLifetimeSeconds }, 'access token refreshed');
         return answer.accessToken;
       }
@@ -311,12 +316,14 @@ export class TokenManager implements TokenProvider {
         // Re-read first: if the stored refresh token changed since we sent ours, ours was simply stale.
         const now = await getTokenRow(this.#db, this.connectionId);
         if (now && row && now.generation !== row.generation && rereads++ < 2) continue;
+        this.#onRefresh?.('needs_reauth');
         throw await this.#needsReauth(reason, row?.generation);
       }
 
       if (answer.kind === 'rejected') {
         const message = `${answer.error}: ${answer.detail}`;
         await recordTokenError(this.#db, this.connectionId, message);
+        this.#onRefresh?.('rejected');
         this.#log?.error({ connection: this.connectionId, error: answer.error }, `token refresh refused: ${message}; check the connection's client id and secret`);
         throw new TokenRequestRejectedError(this.connectionId, message);
       }
@@ -324,6 +331,7 @@ export class TokenManager implements TokenProvider {
       failures++;
       if (failures >= this.#attempts) {
         await recordTokenError(this.#db, this.connectionId, `token endpoint: ${answer.detail}`);
+        this.#onRefresh?.('unavailable');
         this.#log?.warn({ connection: this.connectionId, attempts: failures }, `token endpoint still failing after ${failures} attempts: ${answer.detail}`);
         throw new TokenEndpointError(this.connectionId, answer.detail);
       }

@@ -28,11 +28,12 @@ export default fp(
         // The random part keeps two apps in one process (tests, a restart racing its old self) apart.
         owner: `${instance}:${randomUUID().slice(0, 8)}`,
         log: app.log,
+        onOutcome: (outcome) => app.metrics.deliveries.inc({ connection: connection.id, outcome }),
       });
       workers.set(connection.id, worker);
       app.daemons.push(worker);
     }
     app.decorate('deliveryWorkers', workers);
   },
-  { name: 'delivery', dependencies: ['config', 'db', 'daemons'] },
+  { name: 'delivery', dependencies: ['config', 'db', 'daemons', 'metrics'] },
 );

@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import { PollDaemon, pollObjects, type StreamContext } from '../sync/poller.js';
+import { recordRun } from './metrics.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -26,7 +27,7 @@ export default fp(
       const connection = app.connections.get(connectionId);
       if (connection === undefined) throw new Error(`unknown connection ${connectionId}`);
       if (connection.connector.objects[object] === undefined) throw new Error(`connection ${connectionId} has no object ${object}`);
-      return { db: app.db, connection, object, connector: app.crm.connector(connectionId), owner, log };
+      return { db: app.db, connection, object, connector: app.crm.connector(connectionId), owner, log, onRun: (report, seconds) => recordRun(app.metrics, report, seconds) };
     };
     const daemons: PollDaemon[] = [];
     for (const connection of app.connections.values()) {
@@ -38,5 +39,5 @@ export default fp(
     }
     app.decorate('poller', { stream, daemons });
   },
-  { name: 'poller', dependencies: ['config', 'db', 'daemons', 'crm'] },
+  { name: 'poller', dependencies: ['config', 'db', 'daemons', 'crm', 'metrics'] },
 );

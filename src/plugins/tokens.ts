@@ -34,7 +34,12 @@ export default fp(
     for (const connection of withAuth) {
       managers.set(
         connection.id,
-        createTokenManager(app.db, connection, { cipher: cipher!, logger: app.log.child({ component: 'tokens' }), instanceId: env.INSTANCE_ID }),
+        createTokenManager(app.db, connection, {
+          cipher: cipher!,
+          logger: app.log.child({ component: 'tokens' }),
+          instanceId: env.INSTANCE_ID,
+          onRefresh: (outcome) => app.metrics.tokenRefreshes.inc({ connection: connection.id, outcome }),
+        }),
       );
     }
     app.decorate('tokens', {
@@ -43,5 +48,5 @@ export default fp(
       cipher,
     } satisfies TokenManagers);
   },
-  { name: 'tokens', dependencies: ['config', 'db'] },
+  { name: 'tokens', dependencies: ['config', 'db', 'metrics'] },
 );

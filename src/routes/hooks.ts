@@ -34,6 +34,8 @@ export default async function hookRoutes(app: FastifyInstance) {
         const presented = header ? firstValue(request.headers[header]) : bearerToken(request.headers.authorization);
         if (!matchesAnySecret(presented, connection?.hookSecretHashes) || connection === undefined) {
           request.log.warn({ connection: request.params.connection }, 'hook rejected: missing or invalid secret');
+          // The label is a configured id or "unknown", never the caller's text: no label explosion.
+          app.metrics.hookAuthFailures.inc({ connection: connection === undefined ? 'unknown' : connection.id });
           throw new UnauthorizedError();
         }
         request.hookConnection = connection;
@@ -81,6 +83,7 @@ export default async function hookRoutes(app: FastifyInstance) {
           : await app.changeWriter.submit(change);
 
       request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `hook ${outcome.disposition}`);
+      app.metrics.changes.inc({ connection: connection.id, object, source: 'hook', disposition: outcome.disposition });
       if (outcome.disposition === 'accepted' || outcome.disposition === 'notified') {
         return reply.code(202).send({ status: 'accepted', eventId: outcome.eventId });
       }

@@ -25,6 +25,8 @@ export interface DeliveryWorkerOptions {
   /** Unique per worker across replicas (host, pid, random): the lease names it. */
   owner: string;
   log: FastifyBaseLogger;
+  /** Told about every attempt's outcome (metrics). */
+  onOutcome?: ((outcome: 'delivered' | 'retry' | 'dead') => void) | undefined;
 }
 
 /** What one POST came to. `retry` covers 5xx, 408, 429, timeouts and network errors. */
@@ -73,6 +75,7 @@ export class DeliveryWorker extends Daemon {
     if (content === undefined) {
       // The outbox references the ledger, so this means a broken database, not a bad answer.
       await markDead(db, { id: row.id, owner, status: null, error: 'ledger row missing' });
+      this.deps.onOutcome?.('dead');
       log.warn(context, `dead letter ${row.object}/${row.crmId} for ${connectionId}: ledger row missing`);
       return;
     }
@@ -84,10 +87,12 @@ export class DeliveryWorker extends Daemon {
         return;
       case 'delivered':
         await markDelivered(db, { id: row.id, status: attempt.status });
+        this.deps.onOutcome?.('delivered');
         log.info({ ...context, status: attempt.status }, `delivered ${row.object}/${row.crmId} to ${connectionId} (attempt ${row.attempts})`);
         return;
       case 'rejected':
         if (await markDead(db, { id: row.id, owner, status: attempt.status, error: attempt.error })) {
+          this.deps.onOutcome?.('dead');
           log.warn({ ...context, status: attempt.status }, `dead letter ${row.object}/${row.crmId} for ${connectionId}: ${attempt.error}`);
         }
         return;
@@ -97,11 +102,13 @@ export class DeliveryWorker extends Daemon {
         if (row.attempts >= downstream.maxAttempts || ageAtNextTry > downstream.maxAge) {
           const error = `gave up after ${row.attempts} attempts: ${attempt.error}`;
           if (await markDead(db, { id: row.id, owner, status: attempt.status, error })) {
+            this.deps.onOutcome?.('dead');
             log.warn({ ...context, status: attempt.status }, `dead letter ${row.object}/${row.crmId} for ${connectionId}: ${error}`);
           }
           return;
         }
         await scheduleRetry(db, { id: row.id, owner, delayMs, status: attempt.status, error: attempt.error });
+        this.deps.onOutcome?.('retry');
         log.debug({ ...context, status: attempt.status, delayMs }, `delivery of ${row.object}/${row.crmId} to ${connectionId} will be retried: ${attempt.error}`);
         return;
       }

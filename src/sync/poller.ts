@@ -27,6 +27,8 @@ export interface StreamContext {
   /** This replica's name in lease rows. */
   owner: string;
   log: FastifyBaseLogger;
+  /** Told about every finished poll or sweep run of the daemon (metrics). */
+  onRun?: ((report: RunReport, seconds: number) => void) | undefined;
 }
 
 export interface RunReport {
@@ -305,15 +307,22 @@ export class PollDaemon extends Daemon {
   }
 
   async tick(signal: AbortSignal): Promise<void> {
-    const report = await pollStream(this.ctx, { signal });
+    const report = await this.timed(() => pollStream(this.ctx, { signal }));
     if (report.status === 'busy' || signal.aborted) return;
     this.logRun(report);
     const settings = pollSettings(this.ctx);
     if (report.status === 'ok' && settings.sweepInterval > 0) {
       const cursor = await getStreamCursor(this.ctx.db, { connectionId: this.ctx.connection.id, object: this.ctx.object });
       const lastSweep = cursor?.lastSweepAt?.getTime() ?? 0;
-      if (Date.now() - lastSweep >= settings.sweepInterval) this.logRun(await sweepStream(this.ctx, { signal }));
+      if (Date.now() - lastSweep >= settings.sweepInterval) this.logRun(await this.timed(() => sweepStream(this.ctx, { signal })));
     }
+  }
+
+  private async timed(run: () => Promise<RunReport>): Promise<RunReport> {
+    const started = performance.now();
+    const report = await run();
+    this.ctx.onRun?.(report, (performance.now() - started) / 1000);
+    return report;
   }
 
   override async stop(): Promise<void> {
