@@ -1,5 +1,6 @@
 import type { FastifyServerOptions } from 'fastify';
 import type { LoggerOptions } from 'pino';
+import { safeLoggedError } from './privacy.js';
 
 /**
  * Keys whose values never reach a log line, at any depth pino can address. Hook secrets, OAuth
@@ -46,6 +47,9 @@ export function loggerOptions(level: string): LoggerOptions & NonNullable<Exclud
     redact: { paths: redactPaths, censor: '[Redacted]' },
     serializers: {
       req: (req: { method: string; url: string; ip: string }) => ({ method: req.method, url: safeUrl(req.url), remoteAddress: req.ip }),
+      // A failed insert's message is its query and parameters (the record); a CRM's error body
+      // can echo the record it refused. Errors are logged without either, at every level.
+      err: safeLoggedError,
     },
   };
 }

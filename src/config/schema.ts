@@ -38,6 +38,18 @@ export const envSchema = z.object({
   /** Set: GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`; unset: /metrics is open (it carries no client data). */
   METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
   INSTANCE_ID: z.string().min(1).optional(),
+  /**
+   * Days a change's raw and mapped bodies are kept (ledger_bodies); the daily retention job
+   * drops older ones unless their delivery is pending or dead. Keys, versions and hashes stay.
+   */
+  RETENTION_DAYS: z.coerce.number().int().min(1).max(36_500).default(30),
+  /**
+   * Failed authentications (401s on hooks and operator routes, refused OAuth callbacks) one
+   * address may make per AUTH_FAILURE_WINDOW before it gets 429; 0 turns the limit off.
+   * Successful requests are never counted, so a CRM's burst of good hooks is never slowed.
+   */
+  AUTH_FAILURE_LIMIT: z.coerce.number().int().min(0).default(20),
+  AUTH_FAILURE_WINDOW: duration.default(600_000),
 });
 export type Env = z.infer<typeof envSchema>;
 
@@ -142,6 +154,11 @@ export const objectDefinitionSchema = z
     fieldTypes: z.record(z.string(), fieldTypeSchema).optional(),
     /** Canonical fields that are read but never written back (computed or relation names). */
     readOnly: z.array(z.string()).optional(),
+    /**
+     * Canonical field names (keys of `fields`; top-level keys without a field map) holding client
+     * data: names, emails, phones, what happened. Redacted in every debug log of a record.
+     */
+    sensitive: z.array(z.string()).optional(),
     /** Top-level keys that change without a real change (etags, counters); excluded from hashes. */
     volatile: z.array(z.string()).default([]),
     list: listCallSchema.optional(),

@@ -3,6 +3,7 @@ import { sql } from 'drizzle-orm';
 import { getAuthStates, getDeliveryStats, getLastHookAt } from '../db/queries/health.js';
 import { listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
 import type { Connection } from '../plugins/config.js';
+import { errorClass } from '../privacy.js';
 import { pollObjects } from '../sync/poller.js';
 
 const DB_CHECK_TIMEOUT_MS = 2_000;
@@ -38,7 +39,7 @@ export async function healthReport(app: FastifyInstance, startedAt: number) {
       code: 503 as const,
       body: {
         status: 'down' as const,
-        checks: { db: { status: 'down' as const, error: (err as { code?: string }).code ?? (err as Error).name } },
+        checks: { db: { status: 'down' as const, error: errorClass(err) } },
         connections: [...app.connections.keys()].map((id) => ({ id })),
       },
     };
@@ -95,7 +96,8 @@ function pollReport(connection: Connection, cursors: StreamCursor[], now: number
       object,
       lastSuccessAt: iso(cursor?.lastSuccessAt),
       lastAttemptAt: iso(cursor?.lastAttemptAt),
-      lastError: cursor?.lastError ?? null,
+      // Trimmed again when shown: a row written before errors were stored as classes keeps its text.
+      lastError: cursor?.lastError ? errorClass(cursor.lastError) : null,
       lastSweepAt: iso(cursor?.lastSweepAt),
       cursor: cursor?.cursorUpdatedAt ?? null,
       caughtByPoll: cursor?.caughtByPoll ?? 0,

@@ -15,6 +15,7 @@ import {
   notePendingFetchError,
 } from '../db/queries/streams.js';
 import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
+import { errorClass } from '../privacy.js';
 import { Daemon } from './daemon.js';
 import { getPath, observeRecord } from './record.js';
 
@@ -279,20 +280,18 @@ function emptyReport(ctx: StreamContext, kind: RunReport['kind']): RunReport {
 }
 
 async function failRun(ctx: StreamContext, stream: { connectionId: string; object: string }, report: RunReport, err: unknown, signal?: AbortSignal): Promise<RunReport> {
-  const error = signal?.aborted ? 'ABORTED: the run was stopped' : errorSummary(err);
+  const error = signal?.aborted ? 'ABORTED' : errorSummary(err);
   // Changes of committed pages count, even though the run did not finish.
   await finishStreamRun(ctx.db, stream, { at: new Date(), error, counts: report.counts, caught: report.caught }).catch(() => {});
   if (err instanceof LeaseLostError) ctx.log.warn({ stream }, `${report.kind} of ${stream.connectionId}/${stream.object} stopped: another replica took the stream over`);
   return { ...report, status: 'failed', error, ...(err instanceof NeedsReauthError ? { needsReauth: true } : {}) };
 }
 
-/** A class and status for /health and logs: never a record's content or a URL with a token. */
-export function errorSummary(err: unknown): string {
-  const e = err as { code?: unknown; statusCode?: unknown; status?: unknown; message?: unknown; name?: unknown };
-  const code = typeof e.code === 'string' ? e.code : typeof e.name === 'string' ? e.name : 'Error';
-  const message = typeof e.message === 'string' ? e.message.replace(/[?#]\S*/g, '').slice(0, 200) : '';
-  return message ? `${code}: ${message}` : code;
-}
+/**
+ * A class and status for /health and logs (`CRM_HTTP_STATUS (HTTP 422)`), never a message: a
+ * CRM's error body or a failed insert's parameters would quote the record (src/privacy.ts).
+ */
+export const errorSummary = errorClass;
 
 /**
  * Polls one stream on its interval (with jitter), fetches pending notifications, and sweeps

@@ -64,6 +64,8 @@ export const clio: ConnectorDefinitionInput = {
       fieldTypes: { displayNumber: 'string', status: 'string', practiceArea: 'string', clientName: 'string', billable: 'boolean' },
       // Clio computes the display number, and relations are written by id, not by name.
       readOnly: ['displayNumber', 'practiceArea', 'clientName'],
+      // What happened to a client and who they are; the matter number and status are not.
+      sensitive: ['description', 'clientName', 'clientReference', 'location'],
       volatile: ['etag'],
       lowercaseOnWrite: ['status'],
       originMarker: { path: 'client_reference', value: 'crm-bridge:{{writeId}}' },
@@ -85,6 +87,7 @@ export const clio: ConnectorDefinitionInput = {
       fieldTypes: { name: 'string', type: 'string' },
       // Clio derives these; writes go through email_addresses[] / phone_numbers[].
       readOnly: ['name', 'email', 'phone'],
+      sensitive: ['name', 'firstName', 'lastName', 'title', 'email', 'phone'],
       volatile: ['etag'],
       ...clioObject('contacts', CONTACT_FIELDS),
     },

@@ -37,6 +37,7 @@ export const hubspot: ConnectorDefinitionInput = {
         jobTitle: 'properties.jobtitle',
       },
       fieldTypes: { email: 'string', firstName: 'string', lastName: 'string' },
+      sensitive: ['email', 'firstName', 'lastName', 'phone'],
       list: {
         request: {
           method: 'POST',
