@@ -325,6 +325,29 @@ export const authSchema = z.discriminatedUnion('type', [
 ]);
 export type AuthConfig = z.infer<typeof authSchema>;
 
+/**
+ * The pipeline's writes into the CRM (DESIGN "Outbound and the loop guard"). API keys are
+ * `${ENV}` references; every key listed is accepted, so a new one can roll out before the old
+ * goes. Durations parse to ms; zod 4 defaults skip the transform, so defaults are written in ms.
+ */
+export const outboundSchema = z
+  .object({
+    apiKeys: z.array(z.string().min(16, 'a pipeline API key must be at least 16 characters')).min(1, 'at least one pipeline API key is required'),
+    /** CRM calls in flight at once per writer (each replica runs one writer per connection). */
+    concurrency: z.number().int().min(1).max(32).default(4),
+    /** Attempts before a retryable CRM failure (5xx, 408, 429, network) marks the write failed. */
+    maxAttempts: z.number().int().min(1).default(10),
+    /** Exponential backoff between attempts: base × 2^(attempt-1), capped, with jitter. */
+    backoff: z.object({ base: duration.default(1_000), max: duration.default(300_000) }).strict().default({ base: 1_000, max: 300_000 }),
+    /** How long a claimed write stays leased to its writer; must outlast one CRM call with its retries. */
+    lease: duration.default(120_000),
+    /** Pause between claims when nothing is due. */
+    pollInterval: duration.default(1_000),
+  })
+  .strict()
+  .refine((o) => o.backoff.max >= o.backoff.base, { path: ['backoff', 'max'], message: 'must be at least backoff.base' });
+export type OutboundConfig = z.infer<typeof outboundSchema>;
+
 export const connectionSchema = z
   .object({
     id: z.string().regex(/^[a-z0-9][a-z0-9_-]{0,62}$/, 'must be lowercase letters, digits, - or _ (at most 63)'),
@@ -339,6 +362,8 @@ export const connectionSchema = z
     auth: authSchema.default({ type: 'none' }),
     /** Without it, the connection is hooks-only. */
     poll: pollSchema.optional(),
+    /** The pipeline's writes into the CRM; without it, `POST /v1/connections/:id/records` answers 401. */
+    outbound: outboundSchema.optional(),
   })
   .strict();
 export type ConnectionConfig = z.infer<typeof connectionSchema>;

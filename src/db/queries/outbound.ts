@@ -1,0 +1,183 @@
+import { and, desc, eq, inArray, isNull, lt, lte, or, sql } from 'drizzle-orm';
+import type { Db } from '../client.js';
+import { ledger, ledgerBodies, outboundWrites, recordHeads } from '../schema/index.js';
+
+/**
+ * Outbound writes as the route and the writer see them. Like the outbox, every time that
+ * decides who may act on a row (lease expiry, next attempt) is the database's `now()`.
+ */
+
+export type OutboundWrite = typeof outboundWrites.$inferSelect;
+export type NewOutboundWrite = typeof outboundWrites.$inferInsert;
+
+const millis = (ms: number) => sql`(${Math.max(0, Math.round(ms))}::double precision * interval '1 millisecond')`;
+
+/**
+ * Records a write under its idempotency key through the constraint, never check-then-insert:
+ * `created: false` means the key was used before, and `row` is what it was used for.
+ */
+export async function insertOutboundWrite(db: Db, row: NewOutboundWrite): Promise<{ created: boolean; row: OutboundWrite }> {
+  const [inserted] = await db.insert(outboundWrites).values(row).onConflictDoNothing({ target: [outboundWrites.connectionId, outboundWrites.idempotencyKey] }).returning();
+  if (inserted) return { created: true, row: inserted };
+  const [existing] = await db
+    .select()
+    .from(outboundWrites)
+    .where(and(eq(outboundWrites.connectionId, row.connectionId), eq(outboundWrites.idempotencyKey, row.idempotencyKey)));
+  if (!existing) throw new Error(`outbound write with key ${row.idempotencyKey} vanished`);
+  return { created: false, row: existing };
+}
+
+export async function getOutboundWrite(db: Db, connectionId: string, id: string): Promise<OutboundWrite | undefined> {
+  const [row] = await db.select().from(outboundWrites).where(and(eq(outboundWrites.connectionId, connectionId), eq(outboundWrites.id, id)));
+  return row;
+}
+
+/**
+ * The record's head and the fields the bridge last delivered for it (the newest accepted
+ * event's body), for the "CRM-born record pushed back unchanged" check. Undefined when the
+ * bridge has never seen the record.
+ */
+export async function getDeliveredState(
+  db: Db,
+  key: { connectionId: string; object: string; crmId: string },
+): Promise<{ origin: 'crm' | 'pipeline'; deleted: boolean; deliveredHash: string | null; fields: Record<string, unknown> | null } | undefined> {
+  const [head] = await db
+    .select({ origin: recordHeads.origin, deleted: recordHeads.deleted, deliveredHash: recordHeads.deliveredHash })
+    .from(recordHeads)
+    .where(and(eq(recordHeads.connectionId, key.connectionId), eq(recordHeads.object, key.object), eq(recordHeads.crmId, key.crmId)));
+  if (!head) return undefined;
+  const [body] = await db
+    .select({ fields: ledgerBodies.fields })
+    .from(ledger)
+    .innerJoin(ledgerBodies, eq(ledgerBodies.eventId, ledger.eventId))
+    .where(and(eq(ledger.connectionId, key.connectionId), eq(ledger.object, key.object), eq(ledger.crmId, key.crmId), eq(ledger.disposition, 'accepted')))
+    .orderBy(desc(ledger.seq))
+    .limit(1);
+  return { ...head, fields: body?.fields ?? null };
+}
+
+/**
+ * Claims up to `limit` due writes of one connection for `owner` until the lease runs out, in
+ * one statement. Due: pending, next attempt come, no live lease (an expired one means the
+ * writer died; the row is claimable again). SKIP LOCKED lets replicas pass over each other's
+ * rows. The attempt is counted at claim time, so a writer killed mid-call still uses one up.
+ */
+export async function claimOutboundWrites(db: Db, params: { connectionId: string; owner: string; limit: number; leaseMs: number }): Promise<OutboundWrite[]> {
+  const due = db
+    .select({ id: outboundWrites.id })
+    .from(outboundWrites)
+    .where(
+      and(
+        eq(outboundWrites.connectionId, params.connectionId),
+        eq(outboundWrites.state, 'pending'),
+        lte(outboundWrites.nextAttemptAt, sql`now()`),
+        or(isNull(outboundWrites.leaseExpiresAt), lt(outboundWrites.leaseExpiresAt, sql`now()`)),
+      ),
+    )
+    .orderBy(outboundWrites.createdAt)
+    .limit(params.limit)
+    .for('update', { skipLocked: true });
+  const rows = await db
+    .update(outboundWrites)
+    .set({ leaseOwner: params.owner, leaseExpiresAt: sql`now() + ${millis(params.leaseMs)}`, attempts: sql`${outboundWrites.attempts} + 1`, updatedAt: sql`now()` })
+    .where(inArray(outboundWrites.id, due))
+    .returning();
+  return rows.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime());
+}
+
+/** Fenced by the lease: a writer whose lease was taken over no longer decides the row's fate. */
+function heldBy(id: string, owner: string) {
+  return and(eq(outboundWrites.id, id), eq(outboundWrites.state, 'pending'), eq(outboundWrites.leaseOwner, owner));
+}
+
+/**
+ * The CRM accepted the write: the row learns the CRM id, the version and the exact content hash
+ * of the record the CRM returned, and is settled (the returned record joins the head in the
+ * same transaction, so later arrivals of that version are duplicates). Returns false when the
+ * lease was lost.
+ */
+export async function markOutboundSent(
+  db: Db,
+  params: { id: string; owner: string; crmId: string; crmVersion: string | null; contentHash: string },
+): Promise<boolean> {
+  const rows = await db
+    .update(outboundWrites)
+    .set({
+      state: 'sent',
+      crmId: params.crmId,
+      crmVersion: params.crmVersion,
+      contentHash: params.contentHash,
+      lastError: null,
+      lastStatus: null,
+      leaseOwner: null,
+      leaseExpiresAt: null,
+      updatedAt: sql`now()`,
+    })
+    .where(heldBy(params.id, params.owner))
+    .returning({ id: outboundWrites.id });
+  return rows.length === 1;
+}
+
+/** Settles a sent write once its returned record has passed the gate (whatever the gate decided). */
+export async function settleOutboundWrite(db: Db, id: string): Promise<void> {
+  await db.update(outboundWrites).set({ settledAt: sql`coalesce(${outboundWrites.settledAt}, now())` }).where(eq(outboundWrites.id, id));
+}
+
+export async function scheduleOutboundRetry(db: Db, params: { id: string; owner: string; delayMs: number; status: number | null; error: string }): Promise<boolean> {
+  const rows = await db
+    .update(outboundWrites)
+    .set({
+      nextAttemptAt: sql`now() + ${millis(params.delayMs)}`,
+      lastStatus: params.status,
+      lastError: params.error,
+      leaseOwner: null,
+      leaseExpiresAt: null,
+      updatedAt: sql`now()`,
+    })
+    .where(heldBy(params.id, params.owner))
+    .returning({ id: outboundWrites.id });
+  return rows.length === 1;
+}
+
+/**
+ * A permanent failure: nothing reached the CRM, so the stamp can never be echoed and is
+ * settled with it (a failed write must not swallow a later change that happens to match it).
+ */
+export async function markOutboundFailed(db: Db, params: { id: string; owner: string; status: number | null; error: string }): Promise<boolean> {
+  const rows = await db
+    .update(outboundWrites)
+    .set({
+      state: 'failed',
+      lastStatus: params.status,
+      lastError: params.error,
+      settledAt: sql`now()`,
+      leaseOwner: null,
+      leaseExpiresAt: null,
+      updatedAt: sql`now()`,
+    })
+    .where(heldBy(params.id, params.owner))
+    .returning({ id: outboundWrites.id });
+  return rows.length === 1;
+}
+
+/** A stopping writer gives the row back untried: the attempt it counted is returned too. */
+export async function releaseOutboundClaim(db: Db, params: { id: string; owner: string }): Promise<void> {
+  await db
+    .update(outboundWrites)
+    .set({ leaseOwner: null, leaseExpiresAt: null, attempts: sql`greatest(${outboundWrites.attempts} - 1, 0)` })
+    .where(heldBy(params.id, params.owner));
+}
+
+/** Per connection: writes not yet made (pending) and writes that failed for good. */
+export async function getOutboundStats(db: Db): Promise<Map<string, { pending: number; failed: number }>> {
+  const rows = await db
+    .select({
+      connectionId: outboundWrites.connectionId,
+      pending: sql<number>`count(*) filter (where ${outboundWrites.state} = 'pending')`.mapWith(Number),
+      failed: sql<number>`count(*) filter (where ${outboundWrites.state} = 'failed')`.mapWith(Number),
+    })
+    .from(outboundWrites)
+    .where(inArray(outboundWrites.state, ['pending', 'failed']))
+    .groupBy(outboundWrites.connectionId);
+  return new Map(rows.map((r) => [r.connectionId, { pending: r.pending, failed: r.failed }]));
+}

@@ -1,0 +1,211 @@
+import { randomUUID } from 'node:crypto';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { getDeliveredState, getOutboundWrite, insertOutboundWrite, type OutboundWrite } from '../db/queries/outbound.js';
+import { BadRequestError, ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../errors.js';
+import type { Connection } from '../plugins/config.js';
+import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
+import { expectedEcho } from '../sync/outbound-writer.js';
+import { canonicalJson, contentHash } from '../sync/record.js';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    outboundConnection?: Connection;
+  }
+}
+
+const UUID = '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
+
+interface WriteBody {
+  object: string;
+  externalId: string;
+  crmId?: string;
+  fields: Record<string, unknown>;
+}
+
+const writeBodySchema = {
+  type: 'object',
+  properties: {
+    object: { type: 'string', minLength: 1, maxLength: 64 },
+    /** The pipeline's own id for the record. */
+    externalId: { type: 'string', minLength: 1, maxLength: 256 },
+    /** Present: update this CRM record. Absent: create one. */
+    crmId: { type: 'string', minLength: 1, maxLength: 256 },
+    /** Canonical fields (the names the bridge delivers), mapped into the CRM's shape by the connector. */
+    fields: { type: 'object' },
+  },
+  required: ['object', 'externalId', 'fields'],
+  additionalProperties: false,
+} as const;
+
+const acceptedSchema = {
+  type: 'object',
+  properties: { outboundId: { type: 'string' }, status: { type: 'string' } },
+  required: ['outboundId', 'status'],
+} as const;
+
+const skippedSchema = {
+  type: 'object',
+  properties: { status: { type: 'string', const: 'skipped' }, reason: { type: 'string', const: 'echo' }, outboundId: { type: 'string' } },
+  required: ['status', 'reason', 'outboundId'],
+} as const;
+
+const outboundRecordSchema = {
+  type: 'object',
+  properties: {
+    outboundId: { type: 'string' },
+    connection: { type: 'string' },
+    object: { type: 'string' },
+    operation: { type: 'string' },
+    externalId: { type: ['string', 'null'] },
+    state: { type: 'string' },
+    attempts: { type: 'integer' },
+    lastStatus: { type: ['integer', 'null'] },
+    lastError: { type: ['string', 'null'] },
+    crmId: { type: ['string', 'null'] },
+    crmVersion: { type: ['string', 'null'] },
+    createdAt: { type: 'string' },
+    updatedAt: { type: 'string' },
+  },
+  required: ['outboundId', 'connection', 'object', 'operation', 'externalId', 'state', 'attempts', 'lastStatus', 'lastError', 'crmId', 'crmVersion', 'createdAt', 'updatedAt'],
+} as const;
+
+/**
+ * The intake pipeline's writes into the CRM (DESIGN "Outbound and the loop guard"). Authenticated
+ * by the connection's pipeline API key (any of `outbound.apiKeys`, constant time); missing key,
+ * wrong key, unknown connection and a connection that takes no writes all get the same 401.
+ *
+ * `POST /v1/connections/:connection/records` stamps the write and queues it in one transaction
+ * and answers 202; the outbound writer makes the CRM call. `Idempotency-Key` is required: the
+ * same key with the same body gets the same answer (409 while that write is still in flight),
+ * with another body a 422.
+ */
+export default async function outboundRoutes(app: FastifyInstance) {
+  const keyHashes = new Map<string, Buffer[]>();
+  for (const c of app.connections.values()) if (c.outbound) keyHashes.set(c.id, c.outbound.apiKeys.map(sha256));
+
+  const authenticate = async (request: FastifyRequest<{ Params: { connection: string } }>) => {
+    const connection = app.connections.get(request.params.connection);
+    if (!matchesAnySecret(bearerToken(request.headers.authorization), keyHashes.get(request.params.connection)) || connection === undefined) {
+      request.log.warn({ connection: request.params.connection }, 'outbound request rejected: missing or invalid API key');
+      throw new UnauthorizedError();
+    }
+    request.outboundConnection = connection;
+  };
+
+  app.post<{ Params: { connection: string }; Body: WriteBody }>(
+    '/v1/connections/:connection/records',
+    {
+      onRequest: authenticate,
+      schema: {
+        params: { type: 'object', properties: { connection: { type: 'string', maxLength: 63 } }, required: ['connection'] },
+        body: writeBodySchema,
+        response: { 200: skippedSchema, 202: acceptedSchema },
+      },
+    },
+    async (request, reply) => {
+      const connection = request.outboundConnection!;
+      const key = request.headers['idempotency-key'];
+      if (typeof key !== 'string' || !IDEMPOTENCY_KEY.test(key)) {
+        throw new BadRequestError('Send an Idempotency-Key header (1 to 255 visible ASCII characters) with every write.', 'IDEMPOTENCY_KEY_REQUIRED');
+      }
+      const { object, externalId, crmId, fields } = request.body;
+      const definition = connection.connector.objects[object];
+      const operation = crmId === undefined ? 'create' : 'update';
+      if (definition === undefined || definition[operation] === undefined) {
+        const writable = Object.entries(connection.connector.objects).filter(([, d]) => d[operation] !== undefined).map(([name]) => name);
+        throw new UnprocessableError(`Connection ${connection.id} cannot ${operation} "${object}" (it can ${operation}: ${writable.join(', ') || 'nothing'}).`, 'UNKNOWN_OBJECT');
+      }
+      const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
+      const id = randomUUID();
+      const echo = expectedEcho(definition, fields, id);
+      // The loop guard's other direction: the pipeline handing back a CRM-born record as the
+      // bridge delivered it would only make the CRM write it again and fire the automation.
+      const skip = crmId !== undefined && (await pushesBackUnchanged(app, { connectionId: connection.id, object, crmId }, fields));
+
+      const { created, row } = await insertOutboundWrite(app.db, {
+        id,
+        connectionId: connection.id,
+        object,
+        idempotencyKey: key,
+        requestHash,
+        externalId,
+        crmId: crmId ?? null,
+        operation,
+        fields,
+        echoMatch: echo,
+        // The best guess before the CRM answers; the writer replaces it with the answer's exact hash.
+        contentHash: contentHash(echo.fields),
+        state: skip ? 'skipped' : 'pending',
+        // A skipped write reached nothing and is never an echo candidate.
+        ...(skip ? { settledAt: new Date() } : {}),
+      });
+      if (created) request.log.info({ connection: connection.id, object, outboundId: id, operation, skipped: skip }, skip ? 'outbound write skipped: echo' : 'outbound write queued');
+      const { code, body } = created ? answer(row) : replay(row, requestHash);
+      return reply.code(code).send(body);
+    },
+  );
+
+  app.get<{ Params: { connection: string; outboundId: string } }>(
+    '/v1/connections/:connection/records/:outboundId',
+    {
+      onRequest: authenticate,
+      schema: {
+        params: {
+          type: 'object',
+          properties: { connection: { type: 'string', maxLength: 63 }, outboundId: { type: 'string', pattern: UUID } },
+          required: ['connection', 'outboundId'],
+        },
+        response: { 200: outboundRecordSchema },
+      },
+    },
+    async (request) => {
+      const connection = request.outboundConnection!;
+      const row = await getOutboundWrite(app.db, connection.id, request.params.outboundId.toLowerCase());
+      if (row === undefined) throw new NotFoundError(`No outbound write ${request.params.outboundId} for connection ${connection.id}.`);
+      return {
+        outboundId: row.id,
+        connection: row.connectionId,
+        object: row.object,
+        operation: row.operation,
+        externalId: row.externalId,
+        state: row.state,
+        attempts: row.attempts,
+        lastStatus: row.lastStatus,
+        lastError: row.lastError,
+        crmId: row.crmId,
+        crmVersion: row.crmVersion,
+        createdAt: row.createdAt.toISOString(),
+        updatedAt: row.updatedAt.toISOString(),
+      };
+    },
+  );
+}
+
+function answer(row: OutboundWrite): { code: 200 | 202; body: Record<string, string> } {
+  if (row.state === 'skipped') return { code: 200, body: { status: 'skipped', reason: 'echo', outboundId: row.id } };
+  return { code: 202, body: { outboundId: row.id, status: row.state } };
+}
+
+/** A key used before: the same request gets its answer again, once it is no longer in flight. */
+function replay(row: OutboundWrite, requestHash: string) {
+  if (row.requestHash !== requestHash) {
+    throw new UnprocessableError('This Idempotency-Key was used for a different request; use a new key for a new write.', 'IDEMPOTENCY_KEY_REUSED');
+  }
+  if (row.state === 'pending') {
+    throw new ConflictError(`The write ${row.id} under this Idempotency-Key is still in flight; ask again once its CRM call is done.`, 'IN_FLIGHT');
+  }
+  return answer(row);
+}
+
+/**
+ * The record was last changed in the CRM (origin `crm`) and every field the pipeline sends is
+ * what the bridge delivered for it: writing it would change nothing but start another round.
+ */
+async function pushesBackUnchanged(app: FastifyInstance, key: { connectionId: string; object: string; crmId: string }, fields: Record<string, unknown>): Promise<boolean> {
+  const state = await getDeliveredState(app.db, key);
+  if (state === undefined || state.origin !== 'crm' || state.deleted || state.fields === null) return false;
+  const delivered = state.fields;
+  const names = Object.keys(fields);
+  return names.length > 0 && names.every((name) => Object.hasOwn(delivered, name) && canonicalJson(fields[name] ?? null) === canonicalJson(delivered[name] ?? null));
+}

@@ -1,0 +1,197 @@
+import type { FastifyBaseLogger } from 'fastify';
+import type { ObjectDefinition, OutboundConfig } from '../config/schema.js';
+import { ConnectorError, type Connector } from '../crm/connector.js';
+import { CrmHttpError } from '../crm/http-client.js';
+import type { Db } from '../db/client.js';
+import {
+  claimOutboundWrites,
+  markOutboundFailed,
+  markOutboundSent,
+  releaseOutboundClaim,
+  scheduleOutboundRetry,
+  settleOutboundWrite,
+  type OutboundWrite,
+} from '../db/queries/outbound.js';
+import { passChanges } from './change-gate.js';
+import { Daemon } from './daemon.js';
+import { backoffDelay } from './delivery-worker.js';
+import { contentHash, observeRecord } from './record.js';
+
+export interface OutboundWriterOptions {
+  db: Db;
+  connectionId: string;
+  outbound: OutboundConfig;
+  objects: Record<string, ObjectDefinition>;
+  /** The connection's authenticated connector (built on first use, so a writer that never works never authenticates). */
+  connector: () => Connector;
+  /** Unique per writer across replicas: the lease names it. */
+  owner: string;
+  log: FastifyBaseLogger;
+}
+
+type Attempt =
+  | { kind: 'written'; raw: unknown }
+  | { kind: 'retry'; status: number | null; error: string }
+  | { kind: 'rejected'; status: number | null; error: string }
+  | { kind: 'stopped' };
+
+/**
+ * Makes the pipeline's writes in the CRM, one connection's worth, on every replica; claims with
+ * SKIP LOCKED and a lease share the work. Each write was stamped (committed) before it was
+ * queued, so its echo is recognised whenever it comes; the call carries the origin marker with
+ * the write's id; the CRM's answer then passes through the change gate (source `outbound`) so
+ * the returned version joins the record's head.
+ */
+export class OutboundWriter extends Daemon {
+  constructor(private readonly deps: OutboundWriterOptions) {
+    super({ name: `outbound:${deps.connectionId}`, intervalMs: deps.outbound.pollInterval, jitter: 0.2, log: deps.log });
+  }
+
+  /** Claims a batch, writes it in parallel, and asks for another tick right away when it was full. */
+  async tick(signal: AbortSignal): Promise<boolean> {
+    const { db, connectionId, outbound, owner } = this.deps;
+    const claimed = await claimOutboundWrites(db, { connectionId, owner, limit: outbound.concurrency, leaseMs: outbound.lease });
+    if (claimed.length === 0) return false;
+    const results = await Promise.allSettled(claimed.map((row) => this.write(row, signal)));
+    // A row whose outcome could not be recorded keeps its lease and is retried when it expires.
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    return claimed.length === outbound.concurrency && !signal.aborted;
+  }
+
+  private async write(row: OutboundWrite, signal: AbortSignal): Promise<void> {
+    const { db, owner, outbound, log, connectionId } = this.deps;
+    const context = { connection: connectionId, object: row.object, outboundId: row.id, attempt: row.attempts };
+    const attempt = await this.call(row, signal);
+    switch (attempt.kind) {
+      case 'stopped':
+        await releaseOutboundClaim(db, { id: row.id, owner });
+        return;
+      case 'written':
+        await this.join(row, attempt.raw);
+        return;
+      case 'rejected':
+        if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error: attempt.error })) {
+          log.warn({ ...context, status: attempt.status }, `outbound write ${row.id} to ${connectionId} failed: ${attempt.error}`);
+        }
+        return;
+      case 'retry': {
+        if (row.attempts >= outbound.maxAttempts) {
+          const error = `gave up after ${row.attempts} attempts: ${attempt.error}`;
+          if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error })) {
+            log.warn({ ...context, status: attempt.status }, `outbound write ${row.id} to ${connectionId} failed: ${error}`);
+          }
+          return;
+        }
+        const delayMs = backoffDelay(row.attempts, outbound.backoff);
+        await scheduleOutboundRetry(db, { id: row.id, owner, delayMs, status: attempt.status, error: attempt.error });
+        log.debug({ ...context, status: attempt.status, delayMs }, `outbound write ${row.id} will be retried: ${attempt.error}`);
+        return;
+      }
+    }
+  }
+
+  private async call(row: OutboundWrite, signal: AbortSignal): Promise<Attempt> {
+    const connector = this.deps.connector();
+    const fields = row.fields ?? {};
+    try {
+      if (row.operation === 'update') {
+        if (row.crmId === null) return { kind: 'rejected', status: null, error: 'an update without a CRM id' };
+        const raw = await connector.updateRecord(row.object, row.crmId, connector.toRecord(row.object, fields), { writeId: row.id, signal });
+        return { kind: 'written', raw };
+      }
+      // A create whose earlier attempt ended without an answer (timeout, reset) may have been
+      // made after all: if its echo has since told us the CRM id, read the record instead of
+      // creating a second one.
+      if (row.crmId !== null) {
+        const raw = await connector.getRecord(row.object, row.crmId, { signal });
+        if (raw !== null) return { kind: 'written', raw };
+      }
+      const raw = await connector.createRecord(row.object, connector.toRecord(row.object, fields), { writeId: row.id, signal });
+      return { kind: 'written', raw };
+    } catch (err) {
+      if (signal.aborted) return { kind: 'stopped' };
+      return classify(err);
+    }
+  }
+
+  /**
+   * The CRM's answer joins the record's head in one transaction: the stamp learns the CRM id,
+   * version and the exact hash of the returned content, and the returned record passes through
+   * the gate as a change of source `outbound`. If the echo already came (by hook or poll, with
+   * the same version), the gate calls it a duplicate; otherwise the stamp's exact hash makes it
+   * an echo and the head takes its version, so the echo arriving later is a duplicate. Either
+   * way nothing is delivered, and the stamp is settled.
+   */
+  private async join(row: OutboundWrite, raw: unknown): Promise<void> {
+    const { db, owner, connectionId, log } = this.deps;
+    const definition = this.deps.objects[row.object];
+    const change =
+      definition === undefined
+        ? undefined
+        : observeRecord({ connectionId, object: row.object, definition, raw, source: 'outbound', observedAt: new Date() });
+    if (change === undefined) {
+      // The CRM said yes but its answer names no record: retrying could create a second one.
+      await markOutboundFailed(db, { id: row.id, owner, status: null, error: 'the CRM accepted the write but its answer has no record id' });
+      log.warn({ connection: connectionId, outboundId: row.id }, `outbound write ${row.id}: the CRM's answer has no record id`);
+      return;
+    }
+    const outcome = await db.transaction(async (tx) => {
+      const sent = await markOutboundSent(tx, { id: row.id, owner, crmId: change.crmId, crmVersion: change.version, contentHash: change.contentHash ?? contentHash(change.fields) });
+      if (!sent) return undefined;
+      const [result] = await passChanges(tx, [change]);
+      await settleOutboundWrite(tx, row.id);
+      return result;
+    });
+    if (outcome === undefined) {
+      log.warn({ connection: connectionId, outboundId: row.id }, `outbound write ${row.id}: lease lost before the answer was recorded`);
+      return;
+    }
+    log.info(
+      { connection: connectionId, object: row.object, crmId: change.crmId, outboundId: row.id, disposition: outcome.disposition },
+      `outbound ${row.operation} of ${row.object}/${change.crmId} for ${connectionId} (attempt ${row.attempts})`,
+    );
+  }
+}
+
+/** 5xx, 408, 429, timeouts, network errors and auth trouble are worth another try; other 4xx are not. */
+function classify(err: unknown): Attempt {
+  if (err instanceof CrmHttpError) {
+    const status = err.status === 0 ? null : err.status;
+    if (err.code === 'CRM_HTTP_STATUS' && err.status >= 400 && err.status < 500 && err.status !== 408 && err.status !== 429) {
+      return { kind: 'rejected', status, error: err.message };
+    }
+    return { kind: 'retry', status, error: err.message };
+  }
+  if (err instanceof ConnectorError) {
+    // A definition without a create call, or a template missing a value: no retry can fix it.
+    return { kind: 'rejected', status: null, error: err.message };
+  }
+  return { kind: 'retry', status: null, error: (err as Error).message ?? String(err) };
+}
+
+/**
+ * What the echo of a write must show, by canonical field, for the gate to recognise it before
+ * the CRM call has returned: the fields the connector will actually write (mapped, not
+ * read-only), the origin marker's value in place of whatever the request put in its field, and
+ * the `lowercaseOnWrite` fields listed for a case-insensitive comparison (Clio takes `open` and
+ * shows `Open`).
+ */
+export function expectedEcho(definition: ObjectDefinition, fields: Record<string, unknown>, writeId: string): { fields: Record<string, unknown>; foldCase: string[] } {
+  const readOnly = new Set(definition.readOnly ?? []);
+  const paths: Record<string, string> = definition.fields ?? Object.fromEntries(Object.keys(fields).map((k) => [k, k]));
+  const out: Record<string, unknown> = {};
+  for (const [name, value] of Object.entries(fields)) {
+    if (paths[name] === undefined || readOnly.has(name)) continue;
+    out[name] = value ?? null;
+  }
+  if (definition.originMarker) {
+    const markerName = Object.entries(paths).find(([, path]) => path === definition.originMarker!.path)?.[0];
+    if (markerName !== undefined) out[markerName] = definition.originMarker.value.replace(/\{\{\s*writeId\s*\}\}/g, writeId);
+  }
+  const lowercase = new Set(definition.lowercaseOnWrite ?? []);
+  const foldCase = Object.entries(paths)
+    .filter(([name, path]) => lowercase.has(path) && name in out)
+    .map(([name]) => name);
+  return { fields: out, foldCase };
+}

@@ -1,0 +1,179 @@
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { eq, sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { ledger, outbox, outboundWrites } from '../src/db/schema/index.js';
+import { pollStream } from '../src/sync/poller.js';
+import { startBridge } from './helpers/bridge.js';
+import { createTestDatabase, resetDatabase } from './helpers/database.js';
+import { startPipelineStub, type PipelineStub } from './fixtures/pipeline-stub.js';
+
+const API_KEY = 'pipeline-api-key-0123456789';
+const database = await createTestDatabase();
+const { db } = database;
+afterAll(() => database.close());
+beforeEach(() => resetDatabase(database));
+
+const FIRST_CONTACT = 100000001;
+
+/** The bridge with outbound writes and delivery to the stub pipeline, hooks on every CRM write. */
+async function startTwoWay(options: { writeBack: boolean; baseUrl?: string }) {
+  let base = '';
+  const stub = await startPipelineStub({ bridge: () => base, connection: 'firm', apiKey: API_KEY, writeBack: options.writeBack });
+  const bridge = await startBridge({
+    database,
+    automation: { delayMs: 0 },
+    connection: {
+      ...(options.baseUrl ? { baseUrl: options.baseUrl } : {}),
+      downstream: { url: stub.url, backoff: { base: '1ms', max: '5ms' } },
+      outbound: { apiKeys: [API_KEY], backoff: { base: '1ms', max: '5ms' } },
+    },
+  });
+  base = bridge.base;
+  return { bridge, stub, close: async () => (await bridge.close(), await stub.close()) };
+}
+
+async function count(table: typeof outbox | typeof outboundWrites, where?: ReturnType<typeof eq>) {
+  const [row] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(table).where(where);
+  return row!.n;
+}
+
+/** Ticks a daemon until the table has nothing pending (retries come due after tiny backoffs). */
+async function drain(worker: { tick(signal: AbortSignal): Promise<unknown> }, table: typeof outbox | typeof outboundWrites) {
+  const signal = new AbortController().signal;
+  for (let i = 0; i < 2_000; i++) {
+    await worker.tick(signal);
+    if ((await count(table, eq(table.state, 'pending'))) === 0) return;
+    await sleep(2);
+  }
+  throw new Error('still pending after 2,000 ticks');
+}
+
+const drainWriter = (app: FastifyInstance) => drain(app.outboundWriters.get('firm')!, outboundWrites);
+const drainDelivery = (app: FastifyInstance) => drain(app.deliveryWorkers.get('firm')!, outbox);
+
+/** One round of two-way traffic: writes to the CRM, its hooks, a poll, deliveries and the pipeline's write-backs. */
+async function round(app: FastifyInstance, stub: PipelineStub, sandbox: { state: { automationIdle(): Promise<void> } }) {
+  await drainWriter(app);
+  await sandbox.state.automationIdle();
+  expect((await pollStream(app.poller.stream('firm', 'matters'))).status).toBe('ok');
+  await drainDelivery(app);
+  await stub.settled();
+  await drainWriter(app);
+  await sandbox.state.automationIdle();
+}
+
+const lead = (i: number) => ({ object: 'matters', externalId: `lead-${i}`, fields: { description: `Intake lead ${i}`, status: 'Open', clientId: FIRST_CONTACT + (i % 40) } });
+
+describe('the loop guard against the sandbox CRM', () => {
+  it('leaves the CRM record count and the delivered count flat after the first of 20 rounds of two-way traffic, and creates each new lead once', async () => {
+    const { bridge, stub, close } = await startTwoWay({ writeBack: true });
+    try {
+      const { app, sandbox } = bridge;
+      const perRound: Array<{ crm: number; delivered: number }> = [];
+      for (let r = 1; r <= 20; r++) {
+        if (r === 1) {
+          for (let i = 0; i < 100; i++) expect((await stub.write(`new-lead-${i}`, lead(i))).status).toBe(202);
+        }
+        await round(app, stub, sandbox);
+        const crm = sandbox.state.store.matters.items.length;
+        const delivered = await count(outbox);
+        perRound.push({ crm, delivered });
+        console.log(`round ${r}: CRM matters ${crm}, delivered ${delivered}`);
+      }
+      expect(perRound.slice(1).every((c) => c.crm === perRound[0]!.crm && c.delivered === perRound[0]!.delivered)).toBe(true);
+      // The backfill was delivered and handed back unchanged: every write-back was skipped.
+      expect(stub.delivered.length).toBe(perRound[0]!.delivered);
+      expect(stub.writeBacks.length).toBe(stub.delivered.length);
+      expect(stub.writeBacks.every((w) => w.status === 200 && w.body.status === 'skipped' && w.body.reason === 'echo')).toBe(true);
+      // Each new lead exists exactly once in the CRM and its echo was never delivered.
+      const descriptions = sandbox.state.store.matters.items.map((m) => m.description);
+      for (let i = 0; i < 100; i++) expect(descriptions.filter((d) => d === `Intake lead ${i}`)).toHaveLength(1);
+      const leadIds = new Set((await db.select({ crmId: outboundWrites.crmId }).from(outboundWrites).where(eq(outboundWrites.state, 'sent'))).map((w) => w.crmId));
+      expect(leadIds.size).toBe(100);
+      expect(stub.delivered.filter((d) => leadIds.has(d.crmId))).toEqual([]);
+      // The automation announced every lead by hook; the ledger never took one as a real change.
+      const fired = sandbox.state.automation.entries().filter((e) => e.event === 'created' && e.status === 'fired' && leadIds.has(String(e.recordId)));
+      expect(fired).toHaveLength(100);
+      const leadRows = await db.select({ crmId: ledger.crmId, disposition: ledger.disposition }).from(ledger).where(eq(ledger.connectionId, 'firm'));
+      expect(leadRows.filter((r) => leadIds.has(r.crmId) && r.disposition !== 'echo')).toEqual([]);
+    } finally {
+      await close();
+    }
+  }, 120_000);
+
+  it('recognises the echo that arrives by hook before the CRM has answered the create', async () => {
+    // A proxy in front of the sandbox holds the create's answer until the automation's hook for
+    // the new record has been answered by the bridge (so the gate has committed its decision).
+    let sandboxUrl = '';
+    let idle: () => Promise<void> = async () => {};
+    const heldCreates: Array<{ crmId: string; echoBeforeAnswer: boolean }> = [];
+    const proxy = createServer(async (req, res) => {
+      const chunks: Buffer[] = [];
+      for await (const chunk of req) chunks.push(chunk as Buffer);
+      const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => !['host', 'connection', 'content-length'].includes(k))) as Record<string, string>;
+      const upstream = await fetch(`${sandboxUrl}${req.url}`, { method: req.method!, headers, ...(chunks.length ? { body: Buffer.concat(chunks) } : {}) });
+      const text = await upstream.text();
+      if (req.method === 'POST' && req.url!.startsWith('/api/v4/matters.json')) {
+        await idle();
+        const crmId = String((JSON.parse(text) as { data: { id: number } }).data.id);
+        const rows = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
+        heldCreates.push({ crmId, echoBeforeAnswer: rows.some((r) => r.disposition === 'echo') });
+      }
+      res.writeHead(upstream.status, { 'content-type': upstream.headers.get('content-type') ?? 'application/json' }).end(text);
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}` });
+    sandboxUrl = bridge.sandbox.url;
+    idle = () => bridge.sandbox.state.automationIdle();
+    try {
+      const { app } = bridge;
+      const accepted = await stub.write('lead-fast-echo', lead(1));
+      expect(accepted.status).toBe(202);
+      await drainWriter(app);
+
+      expect(heldCreates).toHaveLength(1);
+      const [{ crmId, echoBeforeAnswer }] = heldCreates as [(typeof heldCreates)[0]];
+      expect(echoBeforeAnswer).toBe(true);
+      const rows = await db.select({ source: ledger.source, disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
+      // The hook's echo, and nothing else: the returned record was the same version, a duplicate.
+      expect(rows).toEqual([{ source: 'hook', disposition: 'echo' }]);
+      expect(await count(outbox)).toBe(0);
+      const status = await app.inject({ url: `/v1/connections/firm/records/${accepted.body.outboundId}`, headers: { authorization: `Bearer ${API_KEY}` } });
+      expect(status.json()).toMatchObject({ state: 'sent', crmId, attempts: 1, lastError: null });
+      // A poll afterwards sees the same version: nothing new.
+      await pollStream(app.poller.stream('firm', 'matters'));
+      await drainDelivery(app);
+      expect(stub.delivered.filter((d) => d.crmId === crmId)).toEqual([]);
+    } finally {
+      await close();
+      await new Promise<void>((resolve) => proxy.close(() => resolve()));
+    }
+  }, 60_000);
+
+  it('delivers a human edit of a bridge-created lead once, though the record still carries the origin marker', async () => {
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false });
+    try {
+      const { app, sandbox } = bridge;
+      const accepted = await stub.write('lead-edited-later', lead(2));
+      await round(app, stub, sandbox);
+      const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(accepted.body.outboundId)));
+      const crmId = write!.crmId!;
+      expect(stub.delivered.filter((d) => d.crmId === crmId)).toEqual([]);
+
+      // Staff change a field the pipeline never wrote: the written fields and the marker stay.
+      sandbox.state.updateRecord('matters', Number(crmId), { location: 'Room 4' });
+      expect(String(sandbox.state.renderFull('matters', Number(crmId))!.client_reference)).toBe(`crm-bridge:${write!.id}`);
+      await round(app, stub, sandbox);
+      await round(app, stub, sandbox);
+
+      const deliveries = stub.delivered.filter((d) => d.crmId === crmId);
+      expect(deliveries).toHaveLength(1);
+      expect(deliveries[0]).toMatchObject({ origin: 'crm', fields: { location: 'Room 4', description: 'Intake lead 2' } });
+    } finally {
+      await close();
+    }
+  }, 60_000);
+});
