@@ -8,8 +8,10 @@ import pollerPlugin from './plugins/poller.js';
 import daemonsPlugin from './plugins/daemons.js';
 import dbPlugin from './plugins/db.js';
 import deliveryPlugin from './plugins/delivery.js';
+import retentionPlugin from './plugins/retention.js';
 import outboundPlugin from './plugins/outbound.js';
 import adminAuth from './plugins/admin-auth.js';
+import authRateLimit from './plugins/auth-rate-limit.js';
 import errorHandler from './plugins/error-handler.js';
 import jsonBody from './plugins/json-body.js';
 import metricsPlugin from './plugins/metrics.js';
@@ -45,6 +47,8 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(errorHandler);
   await app.register(jsonBody);
   await app.register(configPlugin, { config: options.config });
+  // Before every route, so its check runs before any route's own authentication.
+  await app.register(authRateLimit);
   await app.register(dbPlugin, { database: options.database });
   await app.register(metricsPlugin);
   await app.register(adminAuth);
@@ -55,6 +59,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(crmPlugin);
   await app.register(pollerPlugin);
   await app.register(deliveryPlugin);
+  await app.register(retentionPlugin);
   await app.register(outboundPlugin);
   await app.register(healthRoutes);
   await app.register(hookRoutes);

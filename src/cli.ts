@@ -112,6 +112,31 @@ program
   });
 
 program
+  .command('prune')
+  .description('delete the stored bodies of changes older than RETENTION_DAYS now (the server does it daily); keys, versions and hashes stay')
+  .action(async () => {
+    const { loadEnv } = await import('./config/load.js');
+    const { pruneFromCli } = await import('./sync/retention.js');
+    const { hostname } = await import('node:os');
+    const env = loadEnv();
+    const code = await withDatabase((db) => pruneFromCli(db, { retentionDays: env.RETENTION_DAYS, owner: `cli:${hostname()}:${process.pid}` }, (t) => process.stdout.write(t)));
+    if (code !== 0) process.exitCode = code;
+  });
+
+program
+  .command('forget')
+  .description('erase the stored bodies of one record (an erasure request) and print what was removed; the gate keeps recognising it')
+  .argument('<connection>', 'the connection id')
+  .argument('<crmId>', "the record's id in the CRM")
+  .option('-o, --object <name>', 'the object (needed when the id exists under several)')
+  .option('--force', 'also erase changes not yet delivered: they become dead letters marked ERASED instead of being sent')
+  .action(async (connectionId: string, crmId: string, options: { object?: string; force?: boolean }) => {
+    const { forgetFromCli } = await import('./sync/forget.js');
+    const code = await withDatabase((db) => forgetFromCli(db, { connectionId, crmId, object: options.object, force: options.force === true }, (t) => process.stdout.write(t)));
+    if (code !== 0) process.exitCode = code;
+  });
+
+program
   .command('poll')
   .description('poll a connection now: read what changed since its cursor and pass it through the change gate')
   .argument('<connection>', 'the connection id from the connections file')

@@ -15,7 +15,7 @@ import {
   notePendingFetchError,
 } from '../db/queries/streams.js';
 import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
-import { errorClass } from '../privacy.js';
+import { errorClass, redactFields } from '../privacy.js';
 import { Daemon } from './daemon.js';
 import { getPath, observeRecord } from './record.js';
 
@@ -137,6 +137,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
       }
       // Time-ordered pages can checkpoint as they go; id-ordered ones (Clio) only at the end.
       const checkpoint = page.order === 'updatedAt' ? newest : undefined;
+      for (const c of changes) ctx.log.debug({ stream, crmId: c.crmId, version: c.version, fields: redactFields(c.fields, definition) }, 'polled record');
       const outcomes = await ctx.db.transaction(async (tx) => {
         if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
         const result = await passChanges(tx, changes);

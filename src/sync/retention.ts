@@ -1,0 +1,85 @@
+import type { FastifyBaseLogger } from 'fastify';
+import type { Db } from '../db/client.js';
+import { acquireLease, releaseLease, renewLease } from '../db/queries/leases.js';
+import { pruneBodiesBatch } from '../db/queries/retention.js';
+import { Daemon } from './daemon.js';
+
+/** Held while a prune runs: one at a time, CLI or daemon. */
+export const RETENTION_LEASE = 'retention';
+/**
+ * Taken by a replica's daily tick and left to expire: while it is held, the other replicas (and
+ * a restarted one) skip their ticks, so the fleet prunes about once a day, not once per replica.
+ */
+const DAILY_LEASE = 'retention:daily';
+const DAY_MS = 86_400_000;
+/** A batch is one short DELETE; the lease outlives many of them. */
+const LEASE_MS = 10 * 60_000;
+
+export interface RetentionOptions {
+  db: Db;
+  retentionDays: number;
+  /** This replica's name in the lease row. */
+  owner: string;
+  /** The clock the retention age is measured from (tests move it instead of editing history). */
+  now?: Date;
+  batchSize?: number;
+  signal?: AbortSignal;
+}
+
+export interface RetentionReport {
+  /** `busy`: another replica holds the lease (or pruned recently). */
+  status: 'ok' | 'busy' | 'stopped';
+  pruned: number;
+  batches: number;
+  cutoff: string;
+}
+
+/**
+ * Deletes the bodies of changes received more than `retentionDays` ago, batch by batch, except
+ * those whose delivery is pending or dead (DESIGN "Retention"). One replica at a time, through
+ * the `retention` lease, renewed between batches; a replica that lost it stops.
+ */
+export async function pruneExpiredBodies(options: RetentionOptions): Promise<RetentionReport> {
+  const now = options.now ?? new Date();
+  const cutoff = new Date(now.getTime() - options.retentionDays * DAY_MS);
+  const report: RetentionReport = { status: 'ok', pruned: 0, batches: 0, cutoff: cutoff.toISOString() };
+  if (!(await acquireLease(options.db, RETENTION_LEASE, options.owner, LEASE_MS))) return { ...report, status: 'busy' };
+  const limit = options.batchSize ?? 1_000;
+  for (;;) {
+    if (options.signal?.aborted) return { ...report, status: 'stopped' };
+    const pruned = await pruneBodiesBatch(options.db, { cutoff, limit });
+    report.pruned += pruned.length;
+    report.batches++;
+    if (pruned.length < limit) break;
+    if (!(await renewLease(options.db, RETENTION_LEASE, options.owner, LEASE_MS))) return { ...report, status: 'busy' };
+  }
+  await releaseLease(options.db, RETENTION_LEASE, options.owner);
+  return report;
+}
+
+/** Runs the prune once a day on every replica; the lease makes it one run a day in all. */
+export class RetentionDaemon extends Daemon {
+  constructor(private readonly deps: { db: Db; retentionDays: number; owner: string; log: FastifyBaseLogger }) {
+    super({ name: 'retention', intervalMs: DAY_MS, jitter: 0.05, log: deps.log });
+  }
+
+  async tick(signal: AbortSignal): Promise<void> {
+    const started = performance.now();
+    if (!(await acquireLease(this.deps.db, DAILY_LEASE, this.deps.owner, DAY_MS * 0.9))) return;
+    const report = await pruneExpiredBodies({ ...this.deps, signal });
+    if (report.status !== 'ok') return;
+    const ms = Math.round(performance.now() - started);
+    this.deps.log.info({ pruned: report.pruned, batches: report.batches, cutoff: report.cutoff, ms }, `retention: pruned ${report.pruned} body(ies) of changes received before ${report.cutoff}`);
+  }
+}
+
+/** `crm-bridge prune`: one run now. Exit status 0 done, 1 another replica is pruning. */
+export async function pruneFromCli(db: Db, options: { retentionDays: number; owner: string }, write: (text: string) => void): Promise<number> {
+  const report = await pruneExpiredBodies({ db, ...options });
+  if (report.status === 'busy') {
+    write('another prune is running: nothing done\n');
+    return 1;
+  }
+  write(`pruned ${report.pruned} body(ies) of changes received before ${report.cutoff} (kept: pending and dead deliveries)\n`);
+  return 0;
+}
