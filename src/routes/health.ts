@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { sql } from 'drizzle-orm';
 import { getAuthStates, getDeliveryStats, getLastHookAt } from '../db/queries/health.js';
+import { getOutboundStats } from '../db/queries/outbound.js';
 import { listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
 import type { Connection } from '../plugins/config.js';
 import { errorClass } from '../privacy.js';
@@ -54,7 +55,7 @@ export async function healthReport(app: FastifyInstance, startedAt: number) {
 }
 
 async function buildReport(app: FastifyInstance, startedAt: number) {
-  const [delivery, auth, cursors] = await Promise.all([getDeliveryStats(app.db), getAuthStates(app.db), listStreamCursors(app.db)]);
+  const [delivery, auth, cursors, outbound] = await Promise.all([getDeliveryStats(app.db), getAuthStates(app.db), listStreamCursors(app.db), getOutboundStats(app.db)]);
   const now = Date.now();
   const connections = await Promise.all(
     [...app.connections.values()].map(async (c) => {
@@ -77,6 +78,8 @@ async function buildReport(app: FastifyInstance, startedAt: number) {
           degraded: oldestPendingAgeMs !== null && degradedAfter !== undefined && oldestPendingAgeMs > degradedAfter,
         },
         ...pollReport(c, cursors, now, startedAt),
+        // Pipeline writes not yet made, and those the CRM refused for good (see GET /v1/connections/:id/records/:outboundId).
+        ...(c.outbound ? { outbound: { pending: outbound.get(c.id)?.pending ?? 0, failed: outbound.get(c.id)?.failed ?? 0 } } : {}),
       };
     }),
   );
@@ -190,6 +193,12 @@ const connectionReportSchema = {
         staleAfterSeconds: { type: 'integer' },
         streams: { type: 'array', items: streamSchema },
       },
+    },
+    outbound: {
+      type: 'object',
+      additionalProperties: true,
+      description: 'Only for connections that take pipeline writes.',
+      properties: { pending: { type: 'integer' }, failed: { type: 'integer' } },
     },
     caughtByPoll: { type: 'integer', description: 'Changes the poll found that no hook had announced: the automation miss count.' },
   },

@@ -1,0 +1,169 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { eq, sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { ledgerBodies, outboundWrites } from '../src/db/schema/index.js';
+import { startBridge } from './helpers/bridge.js';
+import { createTestDatabase, resetDatabase } from './helpers/database.js';
+import { startCrmProxy } from './fixtures/pipeline-crm-proxy.js';
+
+const API_KEY = 'pipeline-api-key-0123456789';
+const OLD_KEY = 'old-pipeline-key-9876543210';
+const database = await createTestDatabase();
+const { db } = database;
+afterAll(() => database.close());
+beforeEach(() => resetDatabase(database));
+
+const lead = { object: 'matters', externalId: 'lead-1', fields: { description: 'Slip and fall, intake call', status: 'Open', clientId: 100000001 } };
+
+function post(app: FastifyInstance, body: unknown, headers: Record<string, string> = {}, connection = 'firm') {
+  return app.inject({
+    method: 'POST',
+    url: `/v1/connections/${connection}/records`,
+    headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json', ...headers },
+    payload: JSON.stringify(body),
+  });
+}
+
+const status = (app: FastifyInstance, id: string) => app.inject({ url: `/v1/connections/firm/records/${id}`, headers: { authorization: `Bearer ${API_KEY}` } });
+
+async function tickUntilSettled(app: FastifyInstance, id: string) {
+  const writer = app.outboundWriters.get('firm')!;
+  for (let i = 0; i < 200; i++) {
+    await writer.tick(new AbortController().signal);
+    const [row] = await db.select({ state: outboundWrites.state }).from(outboundWrites).where(eq(outboundWrites.id, id));
+    if (row?.state !== 'pending') return;
+    await sleep(2);
+  }
+  throw new Error(`write ${id} still pending`);
+}
+
+async function withBridge(run: (app: FastifyInstance, sandbox: Awaited<ReturnType<typeof startBridge>>['sandbox']) => Promise<void>, baseUrl?: string) {
+  const bridge = await startBridge({
+    database,
+    connection: {
+      ...(baseUrl ? { baseUrl } : {}),
+      outbound: { apiKeys: [API_KEY, OLD_KEY], maxAttempts: 3, backoff: { base: '1ms', max: '5ms' } },
+    },
+  });
+  try {
+    await run(bridge.app, bridge.sandbox);
+  } finally {
+    await bridge.close();
+  }
+}
+
+describe('POST /v1/connections/:connection/records', () => {
+  it('creates the record in the CRM with the origin marker and shows the CRM id once known', async () => {
+    await withBridge(async (app, sandbox) => {
+      const res = await post(app, lead, { 'idempotency-key': 'k-create' });
+      expect(res.statusCode).toBe(202);
+      const { outboundId, status: state } = res.json();
+      expect(state).toBe('pending');
+      expect((await status(app, outboundId)).json()).toMatchObject({ state: 'pending', crmId: null, attempts: 0 });
+      await tickUntilSettled(app, outboundId);
+      const shown = (await status(app, outboundId)).json();
+      expect(shown).toMatchObject({ state: 'sent', attempts: 1, lastError: null, externalId: 'lead-1', operation: 'create' });
+      const created = sandbox.state.renderFull('matters', Number(shown.crmId))!;
+      expect(created).toMatchObject({ description: 'Slip and fall, intake call', status: 'Open', client_reference: `crm-bridge:${outboundId}` });
+    });
+  });
+
+  it('answers the same key and body with the same write, 409 while it is in flight, 422 for another body, 400 without a key', async () => {
+    await withBridge(async (app) => {
+      const first = await post(app, lead, { 'idempotency-key': 'k-same' });
+      expect(first.statusCode).toBe(202);
+      const inFlight = await post(app, lead, { 'idempotency-key': 'k-same' });
+      expect(inFlight.statusCode).toBe(409);
+      expect(inFlight.json()).toMatchObject({ code: 'IN_FLIGHT' });
+      await tickUntilSettled(app, first.json().outboundId);
+      const again = await post(app, lead, { 'idempotency-key': 'k-same' });
+      expect(again.statusCode).toBe(202);
+      expect(again.json().outboundId).toBe(first.json().outboundId);
+      const other = await post(app, { ...lead, externalId: 'lead-2' }, { 'idempotency-key': 'k-same' });
+      expect(other.statusCode).toBe(422);
+      expect(other.headers['content-type']).toMatch(/application\/problem\+json/);
+      const missing = await post(app, lead);
+      expect(missing.statusCode).toBe(400);
+      expect(missing.headers['content-type']).toMatch(/application\/problem\+json/);
+      expect(missing.json()).toMatchObject({ code: 'IDEMPOTENCY_KEY_REQUIRED' });
+      const [counted] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(outboundWrites);
+      expect(counted!.n).toBe(1);
+    });
+  });
+
+  it('gives the same 401 for a missing key, a wrong key and an unknown connection, and accepts every configured key', async () => {
+    await withBridge(async (app) => {
+      const missing = await app.inject({ method: 'POST', url: '/v1/connections/firm/records', headers: { 'content-type': 'application/json', 'idempotency-key': 'k' }, payload: JSON.stringify(lead) });
+      const wrong = await post(app, lead, { authorization: 'Bearer not-the-pipeline-key-at-all', 'idempotency-key': 'k' });
+      const unknown = await post(app, lead, { 'idempotency-key': 'k' }, 'nobody');
+      const bodies = [missing, wrong, unknown].map((r) => [r.statusCode, r.body]);
+      expect(bodies.map(([code]) => code)).toEqual([401, 401, 401]);
+      expect(new Set(bodies.map(([, body]) => body)).size).toBe(1);
+      expect((await post(app, lead, { authorization: `Bearer ${OLD_KEY}`, 'idempotency-key': 'k-old' })).statusCode).toBe(202);
+      const [counted] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(outboundWrites);
+      expect(counted!.n).toBe(1);
+    });
+  });
+
+  it('skips a CRM-born record pushed back as it was delivered, and sends nothing to the CRM', async () => {
+    await withBridge(async (app, sandbox) => {
+      const matterId = sandbox.state.store.matters.items[0]!.id;
+      const raw = sandbox.state.renderFull('matters', matterId)!;
+      const hook = await app.inject({ method: 'POST', url: '/hooks/firm', headers: { authorization: `Bearer hook-secret-0123456789abcdef`, 'content-type': 'application/json' }, payload: JSON.stringify({ data: raw }) });
+      expect(hook.statusCode).toBe(202);
+      const [body] = await db.select({ fields: ledgerBodies.fields }).from(ledgerBodies).where(eq(ledgerBodies.eventId, hook.json().eventId));
+      const fields = body!.fields!;
+      sandbox.state.requestLog.clear();
+
+      const back = await post(app, { object: 'matters', externalId: 'crm-x', crmId: String(matterId), fields }, { 'idempotency-key': 'k-back' });
+      expect(back.statusCode).toBe(200);
+      expect(back.json()).toMatchObject({ status: 'skipped', reason: 'echo' });
+      expect((await post(app, { object: 'matters', externalId: 'crm-x', crmId: String(matterId), fields }, { 'idempotency-key': 'k-back' })).json()).toMatchObject({ status: 'skipped' });
+      await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+      expect(sandbox.state.requestLog.list().filter((r) => r.method !== 'GET')).toEqual([]);
+
+      // A real change to the same record is written.
+      const changed = await post(app, { object: 'matters', externalId: 'crm-x', crmId: String(matterId), fields: { ...fields, location: 'Suite 200' } }, { 'idempotency-key': 'k-change' });
+      expect(changed.statusCode).toBe(202);
+      await tickUntilSettled(app, changed.json().outboundId);
+      expect(sandbox.state.renderFull('matters', matterId)!.location).toBe('Suite 200');
+    });
+  });
+
+  it('shows a permanent CRM refusal on the write and in /health, without retrying it', async () => {
+    await withBridge(async (app, sandbox) => {
+      // The sandbox refuses a matter without a description (422).
+      const res = await post(app, { ...lead, fields: { status: 'Open', clientId: 100000001 } }, { 'idempotency-key': 'k-bad' });
+      const { outboundId } = res.json();
+      await tickUntilSettled(app, outboundId);
+      const shown = (await status(app, outboundId)).json();
+      expect(shown).toMatchObject({ state: 'failed', attempts: 1, lastStatus: 422 });
+      expect(shown.lastError).toMatch(/422/);
+      const health = (await app.inject('/health')).json();
+      expect(health.connections[0].outbound).toEqual({ pending: 0, failed: 1 });
+      expect(sandbox.state.requestLog.list().filter((r) => r.method === 'POST' && r.path.includes('matters'))).toHaveLength(1);
+    });
+  });
+
+  it('retries a create the CRM answered with 503 until it succeeds, and creates the record once', async () => {
+    let failures = 0;
+    const proxy = await startCrmProxy({ fail: (req) => (req.method === 'POST' && req.url!.startsWith('/api/v4/matters.json') && failures++ < 2 ? 503 : undefined) });
+    try {
+      await withBridge(async (app, sandbox) => {
+        proxy.setTarget(sandbox.url);
+        const before = sandbox.state.store.matters.items.length;
+        const { outboundId } = (await post(app, lead, { 'idempotency-key': 'k-retry' })).json();
+        await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+        const afterFirst = (await status(app, outboundId)).json();
+        expect(afterFirst).toMatchObject({ state: 'pending', attempts: 1, lastStatus: 503 });
+        await tickUntilSettled(app, outboundId);
+        expect((await status(app, outboundId)).json()).toMatchObject({ state: 'sent', attempts: 3, lastError: null });
+        expect(sandbox.state.store.matters.items.length).toBe(before + 1);
+        expect((await app.inject('/health')).json().connections[0].outbound).toEqual({ pending: 0, failed: 0 });
+      }, proxy.url);
+    } finally {
+      await proxy.close();
+    }
+  });
+});
