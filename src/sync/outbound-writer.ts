@@ -116,8 +116,8 @@ export class OutboundWriter extends Daemon {
   }
 
   /**
-   * The CRM's answer joins the record's head in one transaction: the stamp learns the CRM id,
-   * version and the exact hash of the returned content, and the returned record passes through
+   * The CRM's answer joins the record's head: the stamp learns the CRM id, version and the
+   * exact hash of the returned content, then the returned record passes through
    * the gate as a change of source `outbound`. If the echo already came (by hook or poll, with
    * the same version), the gate calls it a duplicate; otherwise the stamp's exact hash makes it
    * an echo and the head takes its version, so the echo arriving later is a duplicate. Either
@@ -136,17 +136,21 @@ export class OutboundWriter extends Daemon {
       log.warn({ connection: connectionId, outboundId: row.id }, `outbound write ${row.id}: the CRM's answer has no record id`);
       return;
     }
-    const outcome = await db.transaction(async (tx) => {
-      const sent = await markOutboundSent(tx, { id: row.id, owner, crmId: change.crmId, crmVersion: change.version, contentHash: change.contentHash ?? contentHash(change.fields) });
-      if (!sent) return undefined;
-      const [result] = await passChanges(tx, [change]);
-      await settleOutboundWrite(tx, row.id);
-      return result;
-    });
-    if (outcome === undefined) {
+    // Two transactions, in the gate's lock order. The stamp learns the answer first, on its own:
+    // a gate transaction (a hook racing this) locks the record head and then the stamp, so
+    // taking the stamp and then the head in one transaction here could deadlock with it.
+    // Between the two, the stamp is live with the exact hash and CRM id, so an echo arriving
+    // then is still recognised; a crash between them leaves the echo to be matched the same way.
+    const sent = await markOutboundSent(db, { id: row.id, owner, crmId: change.crmId, crmVersion: change.version, contentHash: change.contentHash ?? contentHash(change.fields) });
+    if (!sent) {
       log.warn({ connection: connectionId, outboundId: row.id }, `outbound write ${row.id}: lease lost before the answer was recorded`);
       return;
     }
+    const outcome = await db.transaction(async (tx) => {
+      const [result] = await passChanges(tx, [change]);
+      await settleOutboundWrite(tx, row.id);
+      return result!;
+    });
     log.info(
       { connection: connectionId, object: row.object, crmId: change.crmId, outboundId: row.id, disposition: outcome.disposition },
       `outbound ${row.operation} of ${row.object}/${change.crmId} for ${connectionId} (attempt ${row.attempts})`,
