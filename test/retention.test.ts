@@ -49,7 +49,7 @@ async function hook(record: Record<string, unknown>) {
     headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
     payload: JSON.stringify(record),
   });
-  return { status: res.statusCode, ...(res.json() as { status: string; eventId: string }) };
+  return res.json() as { status: string; eventId: string };
 }
 
 /** A record's changes go one at a time (v2 waits for v1), so a few ticks. */
