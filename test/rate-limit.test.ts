@@ -1,0 +1,60 @@
+import type { FastifyInstance } from 'fastify';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { buildTestApp, connection, SECRET } from './helpers/app.js';
+import { createTestDatabase, resetDatabase } from './helpers/database.js';
+
+let database: Awaited<ReturnType<typeof createTestDatabase>>;
+let app: FastifyInstance;
+
+beforeAll(async () => {
+  database = await createTestDatabase();
+});
+afterAll(() => database.close());
+afterEach(async () => {
+  await app.close();
+  await resetDatabase(database);
+});
+
+const ADMIN_TOKEN = 'admin-token-0123456789abcdef';
+
+async function start(env: Record<string, string> = {}) {
+  app = await buildTestApp({ database, env: { ADMIN_TOKEN, AUTH_FAILURE_LIMIT: '5', AUTH_FAILURE_WINDOW: '1m', ...env }, connections: [connection()] });
+}
+
+const hook = (secret: string, id: number, remoteAddress = '203.0.113.7') =>
+  app.inject({
+    method: 'POST',
+    url: '/hooks/acme',
+    remoteAddress,
+    headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+    payload: JSON.stringify({ id, display_number: `M-${id}`, updated_at: '2026-11-20T10:00:00Z' }),
+  });
+
+describe('failed authentications', () => {
+  it('get 429 from one address after the limit, on hooks and operator routes alike, while other addresses are untouched', async () => {
+    await start();
+    for (let i = 0; i < 5; i++) expect((await hook('wrong-secret-0123456789', i)).statusCode).toBe(401);
+    const admin = await app.inject({ method: 'GET', url: '/v1/dead-letters', remoteAddress: '203.0.113.7', headers: { authorization: 'Bearer wrong' } });
+    expect(admin.statusCode).toBe(401);
+
+    const refused = await hook('wrong-secret-0123456789', 99);
+    expect(refused.statusCode).toBe(429);
+    expect(refused.headers['retry-after']).toBeDefined();
+    expect((await app.inject({ method: 'GET', url: '/v1/dead-letters', remoteAddress: '203.0.113.7', headers: { authorization: `Bearer ${ADMIN_TOKEN}` } })).statusCode).toBe(429);
+    // The probes stay reachable, and another address is not affected.
+    expect((await app.inject({ method: 'GET', url: '/health/live', remoteAddress: '203.0.113.7' })).statusCode).toBe(200);
+    expect((await hook(SECRET, 1, '198.51.100.20')).statusCode).toBe(202);
+  });
+
+  it('never slow a burst of 500 correctly authenticated hooks from one address', async () => {
+    await start();
+    const answers = await Promise.all(Array.from({ length: 500 }, (_, i) => hook(SECRET, i + 1)));
+    expect(answers.filter((a) => a.statusCode === 429)).toHaveLength(0);
+    expect(answers.every((a) => a.statusCode === 202)).toBe(true);
+  });
+
+  it('are not limited when AUTH_FAILURE_LIMIT is 0', async () => {
+    await start({ AUTH_FAILURE_LIMIT: '0' });
+    for (let i = 0; i < 10; i++) expect((await hook('wrong-secret-0123456789', i)).statusCode).toBe(401);
+  });
+});
