@@ -28,6 +28,14 @@ export default async function hookRoutes(app: FastifyInstance) {
       schema: {
         params: { type: 'object', properties: { connection: { type: 'string', maxLength: 63 } }, required: ['connection'] },
         querystring: { type: 'object', properties: { object: { type: 'string', maxLength: 64 } }, additionalProperties: false },
+        summary: "A CRM automation rule's POST: one changed record (or a notification with its id)",
+        tags: ['hooks'],
+        security: [{ hookSecret: [] }],
+        body: { description: "The CRM's record (at inbound.recordPath when set); any JSON object" },
+        response: {
+          202: hookAnswerSchema('accepted: the change and its outbox row are committed'),
+          200: hookAnswerSchema('duplicate, stale, unchanged or echo: recorded or known, not delivered'),
+        },
       },
       onRequest: async (request: HookRequest) => {
         const connection = app.connections.get(request.params.connection);
@@ -93,6 +101,15 @@ export default async function hookRoutes(app: FastifyInstance) {
       return reply.code(200).send({ status: outcome.disposition, eventId: outcome.eventId });
     },
   );
+}
+
+function hookAnswerSchema(description: string) {
+  return {
+    description,
+    type: 'object',
+    properties: { status: { type: 'string', enum: ['accepted', 'duplicate', 'stale', 'unchanged', 'echo'] }, eventId: { type: 'string' } },
+    required: ['status', 'eventId'],
+  } as const;
 }
 
 function firstValue(value: string | string[] | undefined): string | undefined {

@@ -31,6 +31,26 @@ function page(reply: FastifyReply, status: number, title: string, message: strin
     .send(`<!doctype html><html><head><meta charset="utf-8"><title>${escapeHtml(title)}</title></head><body><h1>${escapeHtml(title)}</h1><p>${escapeHtml(message)}</p></body></html>`);
 }
 
+const connectionParams = { type: 'object', properties: { connection: { type: 'string', maxLength: 63 } }, required: ['connection'] } as const;
+
+const startSchema = {
+  summary: "Sends the operator's browser to the CRM's consent page (302) to authorise a connection",
+  tags: ['oauth'],
+  params: connectionParams,
+} as const;
+
+const callbackSchema = {
+  summary: 'Where the CRM sends the browser back with an authorization code; answers a small HTML page',
+  tags: ['oauth'],
+  params: connectionParams,
+  // Open: the handler decides on code, state and error itself and answers every case with a page.
+  querystring: {
+    type: 'object',
+    properties: { code: { type: 'string' }, state: { type: 'string' }, error: { type: 'string' }, error_description: { type: 'string' } },
+    additionalProperties: true,
+  },
+} as const;
+
 const cookieName = (connectionId: string) => `crm_bridge_oauth_${connectionId.replace(/[^a-z0-9_]/g, '_')}`;
 
 function readCookie(request: FastifyRequest, name: string): string | undefined {
@@ -48,7 +68,7 @@ export default async function oauthRoutes(app: FastifyInstance) {
     return manager;
   };
 
-  app.get<{ Params: { connection: string } }>('/oauth/:connection/start', async (request, reply) => {
+  app.get<{ Params: { connection: string } }>('/oauth/:connection/start', { schema: startSchema }, async (request, reply) => {
     const id = request.params.connection;
     const manager = oauthManager(id);
     const cipher = app.tokens.cipher!;
@@ -63,7 +83,7 @@ export default async function oauthRoutes(app: FastifyInstance) {
       .redirect(manager.authorizationUrl({ state, redirectUri }));
   });
 
-  app.get<{ Params: { connection: string }; Querystring: Record<string, string | undefined> }>('/oauth/:connection/callback', async (request, reply) => {
+  app.get<{ Params: { connection: string }; Querystring: Record<string, string | undefined> }>('/oauth/:connection/callback', { schema: callbackSchema }, async (request, reply) => {
     const id = request.params.connection;
     const manager = oauthManager(id);
     const q = request.query;
