@@ -1,4 +1,4 @@
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config/load.js';
 import type { Database } from './db/client.js';
 import { loggerOptions } from './logger.js';
@@ -42,8 +42,14 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
+    // Access lines go out at debug from onResponse below; info is for what happened to changes.
+    logController: new LogController({ disableRequestLogging: true }),
   }) as unknown as FastifyInstance;
 
+  app.addHook('onResponse', async (request, reply) => {
+    const level = reply.statusCode >= 500 ? 'warn' : 'debug';
+    request.log[level]({ req: request, statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime) }, `${request.method} ${request.routeOptions.url ?? 'unknown route'} ${reply.statusCode}`);
+  });
   await app.register(errorHandler);
   await app.register(jsonBody);
   await app.register(configPlugin, { config: options.config });

@@ -53,3 +53,16 @@ export function loggerOptions(level: string): LoggerOptions & NonNullable<Exclud
     },
   };
 }
+
+/**
+ * The process logger: JSON for machines, or pino-pretty (in a worker thread, so the event loop
+ * is not slowed) when a person watches a terminal. Pretty lines drop the keys their message
+ * already says in words; JSON keeps every key for queries.
+ */
+export function processLoggerOptions(level: string, format: 'json' | 'pretty' | undefined, isTty: boolean) {
+  const pretty = format === 'pretty' || (format === undefined && isTty);
+  return {
+    ...loggerOptions(level),
+    ...(pretty ? { transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss', ignore: 'pid,hostname,reqId,component,connection,object,crmId,eventId,disposition,report,attempt,status,grant', singleLine: true } } } : {}),
+  };
+}

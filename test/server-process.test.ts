@@ -29,10 +29,22 @@ function serve(env: Record<string, string>) {
   return { child, ready, exited, output: () => output };
 }
 
+async function waitFor(check: () => boolean, timeoutMs = 40_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 describe('crm-bridge serve, as npm start runs it', () => {
-  it('starts on the embedded database, prints the demo secret and a working curl, and stops cleanly on SIGTERM', async () => {
+  it('runs the whole demo on the embedded database: prints where everything is and a working curl, tells the story, stops cleanly on SIGTERM', async () => {
     const server = serve({});
     const base = await server.ready;
+    await waitFor(() => /Ctrl-C stops everything/.test(server.output()));
+    expect(server.output()).toMatch(/sandbox CRM: +http:\/\/127\.0\.0\.1:\d+/);
+    expect(server.output()).toMatch(/pipeline: +http:\/\/127\.0\.0\.1:\d+\/intake/);
+    expect(server.output()).toMatch(/status page: +http/);
     const secret = readFileSync(join(dataDir, 'demo-hook-secret'), 'utf8').trim();
     expect(server.output()).toContain(`Authorization: Bearer ${secret}`);
     expect(server.output()).toContain(`${base}/hooks/demo`);
@@ -40,10 +52,12 @@ describe('crm-bridge serve, as npm start runs it', () => {
     const hook = await fetch(`${base}/hooks/demo`, {
       method: 'POST',
       headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ id: 1001, updated_at: '2026-11-26T10:00:00Z', status: 'Open' }),
+      body: JSON.stringify({ data: { id: 1001, updated_at: '2026-11-26T10:00:00Z', status: 'Open' } }),
     });
     expect(hook.status).toBe(202);
     expect((await fetch(`${base}/health`)).status).toBe(200);
+    // Staff edit the CRM every few seconds; its automation calls the hook; the pipeline receives it.
+    await waitFor(() => /connection authorised/.test(server.output()) && /hook accepted: demo matters/.test(server.output()) && /pipeline received/.test(server.output()));
 
     server.child.kill('SIGTERM');
     expect(await server.exited).toBe(0);
@@ -57,7 +71,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     const again = await fetch(`${base}/hooks/demo`, {
       method: 'POST',
       headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ id: 1001, updated_at: '2026-11-26T10:00:00Z', status: 'Open' }),
+      body: JSON.stringify({ data: { id: 1001, updated_at: '2026-11-26T10:00:00Z', status: 'Open' } }),
     });
     expect(await again.json()).toMatchObject({ status: 'duplicate' });
     server.child.kill('SIGINT');

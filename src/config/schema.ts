@@ -29,6 +29,8 @@ export const envSchema = z.object({
   PORT: z.coerce.number().int().min(0).max(65535).default(3000),
   HOST: z.string().min(1).default('127.0.0.1'),
   LOG_LEVEL: logLevel.default('info'),
+  /** `pretty` for people at a terminal, `json` for log shippers; default: pretty on a TTY. */
+  LOG_FORMAT: z.enum(['json', 'pretty']).optional(),
   CRM_BRIDGE_CONFIG: z.string().min(1).optional(),
   TOKEN_ENCRYPTION_KEY: z
     .string()

@@ -3,6 +3,7 @@ import { UnauthorizedError, UnprocessableError } from '../errors.js';
 import type { Connection } from '../plugins/config.js';
 import { redactFields } from '../privacy.js';
 import { bearerToken, matchesAnySecret } from '../security.js';
+import type { GateDisposition } from '../sync/change-gate.js';
 import { getPath, observeRecord } from '../sync/record.js';
 
 declare module 'fastify' {
@@ -93,7 +94,7 @@ export default async function hookRoutes(app: FastifyInstance) {
           ? await app.changeWriter.submitNotification({ connectionId: connection.id, object, crmId, observedAt, raw: body })
           : await app.changeWriter.submit(change);
 
-      request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `hook ${outcome.disposition}`);
+      request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `${HOOK_STORY[outcome.disposition]}: ${connection.id} ${object} ${crmId}`);
       app.metrics.changes.inc({ connection: connection.id, object, source: 'hook', disposition: outcome.disposition });
       if (outcome.disposition === 'accepted' || outcome.disposition === 'notified') {
         return reply.code(202).send({ status: 'accepted', eventId: outcome.eventId });
@@ -102,6 +103,16 @@ export default async function hookRoutes(app: FastifyInstance) {
     },
   );
 }
+
+/** What the log says about each hook, in the words an operator would use. */
+const HOOK_STORY: Record<GateDisposition, string> = {
+  accepted: 'hook accepted',
+  notified: 'hook accepted: notification stored, the record will be fetched',
+  duplicate: 'duplicate hook ignored',
+  stale: 'stale hook recorded, not delivered: a newer version was already seen',
+  unchanged: 'hook recorded, not delivered: nothing that is mapped changed',
+  echo: "echo suppressed: the hook carried the bridge's own write",
+};
 
 function hookAnswerSchema(description: string) {
   return {

@@ -88,7 +88,8 @@ export class DeliveryWorker extends Daemon {
       case 'delivered':
         await markDelivered(db, { id: row.id, status: attempt.status });
         this.deps.onOutcome?.('delivered');
-        log.info({ ...context, status: attempt.status }, `delivered ${row.object}/${row.crmId} to ${connectionId} (attempt ${row.attempts})`);
+        // One line per delivery is an access log: debug. Retries and dead letters stay loud.
+        log.debug({ ...context, status: attempt.status }, `delivered ${row.object}/${row.crmId} to ${connectionId} (attempt ${row.attempts})`);
         return;
       case 'rejected':
         if (await markDead(db, { id: row.id, owner, status: attempt.status, error: attempt.error })) {
