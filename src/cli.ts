@@ -162,6 +162,45 @@ program
   });
 
 program
+  .command('backfill')
+  .description('re-read every record (or those changed since --since) through the poller and the change gate, with a progress bar; an interrupted backfill continues where it stopped')
+  .argument('<connection>', 'the connection id from the connections file')
+  .option('-o, --object <name>', 'only this object (default: every polled object)')
+  .option('--since <date>', 'only records changed at or after this ISO-8601 date or time (default: everything)', (v: string) => {
+    const at = new Date(v);
+    if (!/^\d{4}-\d{2}-\d{2}/.test(v) || Number.isNaN(at.getTime())) throw new InvalidArgumentError('--since must be an ISO-8601 date or time, e.g. 2024-01-31 or 2024-01-31T12:00:00Z.');
+    return at;
+  })
+  .action(async (connectionId: string, options: { object?: string; since?: Date }) => {
+    const { runBackfillCommand } = await import('./sync/backfill-command.js');
+    const stop = new AbortController();
+    process.once('SIGINT', () => stop.abort());
+    process.once('SIGTERM', () => stop.abort());
+    const code = await runBackfillCommand({
+      connectionId,
+      object: options.object,
+      since: options.since,
+      signal: stop.signal,
+      columns: process.stdout.isTTY ? process.stdout.columns : 0,
+      print: (t) => process.stdout.write(t),
+    });
+    if (code !== 0) process.exitCode = code;
+  });
+
+program
+  .command('status')
+  .description('what /health says, as a table: auth, last poll and hook, deliveries, dead letters, caught by poll (exit 1 when unhealthy)')
+  .option('--url <url>', 'ask a running bridge (e.g. http://127.0.0.1:3000) instead of reading the configured database', (v: string) => {
+    if (!/^https?:\/\/[^/]/.test(v)) throw new InvalidArgumentError('--url must be an http:// or https:// URL.');
+    return v;
+  })
+  .action(async (options: { url?: string }) => {
+    const { runStatusCommand } = await import('./status-command.js');
+    const code = await runStatusCommand({ url: options.url, print: (t) => process.stdout.write(t) });
+    if (code !== 0) process.exitCode = code;
+  });
+
+program
   .command('probe')
   .description("fetch one live record through the connection's auth and check it against the connector definition (exit 1 on a mismatch)")
   .argument('<connection>', 'the connection id from the connections file')

@@ -52,6 +52,15 @@ export interface RunOptions {
   signal?: AbortSignal;
   /** Called after each committed page (CLI progress, tests that stop a run part-way). */
   onPage?: (report: RunReport) => void | Promise<void>;
+  /**
+   * Poll only: keep the cursor and lease under this key instead of the object's own (a backfill
+   * re-reads everything beside the scheduled poll, and resumes from its own cursor).
+   */
+  cursorKey?: string;
+  /** Poll only: where a run with no cursor under its key starts (default: poll.initialSince, else everything). */
+  since?: Date;
+  /** Poll only: count delivered changes as caught by poll (not for a backfill: those were never missed hooks). */
+  countCaught?: boolean;
 }
 
 /** The poller lost its lease to another replica: it must write nothing more. */
@@ -89,7 +98,7 @@ export const leaseName = (connectionId: string, object: string) => `poll:${conne
  */
 export async function pollStream(ctx: StreamContext, options: RunOptions = {}): Promise<RunReport> {
   const settings = pollSettings(ctx);
-  const stream = { connectionId: ctx.connection.id, object: ctx.object };
+  const stream = { connectionId: ctx.connection.id, object: options.cursorKey ?? ctx.object };
   const lease = leaseName(stream.connectionId, stream.object);
   const report = emptyReport(ctx, 'poll');
   if (!(await acquireLease(ctx.db, lease, ctx.owner, settings.lease))) return { ...report, status: 'busy' };
@@ -101,7 +110,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   const hadCursor = cursor?.cursorRank !== null && cursor?.cursorRank !== undefined;
   const since = hadCursor
     ? new Date(cursor!.cursorRank! - settings.lookback)
-    : new Date(settings.initialSince ?? 0);
+    : (options.since ?? new Date(settings.initialSince ?? 0));
   const definition = ctx.connection.connector.objects[ctx.object]!;
   let newest: { updatedAt: string; id: string; rank: number } | undefined;
 
@@ -144,7 +153,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
         return result;
       });
-      tally(report, outcomes, hadCursor);
+      tally(report, outcomes, hadCursor && options.countCaught !== false);
       report.pages++;
       report.records += page.records.length;
       await options.onPage?.(report);

@@ -1,6 +1,6 @@
 import { and, count, desc, eq, gte, sql } from 'drizzle-orm';
 import type { Db } from '../client.js';
-import { ledger, type ChangeKind, type ChangeSource, type Disposition } from '../schema/index.js';
+import { ledger, streamCursors, type ChangeKind, type ChangeSource, type Disposition } from '../schema/index.js';
 
 /**
  * What the status page and metrics read from the ledger. Only keys, sources, dispositions and
@@ -67,4 +67,9 @@ export async function countHookAccepted(db: Db): Promise<Map<string, number>> {
     .where(and(eq(ledger.source, 'hook'), eq(ledger.disposition, 'accepted')))
     .groupBy(ledger.connectionId);
   return new Map(rows.map((r) => [r.connectionId, Number(r.n)]));
+}
+
+/** Forgets a stream's cursor row (a finished backfill), so the next backfill starts from its beginning. */
+export async function deleteStreamCursor(db: Db, stream: { connectionId: string; object: string }): Promise<void> {
+  await db.delete(streamCursors).where(and(eq(streamCursors.connectionId, stream.connectionId), eq(streamCursors.object, stream.object)));
 }

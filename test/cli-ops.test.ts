@@ -1,0 +1,159 @@
+import { spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
+import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
+
+let sandbox: Sandbox;
+const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-cli-ops-'));
+const config = join(dir, 'connections.json');
+
+/**
+ * The sandbox lists matters by updated_at with offset paging too; with that listing the
+ * backfill checkpoints every page, so a resumed run reads only what is left.
+ */
+const timeOrderedConnector = {
+  objects: {
+    matters: {
+      idPath: 'id',
+      updatedAtPath: 'updated_at',
+      versionPath: 'etag',
+      volatile: ['etag'],
+      fields: { displayNumber: 'display_number', status: 'status' },
+      list: {
+        request: {
+          path: '/api/v4/matters.json',
+          query: { fields: 'id,etag,display_number,status,updated_at', order: 'updated_at(asc)', limit: '{{limit}}', offset: '{{offset}}', updated_since: '{{since}}' },
+        },
+        records: 'data',
+        pagination: { style: 'offset', totalPath: 'meta.records' },
+        order: 'updatedAt',
+      },
+    },
+  },
+};
+
+beforeAll(async () => {
+  sandbox = await startSandbox({ records: 80 });
+  writeFileSync(
+    config,
+    JSON.stringify({
+      connections: [
+        clioConnection(sandbox, { poll: { pageSize: 10 } }),
+        clioConnection(sandbox, { id: 'ordered', connector: timeOrderedConnector, poll: { pageSize: 5, lookback: '0s' } }),
+      ],
+    }),
+  );
+});
+afterAll(() => sandbox.close());
+
+/** Runs `crm-bridge <args>` on the embedded database in DATA_DIR; `stopWhen` sends SIGINT once the output matches. */
+function cli(args: string[], options: { stopWhen?: RegExp } = {}): Promise<{ code: number | null; out: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
+      env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: '' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let stopped = false;
+    const take = (d: Buffer) => {
+      out += d;
+      if (options.stopWhen && !stopped && options.stopWhen.test(out)) {
+        stopped = true;
+        child.kill('SIGINT');
+      }
+    };
+    child.stdout.on('data', take);
+    child.stderr.on('data', take);
+    child.on('exit', (code) => resolve({ code, out }));
+  });
+}
+
+describe('crm-bridge status', () => {
+  it('prints a table of what /health says, before and after a poll', async () => {
+    const before = await cli(['status']);
+    expect(before.out).toMatch(/^crm-bridge: (ok|degraded) \(database ok\)$/m);
+    expect(before.out).toMatch(/^connection\s+auth\s+last poll\s+last hook\s+pending\s+dead\s+caught by poll\s+state$/m);
+    expect(before.out).toMatch(/^firm\s+none\s+never\s+never\s+0\s+0\s+0\s+ok$/m);
+
+    expect((await cli(['poll', 'firm', '--once'])).code).toBe(0);
+    const after = await cli(['status']);
+    expect(after.code).toBe(0);
+    expect(after.out).toMatch(/^firm\s+ok\s+\d+s ago\s+never\s+\d+\s+0\s+0\s+ok$/m);
+  }, 60_000);
+
+  it('asks a running bridge with --url, and says so in one line when none answers', async () => {
+    const down = await cli(['status', '--url', 'http://127.0.0.1:9']);
+    expect(down.code).toBe(1);
+    expect(down.out.trim().split('\n')).toHaveLength(1);
+    expect(down.out).toMatch(/cannot reach http:\/\/127\.0\.0\.1:9/);
+  });
+});
+
+describe('crm-bridge backfill', () => {
+  it('re-reads every record with progress and a summary; a second backfill starts over and finds only duplicates', async () => {
+    const first = await cli(['backfill', 'firm']);
+    expect(first.code).toBe(0);
+    expect(first.out).toMatch(/backfill firm\/matters: page 1, 10 records, \d+ new, \d+ records\/s/);
+    expect(first.out).toMatch(/firm\/matters: backfill done: 40 record\(s\) read in \d+s/);
+    const again = await cli(['backfill', 'firm', '--object', 'matters']);
+    expect(again.code).toBe(0);
+    expect(again.out).not.toMatch(/resuming/);
+    expect(again.out).toMatch(/backfill done: 40 record\(s\) read .*: nothing new|backfill done: 40 record\(s\) read [^:]*: (\d+ (unchanged|duplicate)(, )?)+$/m);
+  }, 60_000);
+
+  it('stops on Ctrl-C with what it committed, and the next run continues from its checkpoint instead of starting over', async () => {
+    sandbox.state.setSwitches({ latencyMs: 150 });
+    try {
+      const stopped = await cli(['backfill', 'ordered'], { stopWhen: /page 2,/ });
+      expect(stopped.code).toBe(1);
+      expect(stopped.out).toMatch(/ordered\/matters: backfill stopped after (\d+) record\(s\): ABORTED.*run the same command again to continue/);
+      const readBefore = Number(/stopped after (\d+) record/.exec(stopped.out)![1]);
+      expect(readBefore).toBeGreaterThanOrEqual(10);
+
+      const resumed = await cli(['backfill', 'ordered']);
+      expect(resumed.code).toBe(0);
+      expect(resumed.out).toMatch(/ordered\/matters: resuming the backfill from \S+/);
+      const readAfter = Number(/backfill done: (\d+) record/.exec(resumed.out)![1]);
+      // The rest of the 40 matters, plus at most the page it checkpointed at (the cursor is inclusive).
+      expect(readAfter).toBeLessThan(40);
+      expect(readBefore + readAfter).toBeGreaterThanOrEqual(40);
+    } finally {
+      sandbox.state.setSwitches({ latencyMs: 0 });
+    }
+  }, 60_000);
+
+  it('answers bad arguments with one line, the usage and exit status 2', async () => {
+    const badDate = await cli(['backfill', 'firm', '--since', 'last tuesday']);
+    expect(badDate.code).toBe(2);
+    expect(badDate.out).toMatch(/--since must be an ISO-8601 date/);
+    expect(badDate.out).toMatch(/Usage: crm-bridge backfill/);
+
+    const missing = await cli(['backfill']);
+    expect(missing.code).toBe(2);
+    expect(missing.out).toMatch(/missing required argument 'connection'/);
+
+    const unknown = await cli(['backfill', 'nope']);
+    expect(unknown.code).toBe(2);
+    expect(unknown.out.trim().split('\n')).toHaveLength(1);
+    expect(unknown.out).toMatch(/no connection "nope"/);
+
+    const object = await cli(['backfill', 'firm', '--object', 'invoices']);
+    expect(object.code).toBe(2);
+    expect(object.out).toMatch(/cannot list "invoices"/);
+
+    const url = await cli(['status', '--url', 'ftp://x']);
+    expect(url.code).toBe(2);
+    expect(url.out).toMatch(/--url must be an http/);
+  }, 60_000);
+
+  it('has --help for backfill and status', async () => {
+    for (const command of ['backfill', 'status']) {
+      const help = await cli([command, '--help']);
+      expect(help.code).toBe(0);
+      expect(help.out).toMatch(new RegExp(`Usage: crm-bridge ${command}`));
+    }
+  }, 30_000);
+});
