@@ -62,6 +62,7 @@ export async function startDemoWorld(log: FastifyBaseLogger, hookSecret: string)
       inbound: { secrets: [hookSecret], recordPath: 'data', object: 'matters' },
       poll: { objects: ['matters', 'contacts'], interval: '20s', lookback: '2m', sweepInterval: '3m', pageSize: 100 },
       downstream: { url: `${pipeline.url}/intake`, headers: { Authorization: `Bearer ${pipelineKey}` }, backoff: { base: '1s', max: '30s' } },
+      outbound: { apiKeys: [pipelineKey] },
     },
   ];
 
@@ -82,6 +83,15 @@ export async function startDemoWorld(log: FastifyBaseLogger, hookSecret: string)
         });
       }
       timers.push(setInterval(() => staffActivity(sandbox, log), 2_500).unref());
+      // The intake agent qualifies a lead now and then and writes it into the CRM through the bridge.
+      let leads = 0;
+      timers.push(
+        setInterval(() => {
+          writeNewLead(bridgeUrl, pipelineKey, sandbox, ++leads, log.child({ component: 'demo-pipeline' })).catch((err: unknown) =>
+            log.warn({ err }, 'the demo pipeline could not write its lead'),
+          );
+        }, 15_000).unref(),
+      );
     },
     async close() {
       for (const timer of timers) clearInterval(timer);
@@ -138,8 +148,8 @@ async function startDemoPipeline(log: FastifyBaseLogger): Promise<{ app: Fastify
   let burst: string[] = [];
   const flush = setInterval(() => {
     if (burst.length === 0) return;
-    if (burst.length <= 3) for (const line of burst) log.info(line);
-    else log.info(`pipeline received ${burst.length} changes in a second (${burst.slice(0, 2).join('; ')}; ...)`);
+    if (burst.length <= 3) for (const line of burst) log.info(`pipeline received ${line}`);
+    else log.info(`pipeline received ${burst.length} changes in a second: ${burst.slice(0, 2).join(', ')}, ...`);
     burst = [];
   }, 1_000).unref();
   app.addHook('onClose', async () => clearInterval(flush));
@@ -148,14 +158,23 @@ async function startDemoPipeline(log: FastifyBaseLogger): Promise<{ app: Fastify
     if (seen.has(key)) return reply.code(200).send({ status: 'already applied' });
     seen.add(key);
     const change = request.body as { object: string; crmId: string; change: string; source: string };
-    burst.push(`pipeline received ${change.change} of ${change.object} ${change.crmId} (via ${change.source})`);
+    burst.push(`${change.change} of ${change.object} ${change.crmId} (via ${change.source})`);
     return reply.code(202).send({ status: 'queued' });
   });
   const url = await app.listen({ port: 0, host: '127.0.0.1' });
   return { app, url };
 }
 
-export function newLeadName(): string {
+/** What an intake agent does once it has qualified a caller: open a matter in the CRM. */
+async function writeNewLead(bridgeUrl: string, apiKey: string, sandbox: Sandbox, n: number, log: FastifyBaseLogger): Promise<void> {
   const pick = <T>(items: readonly T[]): T => items[Math.floor(Math.random() * items.length)]!;
-  return `${pick(FIRST_NAMES)} ${pick(LAST_NAMES)}`;
+  const client = pick(sandbox.state.store.contacts.items);
+  const name = `${pick(FIRST_NAMES)} ${pick(LAST_NAMES)}`;
+  const externalId = `intake-${Date.now().toString(36)}-${n}`;
+  const res = await fetch(`${bridgeUrl}/v1/connections/demo/records`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${apiKey}`, 'idempotency-key': externalId, 'content-type': 'application/json' },
+    body: JSON.stringify({ object: 'matters', externalId, fields: { description: `Web intake: ${name}, ${pick(NOTES).toLowerCase()}`, status: 'Open', clientId: client.id } }),
+  });
+  log.info(`pipeline wrote a new lead into the CRM through the bridge (${externalId}): ${res.status}`);
 }
