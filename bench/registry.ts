@@ -1,5 +1,9 @@
+import { runBackfillBench, runRepollBench } from './backfill.js';
 import type { BenchCase } from './cases.js';
+import { runDeliveryBench } from './delivery.js';
 import { runIngestBench } from './ingest.js';
+import { runLatencyBench } from './latency.js';
+import { runRateLimitBench } from './rate-limit.js';
 
 /**
  * Every figure `npm run bench` reports, in the order of issue 8. To fill a slot: add `run`,
@@ -28,31 +32,39 @@ export const benchCases: BenchCase[] = [
     id: 'backfill',
     title: 'Backfill',
     description:
-      '100,000 records from the sandbox (faults off, page size 200) through the poller into ledger and outbox, divided by a bare loop that fetches the same pages and discards them; peak RSS. On Postgres and PGlite.',
+      '100,000 sandbox matters (faults off, page size 200, `clio` preset) through `pollStream` into ledger and outbox, in a bridge child process (peak RSS is its own), divided by a bare loop in another child that fetches the same pages with plain fetch and discards them, before and after (mean). The sandbox runs in a third process. PGlite beside it with 10,000 matters (BENCH_PGLITE_RECORDS), against its own bare loop.',
     targets: ['backfill ratio ≤ 1.3', 'peak RSS ≤ 200 MB'],
+    run: runBackfillBench,
   },
   {
     id: 'repoll',
     title: 'Re-poll',
-    description: 'The same 100,000 records again, all unchanged, divided by the bare fetch.',
+    description: 'The same records again in the same bridge process, under a cursor key of its own (so everything is re-read, as `crm-bridge backfill` does), all unchanged, divided by the same bare fetch. Measured together with the backfill.',
     targets: ['re-poll ratio ≤ 1.1'],
+    run: runRepollBench,
   },
   {
     id: 'delivery',
     title: 'Delivery',
-    description: '50,000 outbox rows to a local sink, divided by a bare loop POSTing the same bodies with the same concurrency.',
+    description:
+      'Outbox rows (5,000 by default, BENCH_DELIVERY_ROWS=50000 for the issue\'s count) delivered by `DeliveryWorker` ticks at the default concurrency 4 to a bare Fastify sink answering 202 (its own process), divided by a bare loop in another process POSTing the same ~1 KB bodies at the same concurrency, before and after (mean).',
     targets: ['delivery ratio ≥ 0.7'],
+    run: runDeliveryBench,
   },
   {
     id: 'e2e-latency',
     title: 'End-to-end latency',
-    description: 'Hook received to sink received, at 200 changes/s: p50 and p99.',
+    description:
+      'Hooks sent open-loop at 200/s for 20 s from the bench process to the app (own process, daemons started, downstream pollInterval 10 ms, Postgres); the sink (own process) notes receipt − send time carried in each record. Absolute, with the load average beside it.',
     targets: ['p99 ≤ 50 ms'],
+    run: runLatencyBench,
   },
   {
     id: 'rate-limit',
     title: 'Rate-limit budget',
-    description: 'A backfill against the sandbox at 50 requests/min: fraction of the allowed requests used, and 429s received.',
+    description:
+      'A backfill through `pollStream` against the sandbox with its rate limit at 25 calls per 30 s (Clio\'s 50/min, window scaled down), for two windows from the first API call: calls made ÷ calls allowed, and 429s, from the sandbox request log.',
     targets: ['budget used ≥ 0.95', '0 × 429'],
+    run: runRateLimitBench,
   },
 ];
