@@ -1,10 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { and, asc, eq, inArray, isNull, or, sql } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 import type { Db } from '../db/client.js';
 import {
   ledger,
   ledgerBodies,
-  outbox,
   outboundWrites,
   pendingFetches,
   recordHeads,
@@ -65,7 +64,45 @@ type Stamp = {
   echoMatch: { fields: Record<string, unknown>; foldCase: string[] } | null;
   createdAt: Date;
 };
-type LedgerRow = typeof ledger.$inferInsert;
+/** A record head as the database returns it through raw SQL. */
+type HeadRow = {
+  connection_id: string;
+  object: string;
+  crm_id: string;
+  version: string | null;
+  version_rank: number | string | null;
+  content_hash: string | null;
+  deleted: boolean;
+  origin: 'crm' | 'pipeline';
+  last_event_id: string;
+  delivered_hash: string | null;
+};
+
+function headOf(row: HeadRow, now: Date): Head {
+  return {
+    connectionId: row.connection_id,
+    object: row.object,
+    crmId: row.crm_id,
+    version: row.version,
+    versionRank: row.version_rank === null ? null : Number(row.version_rank),
+    contentHash: row.content_hash,
+    deleted: row.deleted,
+    origin: row.origin,
+    lastEventId: row.last_event_id,
+    deliveredHash: row.delivered_hash,
+    updatedAt: now,
+  };
+}
+
+function keyRow(k: Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>) {
+  return { connection_id: k.connectionId, object: k.object, crm_id: k.crmId };
+}
+
+/** `db.execute` answers with an array (postgres.js) or `{rows}` (PGlite). */
+async function rowsOf<T>(result: Promise<unknown>): Promise<T[]> {
+  const answer = (await result) as T[] | { rows: T[] };
+  return Array.isArray(answer) ? answer : answer.rows;
+}
 
 /**
  * The change gate (DESIGN "The change gate", rules 1-7). Runs inside the caller's transaction;
@@ -74,10 +111,11 @@ type LedgerRow = typeof ledger.$inferInsert;
  * one record keep their arrival order. Outcomes come back in the order given.
  *
  * A batch costs a fixed number of round trips, not a few per change: head rows are claimed with
- * one multi-row insert (in key order), the heads that already existed are locked with one
- * SELECT … FOR UPDATE (in key order), outbound-write stamps are read once, each change is
+ * one insert (in the database's key order), the heads that already existed are locked with one
+ * SELECT … FOR UPDATE (in the same order), outbound-write stamps are read once, each change is
  * decided in memory against the head as the changes before it in the batch left it, and the
- * ledger, body and outbox rows go in as one insert each. The decisions are those of taking the
+ * ledger, body and outbox rows go in as one insert each, every statement carrying its rows as
+ * one JSON parameter. The decisions are those of taking the
  * changes one at a time: a head locked up front stays locked until commit either way.
  */
 export async function passChanges(tx: Db, changes: readonly ObservedChange[]): Promise<GateOutcome[]> {
@@ -89,50 +127,74 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   // concurrent insert waits for the winner's commit; its row is then read under lock below.
   const firstOfKey = new Map<string, number>();
   for (const i of order) if (!firstOfKey.has(recordKey(changes[i]!))) firstOfKey.set(recordKey(changes[i]!), i);
-  // The stamps read does not depend on the claim: both are sent at once (see `pipelined`).
+  const claimRows = [...firstOfKey.values()].map((i) => {
+    const change = changes[i]!;
+    return {
+      connection_id: change.connectionId,
+      object: change.object,
+      crm_id: change.crmId,
+      version: change.version,
+      version_rank: rankOf(change),
+      content_hash: change.contentHash,
+      deleted: change.change === 'delete',
+      last_event_id: eventIds[i]!,
+    };
+  });
+  // The stamps read does not depend on the claim: both go out at once, without waiting for the
+  // first answer (a drizzle query is sent when awaited, in the order awaited).
   const [claimed, stamps] = await Promise.all([
-    pipelined(
-      chunks([...firstOfKey.values()], INSERT_CHUNK).map((rows) =>
-        tx
-          .insert(recordHeads)
-          .values(
-            rows.map((i) => {
-              const change = changes[i]!;
-              return {
-                ...keyOf(change),
-                version: change.version,
-                versionRank: rankOf(change),
-                contentHash: change.contentHash,
-                deleted: change.change === 'delete',
-                lastEventId: eventIds[i]!,
-                deliveredHash: change.contentHash,
-              };
-            }),
-          )
-          .onConflictDoNothing()
-          .returning(),
-      ),
-    ).then((parts) => parts.flat()),
+    rowsOf<{ connection_id: string; object: string; crm_id: string }>(
+      tx.execute(sql`
+        insert into record_heads (connection_id, object, crm_id, version, version_rank, content_hash, deleted, last_event_id, delivered_hash)
+        select connection_id, object, crm_id, version, version_rank, content_hash, deleted, last_event_id, content_hash
+        from jsonb_to_recordset(${JSON.stringify(claimRows)}::jsonb)
+          as r(connection_id text, object text, crm_id text, version text, version_rank float8, content_hash text, deleted boolean, last_event_id uuid)
+        order by connection_id, object, crm_id
+        on conflict do nothing
+        returning connection_id, object, crm_id`),
+    ),
     readStamps(tx, changes),
   ]);
-  const heads = new Map<string, Head>(claimed.map((head) => [recordKey(head), head]));
+  const now = new Date();
+  const heads = new Map<string, Head>();
+  for (const row of claimed) {
+    const i = firstOfKey.get(recordKey({ connectionId: row.connection_id, object: row.object, crmId: row.crm_id }))!;
+    const change = changes[i]!;
+    heads.set(recordKey(change), {
+      ...keyOf(change),
+      version: change.version,
+      versionRank: rankOf(change),
+      contentHash: change.contentHash,
+      deleted: change.change === 'delete',
+      origin: 'crm',
+      lastEventId: eventIds[i]!,
+      deliveredHash: change.contentHash,
+      updatedAt: now,
+    });
+  }
   const newKeys = new Set(heads.keys());
   const existing = [...firstOfKey.keys()].filter((key) => !newKeys.has(key)).map((key) => changes[firstOfKey.get(key)!]!);
   if (existing.length > 0) {
-    const locked = await tx
-      .select()
-      .from(recordHeads)
-      .where(inKeys(existing))
-      .orderBy(asc(recordHeads.connectionId), asc(recordHeads.object), asc(recordHeads.crmId))
-      .for('update');
-    for (const head of locked) heads.set(recordKey(head), head);
+    const locked = await rowsOf<HeadRow>(
+      tx.execute(sql`
+        select h.connection_id, h.object, h.crm_id, h.version, h.version_rank, h.content_hash, h.deleted, h.origin, h.last_event_id, h.delivered_hash
+        from record_heads h
+        where (h.connection_id, h.object, h.crm_id) in (
+          select connection_id, object, crm_id from jsonb_to_recordset(${JSON.stringify(existing.map(keyRow))}::jsonb) as k(connection_id text, object text, crm_id text))
+        order by h.connection_id, h.object, h.crm_id
+        for update`),
+    );
+    for (const row of locked) {
+      const head = headOf(row, now);
+      heads.set(recordKey(head), head);
+    }
   }
 
   const echoes = new EchoStamps(stamps);
   const headUpdates = new Map<string, Partial<Head>>();
-  const ledgerRows: LedgerRow[] = [];
-  const bodyRows: (typeof ledgerBodies.$inferInsert)[] = [];
-  const outboxRows: (typeof outbox.$inferInsert)[] = [];
+  const ledgerRows: Record<string, unknown>[] = [];
+  const bodyRows: Record<string, unknown>[] = [];
+  const outboxRows: Record<string, unknown>[] = [];
   const outcomes = new Array<GateOutcome>(changes.length);
 
   for (const i of order) {
@@ -177,66 +239,80 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
 
     const delivered = disposition === 'accepted';
     ledgerRows.push({
-      eventId,
-      ...keyOf(change),
+      event_id: eventId,
+      ...keyRow(change),
       source: change.source,
       disposition,
       change: change.change,
       version: change.version,
-      contentHash: change.contentHash,
+      content_hash: change.contentHash,
       origin: disposition === 'echo' ? 'pipeline' : 'crm',
-      observedAt: change.observedAt,
+      observed_at: change.observedAt.toISOString(),
     });
-    bodyRows.push({ eventId, raw: change.raw ?? null, fields: change.fields });
-    if (delivered) outboxRows.push({ eventId, ...keyOf(change) });
+    bodyRows.push({ event_id: eventId, raw: change.raw ?? null, fields: change.fields });
+    if (delivered) outboxRows.push({ event_id: eventId, ...keyRow(change) });
     outcomes[i] = { disposition, eventId, delivered };
   }
 
   // A head that changed is written once, with its state after the batch; new records seen once
-  // (the common case) need no update at all.
-  await pipelined([
-    ...[...headUpdates].map(([key, set]) => tx.update(recordHeads).set(set).where(headKey(heads.get(key)!))),
-    ...echoes.claims().map((claim) => tx.update(outboundWrites).set({ crmId: claim.crmId, settledAt: new Date(), updatedAt: new Date() }).where(eq(outboundWrites.id, claim.id))),
-    ...chunks(ledgerRows, INSERT_CHUNK).map((rows) => tx.insert(ledger).values(rows)),
-    ...chunks(bodyRows, INSERT_CHUNK).map((rows) => tx.insert(ledgerBodies).values(rows)),
-    ...chunks(outboxRows, INSERT_CHUNK).map((rows) => tx.insert(outbox).values(rows)),
-  ]);
+  // (the common case) need no update at all. Each statement carries its rows as one JSON
+  // parameter: building SQL per row and column costs more client CPU than the database work.
+  const updatedHeads = [...headUpdates.keys()].map((key) => {
+    const h = heads.get(key)!;
+    return {
+      ...keyRow(h),
+      version: h.version,
+      version_rank: h.versionRank,
+      content_hash: h.contentHash,
+      deleted: h.deleted,
+      origin: h.origin,
+      last_event_id: h.lastEventId,
+      delivered_hash: h.deliveredHash,
+    };
+  });
+  const statements: PromiseLike<unknown>[] = [];
+  if (updatedHeads.length > 0) {
+    statements.push(
+      tx.execute(sql`
+        update record_heads h set version = u.version, version_rank = u.version_rank, content_hash = u.content_hash, deleted = u.deleted,
+          origin = u.origin, last_event_id = u.last_event_id, delivered_hash = u.delivered_hash, updated_at = now()
+        from jsonb_to_recordset(${JSON.stringify(updatedHeads)}::jsonb)
+          as u(connection_id text, object text, crm_id text, version text, version_rank float8, content_hash text, deleted boolean, origin text, last_event_id uuid, delivered_hash text)
+        where (h.connection_id, h.object, h.crm_id) = (u.connection_id, u.object, u.crm_id)`),
+    );
+  }
+  for (const claim of echoes.claims()) {
+    statements.push(tx.update(outboundWrites).set({ crmId: claim.crmId, settledAt: now, updatedAt: now }).where(eq(outboundWrites.id, claim.id)));
+  }
+  if (ledgerRows.length > 0) {
+    statements.push(
+      tx.execute(sql`
+        insert into ledger (event_id, connection_id, object, crm_id, source, disposition, change, version, content_hash, origin, observed_at)
+        select event_id, connection_id, object, crm_id, source, disposition, change, version, content_hash, origin, observed_at
+        from jsonb_to_recordset(${JSON.stringify(ledgerRows)}::jsonb)
+          as l(event_id uuid, connection_id text, object text, crm_id text, source text, disposition text, change text, version text, content_hash text, origin text, observed_at timestamptz)`),
+      tx.execute(sql`
+        insert into ledger_bodies (event_id, raw, fields)
+        select event_id, raw, fields from jsonb_to_recordset(${JSON.stringify(bodyRows)}::jsonb) as b(event_id uuid, raw jsonb, fields jsonb)`),
+    );
+  }
+  if (outboxRows.length > 0) {
+    statements.push(
+      tx.execute(sql`
+        insert into outbox (event_id, connection_id, object, crm_id)
+        select event_id, connection_id, object, crm_id from jsonb_to_recordset(${JSON.stringify(outboxRows)}::jsonb) as o(event_id uuid, connection_id text, object text, crm_id text)`),
+    );
+  }
+  // Sent without waiting for each answer, in this order on the transaction's connection (PGlite
+  // takes them one at a time in the same order), so the outbox rows follow the ledger rows
+  // their foreign key needs. One round trip instead of one per statement; if one fails, the
+  // transaction is aborted and the rest fail with it.
+  await Promise.all(statements);
   return outcomes;
 }
 
 function compareKeys(a: ObservedChange, b: ObservedChange): number {
   return a.connectionId.localeCompare(b.connectionId) || a.object.localeCompare(b.object) || a.crmId.localeCompare(b.crmId);
-}
-
-/**
- * Runs statements of one transaction in the order given without waiting for each answer.
- * `execute()` sends at once (a drizzle query is otherwise lazy), so postgres.js queues them on
- * the transaction's connection in this order and the server runs them in this order: the
- * outbox insert still follows the ledger insert its foreign key needs. One round trip instead
- * of one per statement; PGlite takes them one at a time behind its own lock. If one fails, the
- * transaction is aborted and the rest fail with it.
- */
-function pipelined<T>(statements: { execute(): Promise<T> }[]): Promise<T[]> {
-  return Promise.all(statements.map((statement) => statement.execute()));
-}
-
-/** Rows per multi-row insert: well under Postgres's 65,535 bind parameters at ~10 columns a row. */
-const INSERT_CHUNK = 1_000;
-
-function chunks<T>(items: readonly T[], size: number): T[][] {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
-}
-
-/**
- * `(connection_id, object, crm_id) IN (…)` as one statement, so one ORDER BY fixes the order in
- * which every batch locks heads. Three parameters a record: up to ~21,000 records per call (the
- * hook writer sends 64 at most, the poller a page).
- */
-function inKeys(keys: readonly Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>[]) {
-  const tuples = keys.map((k) => sql`(${k.connectionId}, ${k.object}, ${k.crmId})`);
-  return sql`(${recordHeads.connectionId}, ${recordHeads.object}, ${recordHeads.crmId}) in (${sql.join(tuples, sql`, `)})`;
 }
 
 function rankOf(change: ObservedChange): number | null {
@@ -273,45 +349,30 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
  * flight or not yet echoed are live, so this reads a handful of rows through a partial index.
  */
 async function readStamps(tx: Db, changes: readonly ObservedChange[]): Promise<Stamp[]> {
-  const candidates = changes.filter((c) => c.change !== 'delete' && c.contentHash !== null);
-  const parts = await pipelined(chunks(candidates, 500).map((part) => selectStamps(tx, part)));
-  const byId = new Map<string, Stamp>();
-  for (const stamp of parts.flat()) byId.set(stamp.id, stamp);
-  return [...byId.values()];
-}
-
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-
-function selectStamps(tx: Db, candidates: readonly ObservedChange[]) {
-  return tx
-    .select({
-      id: outboundWrites.id,
-      connectionId: outboundWrites.connectionId,
-      object: outboundWrites.object,
-      contentHash: outboundWrites.contentHash,
-      crmId: outboundWrites.crmId,
-      echoMatch: outboundWrites.echoMatch,
-      createdAt: outboundWrites.createdAt,
-    })
-    .from(outboundWrites)
-    .where(
-      and(
-        isNull(outboundWrites.settledAt),
-        inArray(outboundWrites.state, ['pending', 'sent']),
-        or(
-          ...candidates.map((c) =>
-            and(
-              eq(outboundWrites.connectionId, c.connectionId),
-              eq(outboundWrites.object, c.object),
-              // A marker that is not a write id (someone typed into the field) names no stamp.
-              c.originMarker !== undefined && UUID.test(c.originMarker)
-                ? eq(outboundWrites.id, c.originMarker)
-                : or(eq(outboundWrites.crmId, c.crmId), isNull(outboundWrites.crmId)),
-            ),
-          ),
-        ),
-      ),
-    );
+  const pairs = new Map<string, { connection_id: string; object: string }>();
+  for (const c of changes) {
+    if (c.change !== 'delete' && c.contentHash !== null) pairs.set(`${c.connectionId}\u0000${c.object}`, { connection_id: c.connectionId, object: c.object });
+  }
+  if (pairs.size === 0) return [];
+  // Every live stamp of the batch's (connection, object) pairs: writes in flight or not yet
+  // echoed, a handful of rows through the partial index. EchoStamps picks the one a change matches.
+  const rows = await rowsOf<{ id: string; connection_id: string; object: string; content_hash: string; crm_id: string | null; echo_match: Stamp['echoMatch'] | string; created_at: string | Date }>(
+    tx.execute(sql`
+      select w.id, w.connection_id, w.object, w.content_hash, w.crm_id, w.echo_match, w.created_at
+      from outbound_writes w
+      where w.settled_at is null and w.state in ('pending', 'sent')
+        and (w.connection_id, w.object) in (
+          select connection_id, object from jsonb_to_recordset(${JSON.stringify([...pairs.values()])}::jsonb) as p(connection_id text, object text))`),
+  );
+  return rows.map((r) => ({
+    id: r.id,
+    connectionId: r.connection_id,
+    object: r.object,
+    contentHash: r.content_hash,
+    crmId: r.crm_id,
+    echoMatch: typeof r.echo_match === 'string' ? (JSON.parse(r.echo_match) as Stamp['echoMatch']) : r.echo_match,
+    createdAt: new Date(r.created_at),
+  }));
 }
 
 /**
@@ -377,14 +438,6 @@ function showsWritten(fields: Record<string, unknown>, stamp: Stamp): boolean {
     if (foldCase.includes(name) && typeof want === 'string' && typeof got === 'string') return want.toLowerCase() === got.toLowerCase();
     return canonicalJson(want ?? null) === canonicalJson(got ?? null);
   });
-}
-
-function headKey(change: Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>) {
-  return and(
-    eq(recordHeads.connectionId, change.connectionId),
-    eq(recordHeads.object, change.object),
-    eq(recordHeads.crmId, change.crmId),
-  );
 }
 
 /**
