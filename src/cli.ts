@@ -33,10 +33,10 @@ program
   .option('--host <host>', 'address to bind', '127.0.0.1')
   .option('--seed <seed>', 'seed for the deterministic records', wholeNumber('--seed'), 42)
   .option('--records <n>', 'how many records to seed (split between matters and contacts)', wholeNumber('--records', 5_000_000), 500)
-  .option('--no-control', 'disable the /_sandbox control API')
-  .action(async (opts: { port: number; host: string; seed: number; records: number; control: boolean }) => {
+  .option('--control', 'serve the /_sandbox control API (switches, clock, request log, automation rules); off unless asked for')
+  .action(async (opts: { port: number; host: string; seed: number; records: number; control?: boolean }) => {
     const { runSandboxCommand } = await import('./sandbox/index.js');
-    await runSandboxCommand(opts);
+    await runSandboxCommand({ ...opts, control: opts.control === true });
   });
 
 program

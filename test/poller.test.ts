@@ -280,6 +280,34 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 
+  it('marks a stream stale in /health, and answers 503, once no run has succeeded for staleAfter', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { staleAfter: '300ms' } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      expect((await pollStream(stream)).status).toBe('ok');
+      const fresh = await bridge.app.inject('/health');
+      expect(fresh.statusCode).toBe(200);
+      expect(fresh.json().connections[0].poll).toMatchObject({ stale: false, staleAfterSeconds: 0 });
+
+      // The CRM stops answering: runs fail, the last success ages past staleAfter.
+      bridge.sandbox.state.setSwitches({ errorRate: 1 });
+      const failed = await pollStream({ ...stream, connector: connectorForConnection(stream.connection, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 0 } }) });
+      expect(failed.status).toBe('failed');
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      const stale = await bridge.app.inject('/health');
+      expect(stale.statusCode).toBe(503);
+      const poll = stale.json().connections[0].poll;
+      expect(poll).toMatchObject({ stale: true, lastError: expect.stringMatching(/CRM_HTTP_STATUS|5\d\d/) });
+      expect(poll.streams[0]).toMatchObject({ object: 'matters', stale: true });
+
+      bridge.sandbox.state.setSwitches({ errorRate: 0 });
+      expect((await pollStream(stream)).status).toBe('ok');
+      expect((await bridge.app.inject('/health')).statusCode).toBe(200);
+    } finally {
+      await bridge.close();
+    }
+  });
+
   it('lets one replica poll a stream at a time: a poller that lost its lease writes nothing', async () => {
     const bridge = await startBridge({ database, connection: { poll: { pageSize: 10, lease: '1m' } } });
     try {
