@@ -59,25 +59,8 @@ program
     await runAuthCommand({ connection, port: opts.port, redirectUri: opts.redirectUri, listen: opts.listen, timeoutSeconds: opts.timeout });
   });
 
-program
-  .command('migrate')
-  .description('apply database migrations and exit (the server also applies them at start)')
-  .action(async () => {
-    const { loadEnv } = await import('./config/load.js');
-    const { openDatabase } = await import('./db/client.js');
-    const { join } = await import('node:path');
-    const env = loadEnv();
-    const database = openDatabase({ url: env.DATABASE_URL, dataDir: join(env.DATA_DIR, 'pgdata') });
-    try {
-      await database.migrate();
-      process.stdout.write(`migrations applied (${database.driver})\n`);
-    } finally {
-      await database.close();
-    }
-  });
-
 /** Opens the database named by the environment (no connections file needed) for an admin command. */
-async function withDatabase<T>(run: (db: import('./db/client.js').Db) => Promise<T>): Promise<T> {
+async function withDatabase<T>(run: (db: import('./db/client.js').Db, database: import('./db/client.js').Database) => Promise<T>): Promise<T> {
   const { loadEnv } = await import('./config/load.js');
   const { openDatabase } = await import('./db/client.js');
   const { join } = await import('node:path');
@@ -85,11 +68,19 @@ async function withDatabase<T>(run: (db: import('./db/client.js').Db) => Promise
   const database = openDatabase({ url: env.DATABASE_URL, dataDir: join(env.DATA_DIR, 'pgdata'), max: 1 });
   try {
     await database.migrate();
-    return await run(database.db);
+    return await run(database.db, database);
   } finally {
     await database.close();
   }
 }
+
+program
+  .command('migrate')
+  .description('apply database migrations and exit (the server also applies them at start)')
+  .action(async () => {
+    const driver = await withDatabase(async (_db, database) => database.driver);
+    process.stdout.write(`migrations applied (${driver})\n`);
+  });
 
 program
   .command('dead-letters')
