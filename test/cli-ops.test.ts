@@ -5,8 +5,11 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
 import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
+import { createTestDatabase } from './helpers/database.js';
 
 let sandbox: Sandbox;
+// The CLI runs on the embedded database, or on a fresh Postgres database when DATABASE_URL is set.
+const database = process.env.DATABASE_URL ? await createTestDatabase() : undefined;
 const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-cli-ops-'));
 const config = join(dir, 'connections.json');
 
@@ -47,13 +50,16 @@ beforeAll(async () => {
     }),
   );
 });
-afterAll(() => sandbox.close());
+afterAll(async () => {
+  await sandbox.close();
+  await database?.close();
+});
 
-/** Runs `crm-bridge <args>` on the embedded database in DATA_DIR; `stopWhen` sends SIGINT once the output matches. */
+/** Runs `crm-bridge <args>` on the embedded database in DATA_DIR (or the test's Postgres database); `stopWhen` sends SIGINT once the output matches. */
 function cli(args: string[], options: { stopWhen?: RegExp } = {}): Promise<{ code: number | null; out: string }> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
-      env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: '' },
+      env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: database?.url ?? '' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
