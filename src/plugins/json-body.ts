@@ -1,3 +1,4 @@
+import { isUtf8 } from 'node:buffer';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import sjson from 'secure-json-parse';
@@ -19,6 +20,22 @@ export default fp(
   async (app: FastifyInstance) => {
     app.removeAllContentTypeParsers();
     const parseJson = (request: FastifyRequest, body: Buffer, done: (err: Error | null, body?: unknown) => void) => {
+      // Fastify neither decompresses nor transcodes: a compressed or non-UTF-8 body would be read
+      // as garbage (or, worse, as replacement characters in a record that then gets stored).
+      const encoding = request.headers['content-encoding'];
+      if (encoding !== undefined && encoding.trim().toLowerCase() !== 'identity') {
+        done(new AppError(415, 'UNSUPPORTED_CONTENT_ENCODING', `Content-Encoding ${encoding.slice(0, 32)} is not accepted; send the JSON body uncompressed.`));
+        return;
+      }
+      const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(request.headers['content-type'] ?? '')?.[1]?.toLowerCase();
+      if (charset !== undefined && charset !== 'utf-8' && charset !== 'utf8') {
+        done(new AppError(415, 'UNSUPPORTED_CHARSET', `Send JSON as UTF-8 (charset ${charset.slice(0, 32)} is not accepted).`));
+        return;
+      }
+      if (!isUtf8(body)) {
+        done(new BadRequestError('The body is not valid UTF-8; send JSON encoded as UTF-8.', 'INVALID_ENCODING'));
+        return;
+      }
       const limit = request.bodyLimitOverride;
       if (limit !== undefined && body.length > limit) {
         done(new AppError(413, 'BODY_TOO_LARGE', `The body is larger than this endpoint's limit of ${limit} bytes.`));
