@@ -60,7 +60,8 @@ export default async function hookRoutes(app: FastifyInstance) {
 
       const objects = connection.connector.objects;
       const object = request.query.object ?? connection.inbound.object ?? Object.keys(objects)[0]!;
-      const definition = objects[object];
+      // Own keys only: `?object=__proto__` or `toString` must not find Object.prototype's members.
+      const definition = Object.hasOwn(objects, object) ? objects[object] : undefined;
       if (definition === undefined) {
         throw new UnprocessableError(`Unknown object "${object}" for connection ${connection.id} (known: ${Object.keys(objects).join(', ')}).`, 'UNKNOWN_OBJECT');
       }
@@ -96,6 +97,8 @@ export default async function hookRoutes(app: FastifyInstance) {
 
       request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `${HOOK_STORY[outcome.disposition]}: ${connection.id} ${object} ${crmId}`);
       app.metrics.changes.inc({ connection: connection.id, object, source: 'hook', disposition: outcome.disposition });
+      // The change is in the outbox: deliver it now rather than at the worker's next tick.
+      // if (outcome.delivered) app.deliveryWorkers.get(connection.id)?.wake();
       if (outcome.disposition === 'accepted' || outcome.disposition === 'notified') {
         return reply.code(202).send({ status: 'accepted', eventId: outcome.eventId });
       }

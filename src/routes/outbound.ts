@@ -110,7 +110,8 @@ export default async function outboundRoutes(app: FastifyInstance) {
         throw new BadRequestError('Send an Idempotency-Key header (1 to 255 visible ASCII characters) with every write.', 'IDEMPOTENCY_KEY_REQUIRED');
       }
       const { object, externalId, crmId, fields } = request.body;
-      const definition = connection.connector.objects[object];
+      // Own keys only: an object named `constructor` must not find Object's members (Object.create).
+      const definition = Object.hasOwn(connection.connector.objects, object) ? connection.connector.objects[object] : undefined;
       const operation = crmId === undefined ? 'create' : 'update';
       if (definition === undefined || definition[operation] === undefined) {
         const writable = Object.entries(connection.connector.objects).filter(([, d]) => d[operation] !== undefined).map(([name]) => name);
