@@ -46,6 +46,6 @@ function codeOf(error: FastifyError, status: number): string {
 
 function detailOf(error: FastifyError, status: number): string {
   if (status === 413 && !(error instanceof AppError)) return 'The request body is larger than this endpoint accepts.';
-  if (status === 415) return 'Send the body as JSON with Content-Type: application/json.';
+  if (status === 415 && !(error instanceof AppError)) return 'Send the body as JSON with Content-Type: application/json.';
   return error.message;
 }
