@@ -299,6 +299,18 @@ describe('delivery to the intake pipeline', () => {
     expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
   });
 
+  it('delivers a hook at once instead of at the next tick: the hook wakes the worker', async () => {
+    // An hour between ticks: only the wake-up can deliver within the test.
+    const { app, worker } = await startApp({ pollInterval: '1h' });
+    sink.behave(() => ({ status: 202 }));
+    worker.start();
+    // Let the first, empty tick pass, so the worker is in its hour-long pause.
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const eventId = await hook(app, matter(41, 1));
+    await sink.until(() => sink.requests.some((r) => r.key === eventId), 'the hook to be delivered without waiting an hour');
+    await worker.stop();
+  });
+
   it('never lets two workers on one database claim the same row while its lease holds', async () => {
     const a = await startApp({ concurrency: 3 });
     const b = await startApp({ concurrency: 3 });
@@ -307,18 +319,20 @@ describe('delivery to the intake pipeline', () => {
     const eventIds: string[] = [];
     for (const id of [1, 2, 3, 4, 5, 6]) eventIds.push(await hook(a.app, matter(id, 1)));
 
+    // A claims the whole batch (several rows per slot) and has three in flight.
     const first = tickOnce(a.worker);
-    await sink.until(() => sink.heldCount === 3, 'worker A to send its batch');
-    const second = tickOnce(b.worker);
-    await sink.until(() => sink.heldCount === 6, 'worker B to send its batch');
+    await sink.until(() => sink.heldCount === 3, 'worker A to send its first three');
 
-    // Every row is leased and in flight: a third claimer gets nothing, and so do A and B again.
+    // Every row is leased to A: B, a third claimer and A itself get nothing more.
+    expect(await tickOnce(b.worker)).toBe(false);
     expect(await claimDeliveries(database.db, { connectionId: 'acme', owner: 'third', limit: 10, leaseMs: 60_000 })).toEqual([]);
     const leases = await states();
-    expect(new Set(leases.map((r) => r.leaseOwner))).toEqual(new Set([a.worker.owner, b.worker.owner]));
+    expect(new Set(leases.map((r) => r.leaseOwner))).toEqual(new Set([a.worker.owner]));
+    expect(sink.heldCount).toBe(3);
 
+    sink.behave(() => ({ status: 202 }));
     sink.release();
-    await Promise.all([first, second]);
+    await first;
     expect(await tickOnce(a.worker)).toBe(false);
     expect(await tickOnce(b.worker)).toBe(false);
     expect(sink.requests.map((r) => r.key).sort()).toEqual([...eventIds].sort());

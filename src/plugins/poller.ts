@@ -27,7 +27,19 @@ export default fp(
       const connection = app.connections.get(connectionId);
       if (connection === undefined) throw new Error(`unknown connection ${connectionId}`);
       if (connection.connector.objects[object] === undefined) throw new Error(`connection ${connectionId} has no object ${object}`);
-      return { db: app.db, connection, object, connector: app.crm.connector(connectionId), owner, log, onRun: (report, seconds) => recordRun(app.metrics, report, seconds) };
+      return {
+        db: app.db,
+        connection,
+        object,
+        connector: app.crm.connector(connectionId),
+        owner,
+        log,
+        onRun: (report, seconds) => {
+          recordRun(app.metrics, report, seconds);
+          // New changes are in the outbox: this replica's delivery worker need not wait for its next tick.
+          if ((report.counts.accepted ?? 0) > 0) app.deliveryWorkers.get(connectionId)?.wake();
+        },
+      };
     };
     const daemons: PollDaemon[] = [];
     for (const connection of app.connections.values()) {

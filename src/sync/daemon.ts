@@ -17,6 +17,8 @@ export interface DaemonOptions {
 export abstract class Daemon {
   private controller: AbortController | undefined;
   private loop: Promise<void> | undefined;
+  private wakeup: AbortController | undefined;
+  private woken = false;
 
   constructor(protected readonly options: DaemonOptions) {}
 
@@ -32,6 +34,12 @@ export abstract class Daemon {
     const controller = new AbortController();
     this.controller = controller;
     this.loop = this.run(controller.signal);
+  }
+
+  /** Ends the current pause now (new work arrived in this process); a tick in progress is followed by another at once. */
+  wake(): void {
+    this.woken = true;
+    this.wakeup?.abort();
   }
 
   async stop(): Promise<void> {
@@ -50,12 +58,20 @@ export abstract class Daemon {
         if (signal.aborted) break;
         this.options.log.error({ err, daemon: this.name }, `${this.name}: tick failed`);
       }
-      if (more) continue;
+      if (more || this.woken) {
+        this.woken = false;
+        continue;
+      }
       const pause = this.options.intervalMs * (1 + Math.random() * (this.options.jitter ?? 0));
+      const wakeup = new AbortController();
+      this.wakeup = wakeup;
       try {
-        await sleep(pause, undefined, { signal });
+        await sleep(pause, undefined, { signal: AbortSignal.any([signal, wakeup.signal]) });
       } catch {
-        break;
+        if (signal.aborted) break;
+      } finally {
+        this.wakeup = undefined;
+        this.woken = false;
       }
     }
   }

@@ -5,7 +5,7 @@ import {
   claimDeliveries,
   loadDeliveryContent,
   markDead,
-  markDelivered,
+  markDeliveredMany,
   releaseClaim,
   scheduleRetry,
   type ClaimedDelivery,
@@ -15,6 +15,8 @@ import { Daemon } from './daemon.js';
 
 /** A claimed row must outlive its request by this much, or a slow answer could be claimed twice. */
 const LEASE_MARGIN_MS = 10_000;
+/** Rows claimed per delivery slot per tick: fewer claims and commits than one row at a time. */
+const CLAIMS_PER_SLOT = 8;
 /** How much of a failed answer's body is kept with the row (enough to read the pipeline's reason). */
 const EXCERPT_CHARS = 300;
 
@@ -56,20 +58,41 @@ export class DeliveryWorker extends Daemon {
     return this.deps.owner;
   }
 
-  /** Claims a batch, delivers it in parallel, and asks for another tick right away when it was full. */
+  /**
+   * Claims a batch (several rows per slot), delivers it through `concurrency` slots, and asks for
+   * another tick right away when it was full. Deliveries are marked together in one statement at
+   * the end of the batch: a crash before that re-sends them with the same key, which the
+   * pipeline dedups (at least once, never lost). A row whose lease could run out before its
+   * request would end is handed back untried instead of being sent late.
+   */
   async tick(signal: AbortSignal): Promise<boolean> {
     const { db, connectionId, downstream, owner } = this.deps;
-    const claimed = await claimDeliveries(db, { connectionId, owner, limit: downstream.concurrency, leaseMs: this.leaseMs });
+    const batch = downstream.concurrency * CLAIMS_PER_SLOT;
+    const claimedAt = Date.now();
+    const claimed = await claimDeliveries(db, { connectionId, owner, limit: batch, leaseMs: this.leaseMs });
     if (claimed.length === 0) return false;
     const contents = await loadDeliveryContent(db, claimed.map((c) => c.eventId));
-    const results = await Promise.allSettled(claimed.map((row) => this.deliver(row, contents.get(row.eventId), signal)));
+    const delivered: Array<{ id: number; status: number }> = [];
+    let next = 0;
+    const slot = async () => {
+      while (next < claimed.length) {
+        const row = claimed[next++]!;
+        if (signal.aborted || Date.now() > claimedAt + this.leaseMs - downstream.timeout) {
+          await releaseClaim(db, { id: row.id, owner });
+          continue;
+        }
+        await this.deliver(row, contents.get(row.eventId), signal, delivered);
+      }
+    };
+    const results = await Promise.allSettled(Array.from({ length: Math.min(downstream.concurrency, claimed.length) }, slot));
+    if (delivered.length > 0) await markDeliveredMany(db, delivered);
     // A row whose outcome could not be recorded keeps its lease and is retried when it expires.
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
-    return claimed.length === downstream.concurrency && !signal.aborted;
+    return claimed.length === batch && !signal.aborted;
   }
 
-  private async deliver(row: ClaimedDelivery, content: DeliveryContent | undefined, signal: AbortSignal): Promise<void> {
+  private async deliver(row: ClaimedDelivery, content: DeliveryContent | undefined, signal: AbortSignal, delivered: Array<{ id: number; status: number }>): Promise<void> {
     const { db, owner, connectionId, downstream, log } = this.deps;
     const context = { connection: connectionId, object: row.object, crmId: row.crmId, eventId: row.eventId, attempt: row.attempts };
     if (content === undefined) {
@@ -86,7 +109,7 @@ export class DeliveryWorker extends Daemon {
         await releaseClaim(db, { id: row.id, owner });
         return;
       case 'delivered':
-        await markDelivered(db, { id: row.id, status: attempt.status });
+        delivered.push({ id: row.id, status: attempt.status });
         this.deps.onOutcome?.('delivered');
         // One line per delivery is an access log: debug. Retries and dead letters stay loud.
         log.debug({ ...context, status: attempt.status }, `delivered ${row.object}/${row.crmId} to ${connectionId} (attempt ${row.attempts})`);

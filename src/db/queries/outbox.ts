@@ -123,6 +123,18 @@ export async function markDelivered(db: Db, params: { id: number; status: number
   return rows.length === 1;
 }
 
+/** Marks many rows delivered in one statement per answer status (one commit for a whole batch). */
+export async function markDeliveredMany(db: Db, delivered: ReadonlyArray<{ id: number; status: number }>): Promise<void> {
+  const byStatus = new Map<number, number[]>();
+  for (const d of delivered) byStatus.set(d.status, [...(byStatus.get(d.status) ?? []), d.id]);
+  for (const [status, ids] of byStatus) {
+    await db
+      .update(outbox)
+      .set({ state: 'delivered', deliveredAt: sql`now()`, lastStatus: status, lastError: null, leaseOwner: null, leaseExpiresAt: null })
+      .where(and(inArray(outbox.id, ids), eq(outbox.state, 'pending')));
+  }
+}
+
 /** Fenced by the lease: a worker whose lease was taken over no longer decides the row's fate. */
 function heldBy(id: number, owner: string) {
   return and(eq(outbox.id, id), eq(outbox.state, 'pending'), eq(outbox.leaseOwner, owner));
