@@ -24,8 +24,13 @@ function whole(name: string, value: string | undefined, fallback: number): numbe
   return n;
 }
 
+const stop = new AbortController();
+process.once('SIGINT', () => stop.abort());
+process.once('SIGTERM', () => stop.abort());
+
 const options = {
   ...DEFAULT_SOAK,
+  signal: stop.signal,
   databaseUrl: process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres',
   changes: whole('changes', values.changes, DEFAULT_SOAK.changes),
   writes: whole('writes', values.writes, DEFAULT_SOAK.writes),

@@ -31,6 +31,8 @@ export interface SoakOptions {
   /** Upper bound on the whole run; past it the soak stops and fails. */
   timeoutMs: number;
   log: (line: string) => void;
+  /** Aborting stops the run early (Ctrl-C); the bridges, sink and database are still cleaned up. */
+  signal?: AbortSignal;
 }
 
 export const DEFAULT_SOAK: Omit<SoakOptions, 'databaseUrl' | 'log'> = {
@@ -83,9 +85,12 @@ async function freePort(): Promise<number> {
   return port;
 }
 
+let stopSignal: AbortSignal | undefined;
+
 async function until(what: string, check: () => boolean | Promise<boolean>, timeoutMs: number, everyMs = 250): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await Promise.resolve().then(check).catch(() => false))) {
+    if (stopSignal?.aborted) throw new Error(`soak: stopped while waiting for ${what}`);
     if (Date.now() > deadline) throw new Error(`soak: timed out waiting for ${what}`);
     await sleep(everyMs);
   }
@@ -215,6 +220,7 @@ function staffChange(sandbox: Sandbox, rng: Rng, n: number, tracker: Tracker): n
 export async function runSoak(options: SoakOptions): Promise<SoakResult> {
   const started = Date.now();
   const deadline = started + options.timeoutMs;
+  stopSignal = options.signal;
   const { log } = options;
   const rng = mulberry32(options.seed);
   const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-soak-'));
@@ -315,7 +321,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       return row.n;
     };
     const killAt = Array.from({ length: options.kills }, (_, i) => Math.floor(((i + 0.5) / options.kills) * options.changes));
-    const pgRestartAt = Array.from({ length: options.pgRestarts }, (_, i) => Math.floor(((i + 0.6) / (options.pgRestarts + 0.2)) * options.changes));
+    // Between kills (at 10%, 30%, ... with five), so each event is seen on its own.
+    const pgRestartAt = Array.from({ length: options.pgRestarts }, (_, i) => Math.floor(((i + 0.6) / options.pgRestarts) * options.changes));
     let bridgeRestartsAfterPg = 0;
     let bridgesSurvivedPg = 0;
 
@@ -366,6 +373,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     let lastReport = Date.now();
     while (made < options.changes) {
       if (Date.now() > deadline) throw new Error('soak: out of time while generating changes');
+      if (options.signal?.aborted) throw new Error('soak: stopped');
       // Pace to the rate: catch up with the wall clock, in small bursts.
       const due = Math.min(options.changes, Math.floor(((Date.now() - genStart) / 1000) * options.rate) + 1);
       while (made < due) {
@@ -418,7 +426,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       }
       if (Date.now() - lastReport > 30_000) {
         lastReport = Date.now();
-        log(`${made} changes, ${nextWrite} writes sent, ${relay.hooks.length} hooks relayed, ${Math.round((Date.now() - started) / 1000)} s`);
+        const [backlog] = await sql<[{ pending: number; delivered: number }]>`select count(*) filter (where state = 'pending')::int as pending, count(*) filter (where state = 'delivered')::int as delivered from outbox`.catch(() => [{ pending: -1, delivered: -1 }] as [{ pending: number; delivered: number }]);
+        log(`${made} changes, ${nextWrite} writes sent, ${relay.hooks.length} hooks relayed, outbox ${backlog.delivered} delivered / ${backlog.pending} pending, ${Math.round((Date.now() - started) / 1000)} s`);
       }
       await sleep(20);
     }
