@@ -222,3 +222,34 @@ describe('the change gate with opaque versions (etags) and a separate updated_at
     expect((await pass(observe({ ...matter('Closed', '2026-11-01T09:59:00Z'), etag: '"z"' }))).disposition).toBe('stale');
   });
 });
+
+describe('the change gate for changes already seen', () => {
+  it('answers a re-read of an unchanged record without writing', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    const before = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(ledger);
+    const again = await db.transaction((tx) => passChanges(tx, [change(matter('Open', '2026-11-01T10:00:00Z'))]));
+    expect(again.map((o) => o.disposition)).toEqual(['duplicate']);
+    const after = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(ledger);
+    expect(after[0]!.n).toBe(before[0]!.n);
+  });
+
+  it.skipIf(!process.env.DATABASE_URL)('does not wait for a head another transaction holds when the change is a duplicate', async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let locked!: () => void;
+    const isLocked = new Promise<void>((resolve) => (locked = resolve));
+    const holder = db.transaction(async (tx) => {
+      await tx.execute(sql`select 1 from record_heads where crm_id = '42' for update`);
+      locked();
+      await held;
+    });
+    await isLocked;
+    const duplicate = db.transaction((tx) => passChanges(tx, [change(matter('Open', '2026-11-01T10:00:00Z'))]));
+    const outcome = await Promise.race([duplicate, new Promise<'blocked'>((resolve) => setTimeout(() => resolve('blocked'), 5_000))]);
+    release();
+    await holder;
+    expect(outcome).not.toBe('blocked');
+    expect((outcome as Awaited<typeof duplicate>)[0]!.disposition).toBe('duplicate');
+  });
+});

@@ -140,9 +140,19 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
       last_event_id: eventIds[i]!,
     };
   });
-  // The stamps read does not depend on the claim: both go out at once, without waiting for the
-  // first answer (a drizzle query is sent when awaited, in the order awaited).
-  const [claimed, stamps] = await Promise.all([
+  const allKeys = JSON.stringify([...firstOfKey.values()].map((i) => keyRow(changes[i]!)));
+  // Three statements go out at once, without waiting for an answer (a drizzle query is sent
+  // when awaited, in the order awaited): an unlocked read of the heads as committed, the claim,
+  // and the stamps read. The read lets a batch of changes already seen (a re-poll) finish
+  // without locking or writing anything.
+  const [seen, claimed, stamps] = await Promise.all([
+    rowsOf<HeadRow>(
+      tx.execute(sql`
+        select h.connection_id, h.object, h.crm_id, h.version, h.version_rank, h.content_hash, h.deleted, h.origin, h.last_event_id, h.delivered_hash
+        from record_heads h
+        where (h.connection_id, h.object, h.crm_id) in (
+          select connection_id, object, crm_id from jsonb_to_recordset(${allKeys}::jsonb) as k(connection_id text, object text, crm_id text))`),
+    ),
     rowsOf<{ connection_id: string; object: string; crm_id: string }>(
       tx.execute(sql`
         insert into record_heads (connection_id, object, crm_id, version, version_rank, content_hash, deleted, last_event_id, delivered_hash)
@@ -173,7 +183,22 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
     });
   }
   const newKeys = new Set(heads.keys());
-  const existing = [...firstOfKey.keys()].filter((key) => !newKeys.has(key)).map((key) => changes[firstOfKey.get(key)!]!);
+  const outcomes = new Array<GateOutcome>(changes.length);
+  // Rule 1 without a lock: a record that appears once in the batch, whose committed head already
+  // holds this change, writes nothing whatever happens concurrently (a head only moves on).
+  const keyCount = new Map<string, number>();
+  for (const change of changes) keyCount.set(recordKey(change), (keyCount.get(recordKey(change)) ?? 0) + 1);
+  const settled = new Set<string>();
+  for (const row of seen) {
+    const head = headOf(row, now);
+    const key = recordKey(head);
+    const i = firstOfKey.get(key)!;
+    if (keyCount.get(key) === 1 && !newKeys.has(key) && isDuplicate(head, changes[i]!)) {
+      outcomes[i] = { disposition: 'duplicate', eventId: head.lastEventId, delivered: false };
+      settled.add(key);
+    }
+  }
+  const existing = [...firstOfKey.keys()].filter((key) => !newKeys.has(key) && !settled.has(key)).map((key) => changes[firstOfKey.get(key)!]!);
   if (existing.length > 0) {
     const locked = await rowsOf<HeadRow>(
       tx.execute(sql`
@@ -195,9 +220,9 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   const ledgerRows: Record<string, unknown>[] = [];
   const bodyRows: Record<string, unknown>[] = [];
   const outboxRows: Record<string, unknown>[] = [];
-  const outcomes = new Array<GateOutcome>(changes.length);
 
   for (const i of order) {
+    if (outcomes[i] !== undefined) continue;
     const change = changes[i]!;
     const eventId = eventIds[i]!;
     const key = recordKey(change);
@@ -327,13 +352,19 @@ function recordKey(r: Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>)
   return JSON.stringify([r.connectionId, r.object, r.crmId]);
 }
 
-function decide(head: Head, change: ObservedChange, rank: number | null, echoes: EchoStamps): GateDisposition {
-  if (change.change === 'delete') return head.deleted ? 'duplicate' : 'accepted';
+/** Rule 1: the same version, or with no version the same content as the head, is seen already. */
+function isDuplicate(head: Head, change: ObservedChange): boolean {
+  if (change.change === 'delete') return head.deleted;
+  if (head.deleted) return false;
+  if (change.version !== null) return change.version === head.version;
+  return change.contentHash === head.contentHash;
+}
 
-  const sameVersion = change.version !== null && change.version === head.version;
-  // Rule 1: the same version, or with no version the same content as the head, is seen already.
-  if (sameVersion) return head.deleted ? 'stale' : 'duplicate';
-  if (change.version === null && !head.deleted && change.contentHash === head.contentHash) return 'duplicate';
+function decide(head: Head, change: ObservedChange, rank: number | null, echoes: EchoStamps): GateDisposition {
+  if (isDuplicate(head, change)) return 'duplicate';
+  if (change.change === 'delete') return 'accepted';
+  // A version seen before the record was deleted does not bring it back.
+  if (change.version !== null && change.version === head.version) return 'stale';
   // Rule 3: never back in time downstream.
   if (rank !== null && head.versionRank !== null && rank < head.versionRank) return 'stale';
   // Rule 5 before rule 4, so the ledger says why an echo was not delivered.
