@@ -11,7 +11,8 @@ afterAll(() => children.forEach((c) => c.kill('SIGKILL')));
 /** Starts `crm-bridge serve` as `npm start` does and resolves with its address and output. */
 function serve(env: Record<string, string>) {
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'serve'], {
-    env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', ...env },
+    // npm start on a fresh machine: the embedded database, whatever the test run uses.
+    env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', DATABASE_URL: '', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   children.push(child);
