@@ -153,6 +153,53 @@ describe('the loop guard against the sandbox CRM', () => {
     }
   }, 60_000);
 
+  it('does not make a lead twice when the CRM made it but its answer was lost, and delivers a staff edit made meanwhile once', async () => {
+    // The proxy lets the first create reach the CRM, waits for its echo and a staff edit, then
+    // drops the connection instead of answering: the bridge never sees the CRM's answer.
+    let sandboxUrl = '';
+    let world: { idle(): Promise<void>; edit(id: number): void } | undefined;
+    let lost = 0;
+    const proxy = createServer(async (req, res) => {
+      const chunks: Buffer[] = [];
+      for await (const chunk of req) chunks.push(chunk as Buffer);
+      const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => !['host', 'connection', 'content-length'].includes(k))) as Record<string, string>;
+      const upstream = await fetch(`${sandboxUrl}${req.url}`, { method: req.method!, headers, ...(chunks.length ? { body: Buffer.concat(chunks) } : {}) });
+      const text = await upstream.text();
+      if (req.method === 'POST' && req.url!.startsWith('/api/v4/matters.json') && lost++ === 0) {
+        await world!.idle();
+        world!.edit((JSON.parse(text) as { data: { id: number } }).data.id);
+        await world!.idle();
+        res.destroy();
+        return;
+      }
+      res.writeHead(upstream.status, { 'content-type': upstream.headers.get('content-type') ?? 'application/json' }).end(text);
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}` });
+    const { app, sandbox } = bridge;
+    sandboxUrl = sandbox.url;
+    world = { idle: () => sandbox.state.automationIdle(), edit: (id) => sandbox.state.updateRecord('matters', id, { location: 'Room 9' }) };
+    try {
+      const accepted = await stub.write('lead-lost-answer', lead(3));
+      await drainWriter(app);
+      await round(app, stub, sandbox);
+
+      const creates = sandbox.state.requestLog.list({ method: 'POST', pathPrefix: '/api/v4/matters.json' });
+      expect(creates).toHaveLength(1);
+      const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(accepted.body.outboundId)));
+      expect(write).toMatchObject({ state: 'sent', attempts: 2 });
+      const crmId = write!.crmId!;
+      // The record as read on the retry is the staff's version, not this write's answer.
+      expect(write!.crmVersion).not.toBe(String(sandbox.state.renderFull('matters', Number(crmId))!.etag));
+      const deliveries = stub.delivered.filter((d) => d.crmId === crmId);
+      expect(deliveries).toHaveLength(1);
+      expect(deliveries[0]).toMatchObject({ fields: { location: 'Room 9' } });
+    } finally {
+      await close();
+      await new Promise<void>((resolve) => proxy.close(() => resolve()));
+    }
+  }, 60_000);
+
   it('delivers a human edit of a bridge-created lead once, though the record still carries the origin marker', async () => {
     const { bridge, stub, close } = await startTwoWay({ writeBack: false });
     try {

@@ -31,6 +31,7 @@ export interface OutboundWriterOptions {
 
 type Attempt =
   | { kind: 'written'; raw: unknown }
+  | { kind: 'made-earlier'; crmId: string }
   | { kind: 'retry'; status: number | null; error: string }
   | { kind: 'rejected'; status: number | null; error: string }
   | { kind: 'stopped' };
@@ -70,6 +71,16 @@ export class OutboundWriter extends Daemon {
       case 'written':
         await this.join(row, attempt.raw);
         return;
+      case 'made-earlier':
+        // The record as it reads now is not this write's answer: staff may have edited it since
+        // the echo taught us its id. That echo already joined the head; a later edit is a real
+        // change the hooks and the poll deliver. So the write is done, and nothing more passes
+        // the gate on its behalf.
+        if (await markOutboundSent(db, { id: row.id, owner, crmId: attempt.crmId, crmVersion: null, contentHash: row.contentHash })) {
+          await settleOutboundWrite(db, row.id);
+          log.info({ ...context, crmId: attempt.crmId }, `outbound create ${row.id} for ${connectionId} was made by an earlier attempt (${row.object}/${attempt.crmId})`);
+        }
+        return;
       case 'rejected':
         if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error: attempt.error })) {
           log.warn({ ...context, status: attempt.status }, `outbound write ${row.id} to ${connectionId} failed: ${attempt.error}`);
@@ -105,7 +116,7 @@ export class OutboundWriter extends Daemon {
       // creating a second one.
       if (row.crmId !== null) {
         const raw = await connector.getRecord(row.object, row.crmId, { signal });
-        if (raw !== null) return { kind: 'written', raw };
+        if (raw !== null) return { kind: 'made-earlier', crmId: row.crmId };
       }
       const raw = await connector.createRecord(row.object, connector.toRecord(row.object, fields), { writeId: row.id, signal });
       return { kind: 'written', raw };
