@@ -102,7 +102,7 @@ describe('crm-bridge backfill', () => {
   it('re-reads every record with progress and a summary; a second backfill starts over and finds only duplicates', async () => {
     const first = await cli(['backfill', 'firm']);
     expect(first.code).toBe(0);
-    expect(first.out).toMatch(/backfill firm\/matters: page 1, 10 records, \d+ new, \d+ records\/s/);
+    expect(first.out).toMatch(/backfill firm\/matters: page 1, 10\/40 records, \d+ new, \d+ records\/s ETA \d+s/);
     expect(first.out).toMatch(/firm\/matters: backfill done: 40 record\(s\) read in \d+s/);
     const again = await cli(['backfill', 'firm', '--object', 'matters']);
     expect(again.code).toBe(0);

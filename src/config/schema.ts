@@ -98,6 +98,8 @@ const listCallSchema = z
     limit: z.number().int().positive().default(100),
     /** Where the page's records are in the response; omitted: the response is the array. */
     records: jsonPath.optional(),
+    /** Where the response says how many records match the query (progress and ETA of a backfill). */
+    totalPath: jsonPath.optional(),
     pagination: paginationSchema,
     /** `{{since}}`: the changed-since bound, in the CRM's time format. */
     since: z

@@ -35,6 +35,8 @@ export interface ListPage {
   last: boolean;
   /** What the pages are ordered by, from the definition: it decides when a poll cursor may advance. */
   order: ListCall['order'];
+  /** How many records match the whole query, when the CRM says (`totalPath`). */
+  total?: number;
 }
 
 export interface MappedRecord {
@@ -197,7 +199,15 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
       }
 
       const last = next === undefined;
-      yield { object, records, cursor: { ...(next === undefined ? {} : { next }), ...(anchor ? { anchor } : {}), query }, last, order: list.order };
+      const total = list.totalPath === undefined ? NaN : Number(getPath(res.body, list.totalPath));
+      yield {
+        object,
+        records,
+        cursor: { ...(next === undefined ? {} : { next }), ...(anchor ? { anchor } : {}), query },
+        last,
+        order: list.order,
+        ...(Number.isFinite(total) ? { total } : {}),
+      };
       if (last) return;
 
       // A CRM that caps one query's results (HubSpot search: 10,000) is asked again from the

@@ -53,7 +53,7 @@ export async function runBackfillCommand(options: BackfillOptions): Promise<numb
       else if (previous) options.print(`${connection.id}/${object}: an earlier backfill stopped before its first checkpoint; starting again\n`);
 
       const started = performance.now();
-      const progress = (r: RunReport) => options.print(progressLine(connection.id, object, r, (performance.now() - started) / 1000, options.columns ?? 0));
+      const progress = (r: RunReport) => options.print(progressLine(connection.id, object, r, (performance.now() - started) / 1000, options.columns ?? 0, r.total));
       let report: RunReport;
       try {
         report = await pollStream(stream, {
@@ -80,8 +80,8 @@ export async function runBackfillCommand(options: BackfillOptions): Promise<numb
 
 /**
  * `[########------] 1200/5000 records, 340 records/s ETA 12s` when the total is known, a moving
- * marker otherwise, or a plain line per page when not on a terminal. The connector's pages do
- * not carry the CRM's total yet, so today's callers pass none and show no ETA.
+ * marker otherwise, or a plain line per page when not on a terminal. Pages carry a total where
+ * the connector's list call names `totalPath` (Clio's `meta.records`).
  */
 export function progressLine(connectionId: string, object: string, r: RunReport, seconds: number, columns: number, total?: number): string {
   const rate = r.records / Math.max(0.001, seconds);

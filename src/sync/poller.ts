@@ -44,6 +44,8 @@ export interface RunReport {
   /** Changes this run delivered that no hook had announced (the automation's misses). */
   caught: number;
   deleted: number;
+  /** Records the CRM says match this run's query, when it says (for progress and ETA). */
+  total?: number;
   error?: string;
   needsReauth?: boolean;
 }
@@ -153,6 +155,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
         return result;
       });
+      if (report.total === undefined && page.total !== undefined) report.total = page.total;
       tally(report, outcomes, hadCursor && options.countCaught !== false);
       report.pages++;
       report.records += page.records.length;

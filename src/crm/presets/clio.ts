@@ -25,6 +25,7 @@ function clioObject(resource: 'matters' | 'contacts', fields: string) {
       },
       limit: 200,
       records: 'data',
+      totalPath: 'meta.records',
       pagination: { style: 'nextUrl' as const, nextUrlPath: 'meta.paging.next' },
       since: { format: 'iso8601' as const },
       order: 'id' as const,
