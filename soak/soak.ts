@@ -398,7 +398,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
         const inFlight = await leasedDeliveries(victim.instance).catch(() => 0);
         inFlightAtChaos += inFlight;
         await victim.kill();
-        chaos.push(`kill ${victim.instance} at change ${made} (${inFlight} deliveries in flight)`);
+        chaos.push(`kill ${victim.instance} at change ${made}, ${new Date().toISOString().slice(11, 23)} (${inFlight} deliveries in flight)`);
         log(chaos.at(-1)!);
         killIndex++;
         void (async () => {
