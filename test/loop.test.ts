@@ -6,6 +6,8 @@ import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledger, outbox, outboundWrites } from '../src/db/schema/index.js';
 import { pollStream } from '../src/sync/poller.js';
+import { observeRecord } from '../src/sync/record.js';
+import { claimOutboundWrites, markOutboundSent } from '../src/db/queries/outbound.js';
 import { startBridge } from './helpers/bridge.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startPipelineStub, type PipelineStub } from './fixtures/pipeline-stub.js';
@@ -197,6 +199,33 @@ describe('the loop guard against the sandbox CRM', () => {
     } finally {
       await close();
       await new Promise<void>((resolve) => proxy.close(() => resolve()));
+    }
+  }, 60_000);
+
+  it('recognises the echo when the writer died between recording the CRM answer and passing it through the gate', async () => {
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false });
+    try {
+      const { app, sandbox } = bridge;
+      // The automation drops this create's hook: only the poll will see the new record.
+      for (const rule of sandbox.state.automation.rules) rule.dropRate = 1;
+      const accepted = await stub.write('lead-writer-died', lead(4));
+      // What the writer does up to its crash: claim, make the CRM call with the marker, record the answer.
+      const [row] = await claimOutboundWrites(db, { connectionId: 'firm', owner: 'writer-that-dies', limit: 1, leaseMs: 60_000 });
+      expect(row?.id).toBe(accepted.body.outboundId);
+      const connector = app.crm.connector('firm');
+      const raw = await connector.createRecord('matters', connector.toRecord('matters', row!.fields ?? {}), { writeId: row!.id });
+      const answer = observeRecord({ connectionId: 'firm', object: 'matters', definition: app.connections.get('firm')!.connector.objects.matters!, raw, source: 'outbound', observedAt: new Date() })!;
+      expect(await markOutboundSent(db, { id: row!.id, owner: 'writer-that-dies', crmId: answer.crmId, crmVersion: answer.version, contentHash: answer.contentHash! })).toBe(true);
+      await sandbox.state.automationIdle();
+
+      // The poll finds the record the bridge wrote: an echo, not a change for the pipeline.
+      expect((await pollStream(app.poller.stream('firm', 'matters'))).status).toBe('ok');
+      const rows = await db.select({ source: ledger.source, disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, answer.crmId));
+      expect(rows).toEqual([{ source: 'poll', disposition: 'echo' }]);
+      await drainDelivery(app);
+      expect(stub.delivered.filter((d) => d.crmId === answer.crmId)).toEqual([]);
+    } finally {
+      await close();
     }
   }, 60_000);
 
