@@ -38,9 +38,12 @@ async function tickUntilSettled(app: FastifyInstance, id: string) {
   throw new Error(`write ${id} still pending`);
 }
 
+const ADMIN_TOKEN = 'operator-admin-token-0123456789';
+
 async function withBridge(run: (app: FastifyInstance, sandbox: Awaited<ReturnType<typeof startBridge>>['sandbox']) => Promise<void>, baseUrl?: string) {
   const bridge = await startBridge({
     database,
+    env: { ADMIN_TOKEN },
     connection: {
       ...(baseUrl ? { baseUrl } : {}),
       outbound: { apiKeys: [API_KEY, OLD_KEY], maxAttempts: 3, backoff: { base: '1ms', max: '5ms' } },
@@ -66,6 +69,19 @@ describe('POST /v1/connections/:connection/records', () => {
       expect(shown).toMatchObject({ state: 'sent', attempts: 1, lastError: null, externalId: 'lead-1', operation: 'create' });
       const created = sandbox.state.renderFull('matters', Number(shown.crmId))!;
       expect(created).toMatchObject({ description: 'Slip and fall, intake call', status: 'Open', client_reference: `crm-bridge:${outboundId}` });
+    });
+  });
+
+  it("shows a write's state to the pipeline's key and the operator's admin token, and the same 401 to anyone else", async () => {
+    await withBridge(async (app) => {
+      const { outboundId } = (await post(app, lead, { 'idempotency-key': 'k-lookup' })).json();
+      const lookup = (authorization?: string, connection = 'firm') =>
+        app.inject({ url: `/v1/connections/${connection}/records/${outboundId}`, headers: authorization ? { authorization } : {} });
+      expect((await lookup(`Bearer ${API_KEY}`)).statusCode).toBe(200);
+      expect((await lookup(`Bearer ${ADMIN_TOKEN}`)).statusCode).toBe(200);
+      const refusals = await Promise.all([lookup(), lookup('Bearer not-the-key-0123456789'), lookup(`Bearer ${ADMIN_TOKEN}`, 'nope')]);
+      expect(refusals.map((r) => r.statusCode)).toEqual([401, 401, 401]);
+      expect(new Set(refusals.map((r) => r.body)).size).toBe(1);
     });
   });
 

@@ -93,6 +93,19 @@ export default async function outboundRoutes(app: FastifyInstance) {
     request.outboundConnection = connection;
   };
 
+  // A write's state is the pipeline's to read, and the operator's (issue 9: record lookups need
+  // a credential; the admin token is the operator's). The same 401 otherwise.
+  const adminToken = app.config.env.ADMIN_TOKEN;
+  const authenticateLookup = async (request: FastifyRequest<{ Params: { connection: string } }>) => {
+    const connection = app.connections.get(request.params.connection);
+    const accepted = [...(keyHashes.get(request.params.connection) ?? []), ...(adminToken === undefined ? [] : [sha256(adminToken)])];
+    if (!matchesAnySecret(bearerToken(request.headers.authorization), connection && accepted.length > 0 ? accepted : undefined) || connection === undefined) {
+      request.log.warn({ connection: request.params.connection }, 'outbound lookup rejected: missing or invalid credential');
+      throw new UnauthorizedError();
+    }
+    request.outboundConnection = connection;
+  };
+
   app.post<{ Params: { connection: string }; Body: WriteBody }>(
     '/v1/connections/:connection/records',
     {
@@ -150,7 +163,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
   app.get<{ Params: { connection: string; outboundId: string } }>(
     '/v1/connections/:connection/records/:outboundId',
     {
-      onRequest: authenticate,
+      onRequest: authenticateLookup,
       schema: {
         params: {
           type: 'object',

@@ -28,13 +28,14 @@ export async function startBridge(options: {
   database: Database;
   sandbox?: SandboxOptions;
   connection?: Record<string, unknown>;
+  env?: Record<string, string>;
   automation?: { dropRate?: number; duplicateRate?: number; delayMs?: number; payload?: 'record' | 'notification'; events?: Array<'created' | 'updated' | 'deleted'> };
 }): Promise<{ app: FastifyInstance; sandbox: Sandbox; base: string; close(): Promise<void> }> {
   const sandbox = await startSandbox({ records: 100, ...options.sandbox });
   const app = await buildTestApp({
     database: options.database,
     connections: [clioConnection(sandbox, options.connection)],
-    env: { TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY },
+    env: { TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, ...options.env },
   });
   const base = await app.listen({ port: 0, host: '127.0.0.1' });
   if (options.automation) {
