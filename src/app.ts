@@ -1,5 +1,6 @@
-import Fastify, { LogController, type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify';
 import type { Config } from './config/load.js';
+import { problem } from './errors.js';
 import type { Database } from './db/client.js';
 import { loggerOptions } from './logger.js';
 import configPlugin from './plugins/config.js';
@@ -44,6 +45,15 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     return503OnClosing: true,
     // Access lines go out at debug from onResponse below; info is for what happened to changes.
     logController: new LogController({ disableRequestLogging: true }),
+    // The router refuses a URL it cannot decode, or an over-long path parameter, before any hook
+    // or error handler runs: answer those as problem+json like every other bad request.
+    frameworkErrors: (error, _request, routerReply) => {
+      const status = typeof error.statusCode === 'number' && error.statusCode >= 400 && error.statusCode < 500 ? error.statusCode : 400;
+      void (routerReply as unknown as FastifyReply)
+        .code(status)
+        .type('application/problem+json')
+        .send(problem(status, 'BAD_URL', 'The URL could not be read: it is malformed, or a part of its path is longer than this endpoint accepts.'));
+    },
   }) as unknown as FastifyInstance;
 
   app.addHook('onResponse', async (request, reply) => {
