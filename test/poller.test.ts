@@ -1,6 +1,6 @@
 import { and, eq, sql } from 'drizzle-orm';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
-import { ledger, outbox, pendingFetches, recordHeads } from '../src/db/schema/index.js';
+import { ledger, outbox, pendingFetches, recordHeads, streamCursors } from '../src/db/schema/index.js';
 import { pollStream, sweepStream } from '../src/sync/poller.js';
 import { SECRET } from './helpers/app.js';
 import { startBridge } from './helpers/bridge.js';
@@ -275,6 +275,20 @@ describe('the reconciling poller against the sandbox CRM', () => {
         .where(and(eq(ledger.source, 'notification'), eq(ledger.crmId, String(id))));
       expect(fetched.map((r) => r.disposition)).toEqual(['accepted']);
       expect((await bridge.app.inject('/health')).statusCode).toBe(200);
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it("counts a first run from the beginning as the stream's sweep, so the first sweep waits a sweep interval", async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 50, sweepInterval: '1h' } } });
+    try {
+      const daemon = bridge.app.poller.daemons[0]!;
+      await daemon.tick(new AbortController().signal);
+      const firstPages = bridge.sandbox.state.requestLog.list({ pathPrefix: '/api/v4/matters.json' }).filter((e) => e.query.page_token === undefined);
+      expect(firstPages).toHaveLength(1); // the poll's listing, and no sweep right after it
+      const [cursor] = await db.select().from(streamCursors);
+      expect(cursor?.lastSweepAt).toBeInstanceOf(Date);
     } finally {
       await bridge.close();
     }

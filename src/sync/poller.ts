@@ -115,6 +115,10 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
     : (options.since ?? new Date(settings.initialSince ?? 0));
   const definition = ctx.connection.connector.objects[ctx.object]!;
   let newest: { updatedAt: string; id: string; rank: number } | undefined;
+  // A first run from the beginning lists every record: it did a sweep's work of finding unseen
+  // records, so the first sweep waits a sweep interval (a full listing can cost a Clio firm
+  // minutes of its 50 requests/min).
+  const listsEverything = !hadCursor && options.since === undefined && settings.initialSince === undefined;
 
   try {
     await fetchPendingNotifications(ctx, options.signal);
@@ -174,7 +178,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         await advanceStreamCursor(tx, stream, finalCursor);
       });
     }
-    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: report.caught });
+    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: report.caught, ...(listsEverything ? { sweptAt: new Date() } : {}) });
     return report;
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
