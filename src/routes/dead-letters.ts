@@ -31,7 +31,7 @@ const deadLetterSchema = {
 export default async function deadLetterRoutes(app: FastifyInstance) {
   const token = app.config.env.ADMIN_TOKEN;
   const adminHashes = token === undefined ? undefined : [sha256(token)];
-  if (adminHashes === undefined) app.log.info('ADMIN_TOKEN is not set: the dead-letter API refuses every request');
+  if (adminHashes === undefined) app.log.info('ADMIN_TOKEN is not set: the status page, /docs and the dead-letter API refuse every request');
 
   app.addHook('onRequest', async (request) => {
     if (!matchesAnySecret(bearerToken(request.headers.authorization), adminHashes)) {

@@ -69,7 +69,7 @@ export class RetentionDaemon extends Daemon {
     const report = await pruneExpiredBodies({ ...this.deps, signal });
     if (report.status !== 'ok') return;
     const ms = Math.round(performance.now() - started);
-    this.deps.log.info({ pruned: report.pruned, batches: report.batches, cutoff: report.cutoff, ms }, `retention: pruned ${report.pruned} body(ies) of changes received before ${report.cutoff}`);
+    this.deps.log[report.pruned > 0 ? 'info' : 'debug']({ pruned: report.pruned, batches: report.batches, cutoff: report.cutoff, ms }, `retention: pruned ${report.pruned} body(ies) of changes received before ${report.cutoff}`);
   }
 }
 
