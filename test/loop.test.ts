@@ -1,5 +1,3 @@
-import { createServer } from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
@@ -9,6 +7,7 @@ import { pollStream } from '../src/sync/poller.js';
 import { observeRecord } from '../src/sync/record.js';
 import { claimOutboundWrites, markOutboundSent } from '../src/db/queries/outbound.js';
 import { startBridge } from './helpers/bridge.js';
+import { startFaultProxy } from './helpers/fault-proxy.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startPipelineStub, type PipelineStub } from './fixtures/pipeline-stub.js';
 
@@ -109,26 +108,19 @@ describe('the loop guard against the sandbox CRM', () => {
   it('recognises the echo that arrives by hook before the CRM has answered the create', async () => {
     // A proxy in front of the sandbox holds the create's answer until the automation's hook for
     // the new record has been answered by the bridge (so the gate has committed its decision).
-    let sandboxUrl = '';
     let idle: () => Promise<void> = async () => {};
     const heldCreates: Array<{ crmId: string; echoBeforeAnswer: boolean }> = [];
-    const proxy = createServer(async (req, res) => {
-      const chunks: Buffer[] = [];
-      for await (const chunk of req) chunks.push(chunk as Buffer);
-      const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => !['host', 'connection', 'content-length'].includes(k))) as Record<string, string>;
-      const upstream = await fetch(`${sandboxUrl}${req.url}`, { method: req.method!, headers, ...(chunks.length ? { body: Buffer.concat(chunks) } : {}) });
-      const text = await upstream.text();
-      if (req.method === 'POST' && req.url!.startsWith('/api/v4/matters.json')) {
+    const proxy = await startFaultProxy({
+      answer: async (req, _res, text) => {
+        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json')) return;
         await idle();
         const crmId = String((JSON.parse(text) as { data: { id: number } }).data.id);
         const rows = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
         heldCreates.push({ crmId, echoBeforeAnswer: rows.some((r) => r.disposition === 'echo') });
-      }
-      res.writeHead(upstream.status, { 'content-type': upstream.headers.get('content-type') ?? 'application/json' }).end(text);
+      },
     });
-    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
-    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}` });
-    sandboxUrl = bridge.sandbox.url;
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+    proxy.setTarget(bridge.sandbox.url);
     idle = () => bridge.sandbox.state.automationIdle();
     try {
       const { app } = bridge;
@@ -151,35 +143,28 @@ describe('the loop guard against the sandbox CRM', () => {
       expect(stub.delivered.filter((d) => d.crmId === crmId)).toEqual([]);
     } finally {
       await close();
-      await new Promise<void>((resolve) => proxy.close(() => resolve()));
+      await proxy.close();
     }
   }, 60_000);
 
   it('does not make a lead twice when the CRM made it but its answer was lost, and delivers a staff edit made meanwhile once', async () => {
     // The proxy lets the first create reach the CRM, waits for its echo and a staff edit, then
     // drops the connection instead of answering: the bridge never sees the CRM's answer.
-    let sandboxUrl = '';
     let world: { idle(): Promise<void>; edit(id: number): void } | undefined;
     let lost = 0;
-    const proxy = createServer(async (req, res) => {
-      const chunks: Buffer[] = [];
-      for await (const chunk of req) chunks.push(chunk as Buffer);
-      const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => !['host', 'connection', 'content-length'].includes(k))) as Record<string, string>;
-      const upstream = await fetch(`${sandboxUrl}${req.url}`, { method: req.method!, headers, ...(chunks.length ? { body: Buffer.concat(chunks) } : {}) });
-      const text = await upstream.text();
-      if (req.method === 'POST' && req.url!.startsWith('/api/v4/matters.json') && lost++ === 0) {
+    const proxy = await startFaultProxy({
+      answer: async (req, res, text) => {
+        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
         await world!.idle();
         world!.edit((JSON.parse(text) as { data: { id: number } }).data.id);
         await world!.idle();
         res.destroy();
-        return;
-      }
-      res.writeHead(upstream.status, { 'content-type': upstream.headers.get('content-type') ?? 'application/json' }).end(text);
+        return true;
+      },
     });
-    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
-    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}` });
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
     const { app, sandbox } = bridge;
-    sandboxUrl = sandbox.url;
+    proxy.setTarget(sandbox.url);
     world = { idle: () => sandbox.state.automationIdle(), edit: (id) => sandbox.state.updateRecord('matters', id, { location: 'Room 9' }) };
     try {
       const accepted = await stub.write('lead-lost-answer', lead(3));
@@ -198,7 +183,7 @@ describe('the loop guard against the sandbox CRM', () => {
       expect(deliveries[0]).toMatchObject({ fields: { location: 'Room 9' } });
     } finally {
       await close();
-      await new Promise<void>((resolve) => proxy.close(() => resolve()));
+      await proxy.close();
     }
   }, 60_000);
 

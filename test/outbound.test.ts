@@ -5,7 +5,7 @@ import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledgerBodies, outboundWrites } from '../src/db/schema/index.js';
 import { startBridge } from './helpers/bridge.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
-import { startCrmProxy } from './fixtures/pipeline-crm-proxy.js';
+import { startFaultProxy } from './helpers/fault-proxy.js';
 
 const API_KEY = 'pipeline-api-key-0123456789';
 const OLD_KEY = 'old-pipeline-key-9876543210';
@@ -164,7 +164,7 @@ describe('POST /v1/connections/:connection/records', () => {
 
   it('retries a create the CRM answered with 503 until it succeeds, and creates the record once', async () => {
     let failures = 0;
-    const proxy = await startCrmProxy({ fail: (req) => (req.method === 'POST' && req.url!.startsWith('/api/v4/matters.json') && failures++ < 2 ? 503 : undefined) });
+    const proxy = await startFaultProxy({ fail: (req) => (req.method === 'POST' && req.url!.startsWith('/api/v4/matters.json') && failures++ < 2 ? 503 : undefined) });
     try {
       await withBridge(async (app, sandbox) => {
         proxy.setTarget(sandbox.url);

@@ -194,10 +194,10 @@ describe('the reconciling poller against the sandbox CRM', () => {
 
       // The listing breaks off at page 3 and stays broken: nothing may be deleted.
       let listPages = 0;
-      const proxy = await startFaultProxy(bridge.sandbox.url, (req) => {
+      const proxy = await startFaultProxy({ target: bridge.sandbox.url, fail: (req) => {
         if (!req.url?.startsWith('/api/v4/matters.json')) return undefined;
         return ++listPages >= 3 ? 503 : undefined;
-      });
+      } });
       try {
         const viaProxy = { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } }) };
         const failing = await sweepStream(viaProxy);

@@ -1,14 +1,28 @@
-import { createServer, type IncomingMessage } from 'node:http';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
+export interface FaultProxyOptions {
+  /** Where requests go; may be set later with `setTarget` (the bridge needs the proxy's URL first). */
+  target?: string;
+  /** A status to answer instead of forwarding (a fault the sandbox has no switch for). */
+  fail?: (req: IncomingMessage, n: number) => number | undefined;
+  /**
+   * Sees the CRM's answer before the client does: may hold it (await something) or answer
+   * itself (drop the connection, say). Returns true when it has answered.
+   */
+  answer?: (req: IncomingMessage, res: ServerResponse, text: string) => Promise<boolean | void>;
+}
+
 /**
- * A real HTTP proxy in front of the sandbox that can be told to fail a request, for faults
- * the sandbox has no switch for (a listing that breaks off at page 3 and stays broken).
+ * A real HTTP proxy in front of the sandbox CRM, for faults the sandbox has no switch for: a
+ * listing that breaks off at page 3 and stays broken, a create whose answer is held until its
+ * echo arrived, or lost on the way back.
  */
-export async function startFaultProxy(target: string, fail: (req: IncomingMessage, n: number) => number | undefined) {
+export async function startFaultProxy(options: FaultProxyOptions) {
+  let target = options.target ?? '';
   let n = 0;
   const server = createServer(async (req, res) => {
-    const status = fail(req, ++n);
+    const status = options.fail?.(req, ++n);
     if (status !== undefined) {
       res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { type: 'ServerError', message: 'injected' } }));
       return;
@@ -17,16 +31,26 @@ export async function startFaultProxy(target: string, fail: (req: IncomingMessag
     for await (const chunk of req) chunks.push(chunk as Buffer);
     const headers = Object.fromEntries(Object.entries(req.headers).filter(([k]) => !['host', 'connection', 'content-length'].includes(k))) as Record<string, string>;
     const upstream = await fetch(`${target}${req.url}`, { method: req.method!, headers, ...(chunks.length ? { body: Buffer.concat(chunks) } : {}) });
-    const body = Buffer.from(await upstream.arrayBuffer());
     const out: Record<string, string> = {};
     upstream.headers.forEach((v, k) => {
       if (!['content-encoding', 'transfer-encoding', 'connection', 'content-length'].includes(k)) out[k] = v;
     });
     // Next-page URLs point at the sandbox; keep the client on the proxy.
-    const text = body.toString('utf8').replaceAll(target, url);
+    const text = (await upstream.text()).replaceAll(target, url);
+    if (await options.answer?.(req, res, text)) return;
     res.writeHead(upstream.status, out).end(text);
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-  return { url, close: () => new Promise<void>((resolve) => server.close(() => resolve())) };
+  return {
+    url,
+    setTarget(next: string) {
+      target = next;
+    },
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
+  };
 }
