@@ -64,6 +64,9 @@ type Stamp = {
   echoMatch: { fields: Record<string, unknown>; foldCase: string[] } | null;
   createdAt: Date;
 };
+/** The columns of a record head read through raw SQL, as `HeadRow`. */
+const HEAD_COLUMNS = sql.raw('h.connection_id, h.object, h.crm_id, h.version, h.version_rank, h.content_hash, h.deleted, h.origin, h.last_event_id, h.delivered_hash');
+
 /** A record head as the database returns it through raw SQL. */
 type HeadRow = {
   connection_id: string;
@@ -148,7 +151,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   const [seen, claimed, stamps] = await Promise.all([
     rowsOf<HeadRow>(
       tx.execute(sql`
-        select h.connection_id, h.object, h.crm_id, h.version, h.version_rank, h.content_hash, h.deleted, h.origin, h.last_event_id, h.delivered_hash
+        select ${HEAD_COLUMNS}
         from record_heads h
         where (h.connection_id, h.object, h.crm_id) in (
           select connection_id, object, crm_id from jsonb_to_recordset(${allKeys}::jsonb) as k(connection_id text, object text, crm_id text))`),
@@ -202,7 +205,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   if (existing.length > 0) {
     const locked = await rowsOf<HeadRow>(
       tx.execute(sql`
-        select h.connection_id, h.object, h.crm_id, h.version, h.version_rank, h.content_hash, h.deleted, h.origin, h.last_event_id, h.delivered_hash
+        select ${HEAD_COLUMNS}
         from record_heads h
         where (h.connection_id, h.object, h.crm_id) in (
           select connection_id, object, crm_id from jsonb_to_recordset(${JSON.stringify(existing.map(keyRow))}::jsonb) as k(connection_id text, object text, crm_id text))
@@ -216,7 +219,8 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   }
 
   const echoes = new EchoStamps(stamps);
-  const headUpdates = new Map<string, Partial<Head>>();
+  // Heads the batch changed; each is written once, with its state after the batch.
+  const changedHeads = new Set<string>();
   const ledgerRows: Record<string, unknown>[] = [];
   const bodyRows: Record<string, unknown>[] = [];
   const outboxRows: Record<string, unknown>[] = [];
@@ -259,7 +263,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
     if (update) {
       // The next change of this record in the batch is decided against the head as updated.
       Object.assign(head, update);
-      headUpdates.set(key, { ...headUpdates.get(key), ...update });
+      changedHeads.add(key);
     }
 
     const delivered = disposition === 'accepted';
@@ -282,7 +286,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   // A head that changed is written once, with its state after the batch; new records seen once
   // (the common case) need no update at all. Each statement carries its rows as one JSON
   // parameter: building SQL per row and column costs more client CPU than the database work.
-  const updatedHeads = [...headUpdates.keys()].map((key) => {
+  const updatedHeads = [...changedHeads].map((key) => {
     const h = heads.get(key)!;
     return {
       ...keyRow(h),

@@ -105,24 +105,6 @@ export async function loadDeliveryContent(db: Db, eventIds: readonly string[]): 
   return new Map(rows.map(({ eventId, ...content }) => [eventId, { ...content, raw: content.raw ?? null, fields: content.fields ?? null }]));
 }
 
-/**
- * Delivered rows are kept, not deleted: the ledger is append-only and cannot say that a change
- * reached the pipeline, when, or after how many attempts; this row is that evidence. Health and
- * the claim query only touch pending and dead rows through indexes that lead with the state or
- * the record, so delivered history does not slow them. Pruning belongs to a retention job.
- *
- * Not fenced by the lease owner: a 2xx is the truth whoever got it, and if the lease had expired
- * and another worker is delivering the same row again, its own outcome becomes a no-op.
- */
-export async function markDelivered(db: Db, params: { id: number; status: number }): Promise<boolean> {
-  const rows = await db
-    .update(outbox)
-    .set({ state: 'delivered', deliveredAt: sql`now()`, lastStatus: params.status, lastError: null, leaseOwner: null, leaseExpiresAt: null })
-    .where(and(eq(outbox.id, params.id), eq(outbox.state, 'pending')))
-    .returning({ id: outbox.id });
-  return rows.length === 1;
-}
-
 /** Marks many rows delivered in one statement per answer status (one commit for a whole batch). */
 export async function markDeliveredMany(db: Db, delivered: ReadonlyArray<{ id: number; status: number }>): Promise<void> {
   const byStatus = new Map<number, number[]>();
