@@ -40,7 +40,7 @@ interface Server {
 async function startServer(mode: 'bare' | 'bridge', env: Record<string, string>): Promise<Server> {
   const devNull = openSync('/dev/null', 'w');
   const child: ChildProcess = fork(serverScript, [mode], {
-    execArgv: ['--import', 'tsx'],
+    execArgv: ['--import', 'tsx', ...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [])],
     env: { ...process.env, ...env },
     stdio: ['ignore', devNull, 'inherit', 'ipc'],
   });
