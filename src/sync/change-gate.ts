@@ -4,7 +4,6 @@ import type { Db } from '../db/client.js';
 import {
   ledger,
   ledgerBodies,
-  outboundWrites,
   pendingFetches,
   recordHeads,
   type ChangeKind,
@@ -107,6 +106,13 @@ async function rowsOf<T>(result: Promise<unknown>): Promise<T[]> {
   return Array.isArray(answer) ? answer : answer.rows;
 }
 
+/** A `json` column: parsed by both drivers, but read defensively as text too. */
+type Json<T> = T | string;
+
+function jsonOf<T>(value: Json<T>): T {
+  return typeof value === 'string' ? (JSON.parse(value) as T) : value;
+}
+
 /**
  * The change gate (DESIGN "The change gate", rules 1-7). Runs inside the caller's transaction;
  * the caller commits, and only then may a hook be acknowledged. Changes are taken in key order
@@ -144,30 +150,33 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
     };
   });
   const allKeys = JSON.stringify([...firstOfKey.values()].map((i) => keyRow(changes[i]!)));
-  // Three statements go out at once, without waiting for an answer (a drizzle query is sent
-  // when awaited, in the order awaited): an unlocked read of the heads as committed, the claim,
-  // and the stamps read. The read lets a batch of changes already seen (a re-poll) finish
-  // without locking or writing anything.
-  const [seen, claimed, stamps] = await Promise.all([
-    rowsOf<HeadRow>(
-      tx.execute(sql`
-        select ${HEAD_COLUMNS}
-        from record_heads h
-        where (h.connection_id, h.object, h.crm_id) in (
-          select connection_id, object, crm_id from jsonb_to_recordset(${allKeys}::jsonb) as k(connection_id text, object text, crm_id text))`),
-    ),
-    rowsOf<{ connection_id: string; object: string; crm_id: string }>(
-      tx.execute(sql`
+  // One statement, one round trip: an unlocked read of the heads as committed (the statement's
+  // snapshot, taken before the claim), the claim, and the live stamps. The read lets a batch of
+  // changes already seen (a re-poll) finish without locking or writing anything.
+  const [first] = await rowsOf<{ seen: Json<HeadRow[]>; claimed: Json<{ connection_id: string; object: string; crm_id: string }[]>; stamps: Json<StampRow[]> }>(
+    tx.execute(sql`
+      with claimed as (
         insert into record_heads (connection_id, object, crm_id, version, version_rank, content_hash, deleted, last_event_id, delivered_hash)
         select connection_id, object, crm_id, version, version_rank, content_hash, deleted, last_event_id, content_hash
         from jsonb_to_recordset(${JSON.stringify(claimRows)}::jsonb)
           as r(connection_id text, object text, crm_id text, version text, version_rank float8, content_hash text, deleted boolean, last_event_id uuid)
         order by connection_id, object, crm_id
         on conflict do nothing
-        returning connection_id, object, crm_id`),
-    ),
-    readStamps(tx, changes),
-  ]);
+        returning connection_id, object, crm_id
+      )
+      select
+        (select coalesce(json_agg(h), '[]') from (
+          select ${HEAD_COLUMNS}
+          from record_heads h
+          where (h.connection_id, h.object, h.crm_id) in (
+            select connection_id, object, crm_id from jsonb_to_recordset(${allKeys}::jsonb) as k(connection_id text, object text, crm_id text))
+        ) h) as seen,
+        (select coalesce(json_agg(c), '[]') from claimed c) as claimed,
+        (select coalesce(json_agg(w), '[]') from (${stampsQuery(changes)}) w) as stamps`),
+  );
+  const seen = jsonOf(first!.seen);
+  const claimed = jsonOf(first!.claimed);
+  const stamps = jsonOf(first!.stamps).map(stampOf);
   const now = new Date();
   const heads = new Map<string, Head>();
   for (const row of claimed) {
@@ -299,44 +308,38 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
       delivered_hash: h.deliveredHash,
     };
   });
-  const statements: PromiseLike<unknown>[] = [];
-  if (updatedHeads.length > 0) {
-    statements.push(
-      tx.execute(sql`
+  // Every head changed with a ledger row, and every matched stamp with an echo's ledger row, so
+  // a batch of duplicates writes nothing. Otherwise one statement writes it all: its parts see
+  // one snapshot, and the foreign keys (bodies and outbox → ledger) are checked at its end.
+  if (ledgerRows.length > 0) {
+    const writes = JSON.stringify({ heads: updatedHeads, claims: echoes.claims().map((c) => ({ id: c.id, crm_id: c.crmId })), ledger: ledgerRows, bodies: bodyRows, outbox: outboxRows });
+    await tx.execute(sql`
+      with w as (select ${writes}::jsonb as j),
+      heads as (
         update record_heads h set version = u.version, version_rank = u.version_rank, content_hash = u.content_hash, deleted = u.deleted,
           origin = u.origin, last_event_id = u.last_event_id, delivered_hash = u.delivered_hash, updated_at = now()
-        from jsonb_to_recordset(${JSON.stringify(updatedHeads)}::jsonb)
+        from w, jsonb_to_recordset(w.j->'heads')
           as u(connection_id text, object text, crm_id text, version text, version_rank float8, content_hash text, deleted boolean, origin text, last_event_id uuid, delivered_hash text)
-        where (h.connection_id, h.object, h.crm_id) = (u.connection_id, u.object, u.crm_id)`),
-    );
-  }
-  for (const claim of echoes.claims()) {
-    statements.push(tx.update(outboundWrites).set({ crmId: claim.crmId, settledAt: now, updatedAt: now }).where(eq(outboundWrites.id, claim.id)));
-  }
-  if (ledgerRows.length > 0) {
-    statements.push(
-      tx.execute(sql`
+        where (h.connection_id, h.object, h.crm_id) = (u.connection_id, u.object, u.crm_id)
+      ),
+      claims as (
+        update outbound_writes o set crm_id = c.crm_id, settled_at = now(), updated_at = now()
+        from w, jsonb_to_recordset(w.j->'claims') as c(id uuid, crm_id text)
+        where o.id = c.id
+      ),
+      ledger_rows as (
         insert into ledger (event_id, connection_id, object, crm_id, source, disposition, change, version, content_hash, origin, observed_at)
         select event_id, connection_id, object, crm_id, source, disposition, change, version, content_hash, origin, observed_at
-        from jsonb_to_recordset(${JSON.stringify(ledgerRows)}::jsonb)
-          as l(event_id uuid, connection_id text, object text, crm_id text, source text, disposition text, change text, version text, content_hash text, origin text, observed_at timestamptz)`),
-      tx.execute(sql`
+        from w, jsonb_to_recordset(w.j->'ledger')
+          as l(event_id uuid, connection_id text, object text, crm_id text, source text, disposition text, change text, version text, content_hash text, origin text, observed_at timestamptz)
+      ),
+      bodies as (
         insert into ledger_bodies (event_id, raw, fields)
-        select event_id, raw, fields from jsonb_to_recordset(${JSON.stringify(bodyRows)}::jsonb) as b(event_id uuid, raw jsonb, fields jsonb)`),
-    );
+        select event_id, raw, fields from w, jsonb_to_recordset(w.j->'bodies') as b(event_id uuid, raw jsonb, fields jsonb)
+      )
+      insert into outbox (event_id, connection_id, object, crm_id)
+      select event_id, connection_id, object, crm_id from w, jsonb_to_recordset(w.j->'outbox') as o(event_id uuid, connection_id text, object text, crm_id text)`);
   }
-  if (outboxRows.length > 0) {
-    statements.push(
-      tx.execute(sql`
-        insert into outbox (event_id, connection_id, object, crm_id)
-        select event_id, connection_id, object, crm_id from jsonb_to_recordset(${JSON.stringify(outboxRows)}::jsonb) as o(event_id uuid, connection_id text, object text, crm_id text)`),
-    );
-  }
-  // Sent without waiting for each answer, in this order on the transaction's connection (PGlite
-  // takes them one at a time in the same order), so the outbox rows follow the ledger rows
-  // their foreign key needs. One round trip instead of one per statement; if one fails, the
-  // transaction is aborted and the rest fail with it.
-  await Promise.all(statements);
   return outcomes;
 }
 
@@ -380,26 +383,27 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
 
 /**
  * The live outbound-write stamps any change of the batch could match: not settled (see
- * EchoStamps), not failed or skipped, for the same record or with no CRM id yet. Only writes in
- * flight or not yet echoed are live, so this reads a handful of rows through a partial index.
+ * EchoStamps), not failed or skipped, of the batch's (connection, object) pairs. Only writes in
+ * flight or not yet echoed are live, so this reads a handful of rows through a partial index;
+ * EchoStamps picks the one a change matches.
  */
-async function readStamps(tx: Db, changes: readonly ObservedChange[]): Promise<Stamp[]> {
+function stampsQuery(changes: readonly ObservedChange[]) {
   const pairs = new Map<string, { connection_id: string; object: string }>();
   for (const c of changes) {
     if (c.change !== 'delete' && c.contentHash !== null) pairs.set(`${c.connectionId}\u0000${c.object}`, { connection_id: c.connectionId, object: c.object });
   }
-  if (pairs.size === 0) return [];
-  // Every live stamp of the batch's (connection, object) pairs: writes in flight or not yet
-  // echoed, a handful of rows through the partial index. EchoStamps picks the one a change matches.
-  const rows = await rowsOf<{ id: string; connection_id: string; object: string; content_hash: string; crm_id: string | null; echo_match: Stamp['echoMatch'] | string; created_at: string | Date }>(
-    tx.execute(sql`
-      select w.id, w.connection_id, w.object, w.content_hash, w.crm_id, w.echo_match, w.created_at
-      from outbound_writes w
-      where w.settled_at is null and w.state in ('pending', 'sent')
-        and (w.connection_id, w.object) in (
-          select connection_id, object from jsonb_to_recordset(${JSON.stringify([...pairs.values()])}::jsonb) as p(connection_id text, object text))`),
-  );
-  return rows.map((r) => ({
+  return sql`
+    select w.id, w.connection_id, w.object, w.content_hash, w.crm_id, w.echo_match, w.created_at
+    from outbound_writes w
+    where w.settled_at is null and w.state in ('pending', 'sent')
+      and (w.connection_id, w.object) in (
+        select connection_id, object from jsonb_to_recordset(${JSON.stringify([...pairs.values()])}::jsonb) as p(connection_id text, object text))`;
+}
+
+type StampRow = { id: string; connection_id: string; object: string; content_hash: string; crm_id: string | null; echo_match: Stamp['echoMatch'] | string; created_at: string | Date };
+
+function stampOf(r: StampRow): Stamp {
+  return {
     id: r.id,
     connectionId: r.connection_id,
     object: r.object,
@@ -407,7 +411,7 @@ async function readStamps(tx: Db, changes: readonly ObservedChange[]): Promise<S
     crmId: r.crm_id,
     echoMatch: typeof r.echo_match === 'string' ? (JSON.parse(r.echo_match) as Stamp['echoMatch']) : r.echo_match,
     createdAt: new Date(r.created_at),
-  }));
+  };
 }
 
 /**
