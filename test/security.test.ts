@@ -132,6 +132,31 @@ describe('secret rotation through the connections file', () => {
 });
 
 describe('secrets and tokens stay out of logs, metrics and error bodies', () => {
+  it('censors sensitive keys in any case, two levels down and in arrays, in log lines and child bindings, without touching the logged object', () => {
+    const logs = captureLogs();
+    const logged = {
+      token: 'tok-top',
+      connection: { id: 'firm', clientSecret: 'sec-nested', auth: { Refresh_Token: 'tok-deep' } },
+      headers: { 'x-hook-secret': 'hdr-secret' },
+      attempts: [{ ACCESS_TOKEN: 'tok-array' }],
+      crmId: '42',
+    };
+    const before = JSON.stringify(logged);
+    logs.logger.child({ apiKey: 'key-binding', connection: 'firm' }).info(logged, 'hello');
+    const line = JSON.parse(logs.text()) as Record<string, any>;
+    expect(JSON.stringify(logged)).toBe(before);
+    for (const value of ['tok-top', 'sec-nested', 'tok-deep', 'hdr-secret', 'tok-array', 'key-binding']) expect(logs.text()).not.toContain(value);
+    expect(line).toMatchObject({
+      token: '[Redacted]',
+      connection: { id: 'firm', clientSecret: '[Redacted]', auth: { Refresh_Token: '[Redacted]' } },
+      headers: '[Redacted]',
+      attempts: [{ ACCESS_TOKEN: '[Redacted]' }],
+      crmId: '42',
+      apiKey: '[Redacted]',
+      msg: 'hello',
+    });
+  });
+
   it('never shows a hook secret, API key, admin or metrics token, client secret, OAuth code or token, or a presented wrong secret', async () => {
     const sandbox = await startSandbox({ records: 20, autoApprove: true, switches: { rotateRefreshTokens: true } });
     const logs = captureLogs();
