@@ -214,6 +214,50 @@ describe('the loop guard against the sandbox CRM', () => {
     }
   }, 60_000);
 
+  it("updates a matter without touching the firm's client_reference, and recognises the update's echo before the CRM has answered", async () => {
+    // The update's answer is held until the automation's hook for it has been answered, as in
+    // the create case above; Clio's marker field is the firm's own on records it did not create.
+    let idle: () => Promise<void> = async () => {};
+    const echoBeforeAnswer: boolean[] = [];
+    const proxy = await startFaultProxy({
+      answer: async (req, _res, text) => {
+        if (req.method !== 'PATCH') return;
+        await idle();
+        const crmId = String((JSON.parse(text) as { data: { id: number } }).data.id);
+        const rows = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
+        echoBeforeAnswer.push(rows.some((r) => r.disposition === 'echo'));
+      },
+    });
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+    proxy.setTarget(bridge.sandbox.url);
+    idle = () => bridge.sandbox.state.automationIdle();
+    try {
+      const { app, sandbox } = bridge;
+      // A CRM-born matter the firm keeps its own reference in, and a bridge-created one.
+      const firmsMatter = sandbox.state.store.matters.items[3]!.id;
+      sandbox.state.updateRecord('matters', firmsMatter, { client_reference: 'SMITH-0042' });
+      const created = await stub.write('lead-to-update', lead(3));
+      await round(app, stub, sandbox);
+      const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(created.body.outboundId)));
+      const leadId = Number(write!.crmId);
+      const deliveredBefore = stub.delivered.length;
+
+      for (const [key, crmId] of [['update-firms-matter', firmsMatter], ['update-lead', leadId]] as const) {
+        const accepted = await stub.write(key, { object: 'matters', externalId: key, crmId: String(crmId), fields: { description: `Updated by intake ${key}` } });
+        expect(accepted.status).toBe(202);
+        await drainWriter(app);
+      }
+      expect(echoBeforeAnswer).toEqual([true, true]);
+      expect(sandbox.state.renderFull('matters', firmsMatter)).toMatchObject({ client_reference: 'SMITH-0042', description: 'Updated by intake update-firms-matter' });
+      expect(sandbox.state.renderFull('matters', leadId)).toMatchObject({ client_reference: `crm-bridge:${write!.id}`, description: 'Updated by intake update-lead' });
+      await round(app, stub, sandbox);
+      expect(stub.delivered.slice(deliveredBefore)).toEqual([]);
+    } finally {
+      await close();
+      await proxy.close();
+    }
+  }, 60_000);
+
   it('delivers a human edit of a bridge-created lead once, though the record still carries the origin marker', async () => {
     const { bridge, stub, close } = await startTwoWay({ writeBack: false });
     try {

@@ -174,9 +174,12 @@ export const objectDefinitionSchema = z
     /**
      * Where the bridge stamps the records it writes, for a CRM with a field for it: `value` may
      * use `{{writeId}}`; a record whose value at `path` starts with the part before the first
-     * placeholder came from the bridge.
+     * placeholder came from the bridge. `stampOn`: `create` (the default) stamps only the
+     * records the bridge creates, so an update never overwrites what the firm keeps in a shared
+     * field (Clio's `client_reference`); `write` stamps every write, for a field of the bridge's
+     * own (a custom property).
      */
-    originMarker: z.object({ path: jsonPath, value: z.string().min(1) }).strict().optional(),
+    originMarker: z.object({ path: jsonPath, value: z.string().min(1), stampOn: z.enum(['create', 'write']).default('create') }).strict().optional(),
   })
   .strict();
 export type ObjectDefinition = z.infer<typeof objectDefinitionSchema>;

@@ -243,14 +243,14 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     };
   }
 
-  function writeBody(object: string, c: RecordCall, record: Record<string, unknown>, writeId: string | undefined, vars: Vars): unknown {
+  function writeBody(object: string, c: RecordCall, operation: 'create' | 'update', record: Record<string, unknown>, writeId: string | undefined, vars: Vars): unknown {
     const def = objectDef(object);
     const out = structuredClone(record);
     for (const path of def.lowercaseOnWrite ?? []) {
       const v = getPath(out, path);
       if (typeof v === 'string') setPath(out, path, v.toLowerCase());
     }
-    if (def.originMarker) {
+    if (def.originMarker && stampsMarker(def, operation)) {
       const value = renderPath(def.originMarker.value, { writeId }, false);
       setPath(out, def.originMarker.path, value);
     }
@@ -292,12 +292,12 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     },
     async createRecord(object, record, opts = {}) {
       const c = call(object, 'create');
-      const res = await send(c.request, {}, opts.signal, { body: writeBody(object, c, record, opts.writeId, {}), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
+      const res = await send(c.request, {}, opts.signal, { body: writeBody(object, c, 'create', record, opts.writeId, {}), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
       return recordOf(res.body, c);
     },
     async updateRecord(object, id, record, opts = {}) {
       const c = call(object, 'update');
-      const res = await send(c.request, { id }, opts.signal, { body: writeBody(object, c, record, opts.writeId, { id }), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
+      const res = await send(c.request, { id }, opts.signal, { body: writeBody(object, c, 'update', record, opts.writeId, { id }), idempotent: false, ...(opts.headers ? { headers: opts.headers } : {}) });
       return recordOf(res.body, c);
     },
     mapRecord,
@@ -314,6 +314,11 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     },
   };
   return opts.extend ? { ...base, ...opts.extend(base) } : base;
+}
+
+/** Whether a write of this kind carries the origin marker (see `originMarker.stampOn`). */
+export function stampsMarker(def: ObjectDefinition, operation: 'create' | 'update'): boolean {
+  return def.originMarker !== undefined && (operation === 'create' || def.originMarker.stampOn === 'write');
 }
 
 /** The record was written by the bridge: its marker starts with the marker's fixed prefix. */

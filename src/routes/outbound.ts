@@ -132,7 +132,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
       }
       const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
       const id = randomUUID();
-      const echo = expectedEcho(definition, fields, id);
+      const echo = expectedEcho(definition, operation, fields, id);
       // The loop guard's other direction: the pipeline handing back a CRM-born record as the
       // bridge delivered it would only make the CRM write it again and fire the automation.
       const skip = crmId !== undefined && (await pushesBackUnchanged(app, { connectionId: connection.id, object, crmId }, fields));

@@ -425,8 +425,10 @@ function stampOf(r: StampRow): Stamp {
  *   and a versionless arrival with that content matches the exact hash.
  * - Before it returned (the hook beat the response), the CRM id and the read-back content are
  *   unknown (the CRM fills in computed fields), so:
- *   - with an origin marker, the change names its write: it is an echo of that stamp only, and
- *     only if the record still shows what was written (the stamp's `echoMatch` subset);
+ *   - with an origin marker naming a live write, the change names its write: it is an echo of
+ *     that stamp only, and only if the record still shows what was written (the stamp's
+ *     `echoMatch` subset); a marker naming a write already echoed (a bridge-created record
+ *     updated without a new stamp) is compared like no marker, with writes to this record only;
  *   - without one, a record showing the written subset (fold-case fields compared
  *     case-insensitively) is taken as the echo.
  *
@@ -445,11 +447,17 @@ class EchoStamps {
   isEcho(change: ObservedChange): boolean {
     if (change.change === 'delete' || change.contentHash === null || change.fields === null) return false;
     const fields = change.fields;
+    const marker = change.originMarker?.toLowerCase();
+    const live = (s: Stamp) => !this.settled.has(s.id) && s.connectionId === change.connectionId && s.object === change.object;
+    // A marker naming a live write: the record is compared with that write and no other. A marker
+    // naming a write already echoed is the create's (updates that do not stamp leave it): the
+    // record is compared like an unmarked one, but only with writes to this very record.
+    const named = marker !== undefined && this.stamps.some((s) => s.id === marker && live(s));
     const stamp = this.stamps.find((s) => {
-      if (this.settled.has(s.id) || s.connectionId !== change.connectionId || s.object !== change.object) return false;
+      if (!live(s)) return false;
       if (s.crmId !== null && s.crmId !== change.crmId) return false;
-      // A marked record is compared with the write its marker names, and with no other.
-      if (change.originMarker !== undefined) return s.id === change.originMarker.toLowerCase() && (s.contentHash === change.contentHash || showsWritten(fields, s));
+      if (named) return s.id === marker && (s.contentHash === change.contentHash || showsWritten(fields, s));
+      if (marker !== undefined && s.crmId === null) return false;
       return s.contentHash === change.contentHash || showsWritten(fields, s);
     });
     if (stamp === undefined) return false;

@@ -1,6 +1,6 @@
 import type { FastifyBaseLogger } from 'fastify';
 import type { ObjectDefinition, OutboundConfig } from '../config/schema.js';
-import { ConnectorError, type Connector } from '../crm/connector.js';
+import { ConnectorError, stampsMarker, type Connector } from '../crm/connector.js';
 import { CrmHttpError } from '../crm/http-client.js';
 import type { Db } from '../db/client.js';
 import {
@@ -188,11 +188,12 @@ function classify(err: unknown): Attempt {
 /**
  * What the echo of a write must show, by canonical field, for the gate to recognise it before
  * the CRM call has returned: the fields the connector will actually write (mapped, not
- * read-only), the origin marker's value in place of whatever the request put in its field, and
+ * read-only), the origin marker's value in place of whatever the request put in its field when
+ * this write stamps it (see `originMarker.stampOn`), and
  * the `lowercaseOnWrite` fields listed for a case-insensitive comparison (Clio takes `open` and
  * shows `Open`).
  */
-export function expectedEcho(definition: ObjectDefinition, fields: Record<string, unknown>, writeId: string): { fields: Record<string, unknown>; foldCase: string[] } {
+export function expectedEcho(definition: ObjectDefinition, operation: 'create' | 'update', fields: Record<string, unknown>, writeId: string): { fields: Record<string, unknown>; foldCase: string[] } {
   const readOnly = new Set(definition.readOnly ?? []);
   const paths: Record<string, string> = definition.fields ?? Object.fromEntries(Object.keys(fields).map((k) => [k, k]));
   const out: Record<string, unknown> = {};
@@ -200,7 +201,7 @@ export function expectedEcho(definition: ObjectDefinition, fields: Record<string
     if (paths[name] === undefined || readOnly.has(name)) continue;
     out[name] = value ?? null;
   }
-  if (definition.originMarker) {
+  if (definition.originMarker && stampsMarker(definition, operation)) {
     const markerName = Object.entries(paths).find(([, path]) => path === definition.originMarker!.path)?.[0];
     if (markerName !== undefined) out[markerName] = definition.originMarker.value.replace(/\{\{\s*writeId\s*\}\}/g, writeId);
   }

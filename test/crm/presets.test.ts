@@ -80,7 +80,7 @@ describe('clio preset against the sandbox', () => {
     expect(await clio.getRecord('contacts', String(gone))).toBeNull();
   });
 
-  it('creates and updates matters in the data envelope, lowercasing status and stamping the origin marker', async () => {
+  it('creates and updates matters in the data envelope, lowercasing status and stamping the origin marker on the create only', async () => {
     const client = sb.state.store.contacts.items[0]?.id;
     const body = clio.toRecord('matters', { description: 'Slip and fall intake', status: 'Pending', clientId: client, practiceArea: 'ignored: read-only' });
     expect(body).toEqual({ description: 'Slip and fall intake', status: 'Pending', client: { id: client } });
@@ -89,7 +89,19 @@ describe('clio preset against the sandbox', () => {
     expect(mapped.fields).toMatchObject({ description: 'Slip and fall intake', status: 'Pending', clientId: client, clientReference: 'crm-bridge:w-1' });
     expect(mapped.fromBridge).toBe(true);
     const updated = await clio.updateRecord('matters', mapped.id ?? '', { status: 'Closed' }, { writeId: 'w-2' });
-    expect(clio.mapRecord('matters', updated).fields.status).toBe('Closed');
+    // An update does not stamp: the marker field keeps what the create put there.
+    expect(clio.mapRecord('matters', updated).fields).toMatchObject({ status: 'Closed', clientReference: 'crm-bridge:w-1' });
+    // A marker field of the bridge's own can be stamped on every write.
+    const preset = connectorDefinitionSchema.parse(presets.clio);
+    const matters = preset.objects.matters!;
+    const stampingAll = createConnector({
+      definition: { ...preset, objects: { ...preset.objects, matters: { ...matters, originMarker: { ...matters.originMarker!, stampOn: 'write' } } } },
+      baseUrl: sb.url,
+      tokens: sandboxTokens(sb),
+      http: { retryBaseMs: 1 },
+    });
+    const restamped = await stampingAll.updateRecord('matters', mapped.id ?? '', { status: 'Open' }, { writeId: 'w-3' });
+    expect(stampingAll.mapRecord('matters', restamped).fields.clientReference).toBe('crm-bridge:w-3');
     const crmBorn = sb.state.store.matters.items[0];
     expect(clio.mapRecord('matters', await clio.getRecord('matters', String(crmBorn?.id))).fromBridge).toBe(false);
   });
