@@ -3,6 +3,7 @@ import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledger, outbox, outboundWrites } from '../src/db/schema/index.js';
+import { presets } from '../src/crm/presets/index.js';
 import { pollStream } from '../src/sync/poller.js';
 import { observeRecord } from '../src/sync/record.js';
 import { claimOutboundWrites, markOutboundSent } from '../src/db/queries/outbound.js';
@@ -20,7 +21,7 @@ beforeEach(() => resetDatabase(database));
 const FIRST_CONTACT = 100000001;
 
 /** The bridge with outbound writes and delivery to the stub pipeline, hooks on every CRM write. */
-async function startTwoWay(options: { writeBack: boolean; baseUrl?: string }) {
+async function startTwoWay(options: { writeBack: boolean; baseUrl?: string; connector?: unknown }) {
   let base = '';
   const stub = await startPipelineStub({ bridge: () => base, connection: 'firm', apiKey: API_KEY, writeBack: options.writeBack });
   const bridge = await startBridge({
@@ -28,6 +29,7 @@ async function startTwoWay(options: { writeBack: boolean; baseUrl?: string }) {
     automation: { delayMs: 0 },
     connection: {
       ...(options.baseUrl ? { baseUrl: options.baseUrl } : {}),
+      ...(options.connector ? { connector: options.connector } : {}),
       downstream: { url: stub.url, backoff: { base: '1ms', max: '5ms' } },
       outbound: { apiKeys: [API_KEY], backoff: { base: '1ms', max: '5ms' } },
     },
@@ -186,6 +188,52 @@ describe('the loop guard against the sandbox CRM', () => {
       await proxy.close();
     }
   }, 60_000);
+
+  // The Clio preset stamps a marker; without one the record is found by the fields written.
+  const withoutMarker = (() => {
+    const clio = structuredClone(presets.clio!) as { objects: Record<string, Record<string, unknown>> };
+    delete clio.objects.matters!.originMarker;
+    return clio;
+  })();
+  for (const [label, connector] of [['with the origin marker', undefined], ['without an origin marker', withoutMarker]] as const) {
+    it(`does not make a lead twice when the create's answer was lost and its hook dropped, ${label}`, async () => {
+      // The proxy lets the first create reach the CRM and drops the connection instead of
+      // answering; the automation drops every hook. The retry must find what the CRM made.
+      let lost = 0;
+      const proxy = await startFaultProxy({
+        answer: async (req, res) => {
+          if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
+          res.destroy();
+          return true;
+        },
+      });
+      const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url, ...(connector ? { connector } : {}) });
+      const { app, sandbox } = bridge;
+      proxy.setTarget(sandbox.url);
+      for (const rule of sandbox.state.automation.rules) rule.dropRate = 1;
+      try {
+        const accepted = await stub.write(`lead-lost-${connector ? 'unmarked' : 'marked'}`, lead(5));
+        expect(accepted.status).toBe(202);
+        await drainWriter(app);
+        const creates = sandbox.state.requestLog.list({ method: 'POST', pathPrefix: '/api/v4/matters.json' });
+        expect(creates).toHaveLength(1);
+        const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(accepted.body.outboundId)));
+        expect(write).toMatchObject({ state: 'sent', attempts: 2 });
+        const crmId = write!.crmId!;
+        expect(sandbox.state.renderFull('matters', Number(crmId))).toMatchObject({ description: 'Intake lead 5' });
+
+        // The poll is the first sighting of the record: the write's echo, not a lead for the pipeline.
+        await round(app, stub, sandbox);
+        const rows = await db.select({ source: ledger.source, disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
+        expect(rows).toEqual([{ source: 'poll', disposition: 'echo' }]);
+        expect(stub.delivered.filter((d) => d.crmId === crmId)).toEqual([]);
+        expect(sandbox.state.requestLog.list({ method: 'POST', pathPrefix: '/api/v4/matters.json' })).toHaveLength(1);
+      } finally {
+        await close();
+        await proxy.close();
+      }
+    }, 60_000);
+  }
 
   it('recognises the echo when the writer died between recording the CRM answer and passing it through the gate', async () => {
     const { bridge, stub, close } = await startTwoWay({ writeBack: false });

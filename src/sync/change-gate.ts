@@ -456,9 +456,9 @@ class EchoStamps {
     const stamp = this.stamps.find((s) => {
       if (!live(s)) return false;
       if (s.crmId !== null && s.crmId !== change.crmId) return false;
-      if (named) return s.id === marker && (s.contentHash === change.contentHash || showsWritten(fields, s));
+      if (named) return s.id === marker && (s.contentHash === change.contentHash || showsWritten(fields, s.echoMatch));
       if (marker !== undefined && s.crmId === null) return false;
-      return s.contentHash === change.contentHash || showsWritten(fields, s);
+      return s.contentHash === change.contentHash || showsWritten(fields, s.echoMatch);
     });
     if (stamp === undefined) return false;
     if (stamp.crmId === null) stamp.crmId = change.crmId;
@@ -473,9 +473,9 @@ class EchoStamps {
 }
 
 /** The record shows every field the write set, as the CRM reads it back. */
-function showsWritten(fields: Record<string, unknown>, stamp: Stamp): boolean {
-  if (stamp.echoMatch === null) return false;
-  const { fields: written, foldCase } = stamp.echoMatch;
+export function showsWritten(fields: Record<string, unknown>, echoMatch: Stamp['echoMatch']): boolean {
+  if (echoMatch === null) return false;
+  const { fields: written, foldCase } = echoMatch;
   const names = Object.keys(written);
   // An empty subset would match any record: such a write is recognised by exact hash only.
   if (names.length === 0) return false;

@@ -12,10 +12,16 @@ import {
   settleOutboundWrite,
   type OutboundWrite,
 } from '../db/queries/outbound.js';
-import { passChanges } from './change-gate.js';
+import { passChanges, showsWritten } from './change-gate.js';
 import { Daemon } from './daemon.js';
 import { backoffDelay } from './delivery-worker.js';
-import { contentHash, observeRecord } from './record.js';
+import { contentHash, getPath, mapFields, observeRecord, readId, readOriginMarker } from './record.js';
+
+/**
+ * How far before a write was queued the search for its lost create looks: the CRM stamps
+ * `updated_at` with its own clock, which may run minutes behind ours.
+ */
+const EARLIER_CREATE_MARGIN_MS = 10 * 60_000;
 
 export interface OutboundWriterOptions {
   db: Db;
@@ -32,6 +38,7 @@ export interface OutboundWriterOptions {
 type Attempt =
   | { kind: 'written'; raw: unknown }
   | { kind: 'made-earlier'; crmId: string }
+  | { kind: 'found-earlier'; crmId: string }
   | { kind: 'retry'; status: number | null; error: string }
   | { kind: 'rejected'; status: number | null; error: string }
   | { kind: 'stopped' };
@@ -81,6 +88,14 @@ export class OutboundWriter extends Daemon {
           log.info({ ...context, crmId: attempt.crmId }, `outbound create ${row.id} for ${connectionId} was made by an earlier attempt (${row.object}/${attempt.crmId})`);
         }
         return;
+      case 'found-earlier':
+        // No echo has come (the automation may have dropped it), so the stamp stays live with
+        // the CRM id: the poll's or a hook's sighting of the record is then this write's echo,
+        // matched by its marker or the written fields, and not delivered.
+        if (await markOutboundSent(db, { id: row.id, owner, crmId: attempt.crmId, crmVersion: null, contentHash: row.contentHash })) {
+          log.info({ ...context, crmId: attempt.crmId }, `outbound create ${row.id} for ${connectionId} was made by an earlier attempt whose answer was lost (${row.object}/${attempt.crmId})`);
+        }
+        return;
       case 'rejected':
         if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error: attempt.error })) {
           log.warn({ ...context, status: attempt.status }, `outbound write ${row.id} to ${connectionId} failed: ${attempt.error}`);
@@ -117,6 +132,11 @@ export class OutboundWriter extends Daemon {
       if (row.crmId !== null) {
         const raw = await connector.getRecord(row.object, row.crmId, { signal });
         if (raw !== null) return { kind: 'made-earlier', crmId: row.crmId };
+      } else if (row.attempts > 1 && row.lastStatus === null && row.lastError !== null) {
+        // The last attempt ended with no answer (timeout, reset) and no echo has come since:
+        // look for the record it may have made before making another.
+        const crmId = await this.findEarlierCreate(row, signal);
+        if (crmId !== undefined) return { kind: 'found-earlier', crmId };
       }
       const raw = await connector.createRecord(row.object, connector.toRecord(row.object, fields), { writeId: row.id, signal });
       return { kind: 'written', raw };
@@ -124,6 +144,34 @@ export class OutboundWriter extends Daemon {
       if (signal.aborted) return { kind: 'stopped' };
       return classify(err);
     }
+  }
+
+  /**
+   * The record an earlier, unanswered attempt of this create made, if the CRM shows one: among
+   * the records changed since shortly before the write was queued (the margin covers the CRM's
+   * clock running behind ours), the one carrying this write's origin marker, or, for an object
+   * without a marker, the newest one showing every written field. A failed listing fails the
+   * attempt, to be retried: creating blind could make the record twice.
+   */
+  private async findEarlierCreate(row: OutboundWrite, signal: AbortSignal): Promise<string | undefined> {
+    const definition = this.deps.objects[row.object];
+    if (definition === undefined) return undefined;
+    const connector = this.deps.connector();
+    const since = new Date(row.createdAt.getTime() - EARLIER_CREATE_MARGIN_MS);
+    let found: { crmId: string; at: string } | undefined;
+    for await (const page of connector.listChanges({ object: row.object, since, signal })) {
+      for (const raw of page.records) {
+        const crmId = readId(raw, definition);
+        if (crmId === undefined) continue;
+        if (definition.originMarker) {
+          if (readOriginMarker(raw, definition)?.toLowerCase() === row.id) return crmId;
+          continue;
+        }
+        const at = String(definition.updatedAtPath === undefined ? '' : (getPath(raw, definition.updatedAtPath) ?? ''));
+        if (showsWritten(mapFields(raw, definition), row.echoMatch) && (found === undefined || at > found.at)) found = { crmId, at };
+      }
+    }
+    return found?.crmId;
   }
 
   /**
