@@ -354,3 +354,105 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 });
+
+describe('the poller fetching a page ahead and answering held records before the gate', () => {
+  /** The bridge's stream with its connector pointed through a fault proxy in front of the sandbox. */
+  async function throughProxy(bridge: Awaited<ReturnType<typeof startBridge>>, options: Parameters<typeof startFaultProxy>[0]) {
+    const proxy = await startFaultProxy({ target: bridge.sandbox.url, ...options });
+    const stream = bridge.app.poller.stream('firm', 'matters');
+    const connector = connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } });
+    return { proxy, stream: { ...stream, connector } };
+  }
+  const isListing = (url: string | undefined) => url?.startsWith('/api/v4/matters.json') ?? false;
+  const cursorOf = async () => (await db.select().from(streamCursors).where(and(eq(streamCursors.connectionId, 'firm'), eq(streamCursors.object, 'matters'))))[0];
+
+  it('keeps the pages committed before a fetch that failed while the page before it committed, moves no cursor, and the re-run delivers the rest once', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    let listed = 0;
+    const { proxy, stream } = await throughProxy(bridge, { fail: (req) => (isListing(req.url) && ++listed >= 3 ? 503 : undefined) });
+    try {
+      const failed = await pollStream(stream);
+      expect(failed).toMatchObject({ status: 'failed', pages: 2, error: expect.stringMatching(/CRM_HTTP_STATUS/) });
+      expect((await outboxVersions()).length).toBe(20);
+      // Clio pages by id: the cursor only moves when a whole run completes.
+      expect((await cursorOf())?.cursorRank).toBeNull();
+
+      expect((await pollStream(bridge.app.poller.stream('firm', 'matters'))).status).toBe('ok');
+      const delivered = (await outboxVersions()).map((d) => d.crmId);
+      expect(delivered.sort()).toEqual(matterIds(bridge.sandbox).map(String).sort());
+    } finally {
+      await proxy.close();
+      await bridge.close();
+    }
+  });
+
+  it('returns at once when stopped while the next page is in flight, and writes nothing more', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    let listed = 0;
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    const { proxy, stream } = await throughProxy(bridge, {
+      answer: async (req) => {
+        // The second page's answer is held until the run has returned.
+        if (isListing(req.url) && ++listed === 2) await held;
+      },
+    });
+    try {
+      const controller = new AbortController();
+      const stopped = await pollStream(stream, { signal: controller.signal, onPage: () => controller.abort() });
+      expect(stopped).toMatchObject({ status: 'failed', pages: 1, error: 'ABORTED' });
+      expect((await outboxVersions()).length).toBe(10);
+      expect((await cursorOf())?.cursorRank).toBeNull();
+    } finally {
+      release();
+      await proxy.close();
+      await bridge.close();
+    }
+  });
+
+  it('writes nothing when the lease is lost while the next page is in flight, and does not wait for that page', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    let listed = 0;
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    const { proxy, stream } = await throughProxy(bridge, {
+      answer: async (req) => {
+        if (!isListing(req.url)) return;
+        // Another replica takes the stream over before the first page commits; the second page's
+        // answer never comes while the run lasts.
+        if (++listed === 1) await db.execute(sql`update leases set owner = 'other-replica' where name = 'poll:firm:matters'`);
+        else await held;
+      },
+    });
+    try {
+      const lost = await pollStream(stream);
+      expect(lost).toMatchObject({ status: 'failed', pages: 0, error: expect.stringMatching(/LEASE_LOST/) });
+      expect(await db.select().from(ledger)).toHaveLength(0);
+      expect((await cursorOf())?.cursorRank).toBeNull();
+    } finally {
+      release();
+      await proxy.close();
+      await bridge.close();
+    }
+  });
+
+  it('answers records the heads already hold as duplicates and passes the rest through the gate, as the gate would decide them', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 20 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      expect((await pollStream(stream)).status).toBe('ok');
+      const ids = matterIds(bridge.sandbox);
+      for (const id of ids.slice(0, 3)) bridge.sandbox.state.updateRecord('matters', id, { description: 'edited since' });
+      // A head deleted at the version the CRM still lists: the gate records that version as stale.
+      await db.update(recordHeads).set({ deleted: true }).where(and(eq(recordHeads.connectionId, 'firm'), eq(recordHeads.crmId, String(ids[3]))));
+      const ledgerBefore = (await db.select().from(ledger)).length;
+
+      const again = await pollStream(stream, { cursorKey: 'matters:again' });
+      expect(again.status).toBe('ok');
+      expect(again.counts).toEqual({ duplicate: ids.length - 4, accepted: 3, stale: 1 });
+      expect((await db.select().from(ledger)).length).toBe(ledgerBefore + 4);
+    } finally {
+      await bridge.close();
+    }
+  });
+});

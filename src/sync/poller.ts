@@ -9,6 +9,7 @@ import {
   deletePendingFetch,
   finishStreamRun,
   getStreamCursor,
+  getStreamHeads,
   listPendingFetches,
   listStreamHeads,
   markStreamAttempt,
@@ -17,7 +18,7 @@ import {
 import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
 import { errorClass, redactFields } from '../privacy.js';
 import { Daemon } from './daemon.js';
-import { getPath, observeRecord } from './record.js';
+import { identifyRecord, observeRecord, type RecordIdentity } from './record.js';
 
 /** One (connection, object) stream of changes, and what polling it needs. */
 export interface StreamContext {
@@ -93,10 +94,12 @@ function pollSettings(ctx: StreamContext) {
 export const leaseName = (connectionId: string, object: string) => `poll:${connectionId}:${object}`;
 
 /**
- * One poll run of a stream: list what changed since `cursor - lookback`, page by page, and pass
- * every record through the change gate (source `poll`). Each page commits its changes, the lease
- * renewal and (for time-ordered pages) the advanced cursor in one transaction, so a crash at any
- * point loses nothing and a replica that lost the lease writes nothing.
+ * One poll run of a stream: list what changed since `cursor - lookback`, page by page (the next
+ * page fetched while the current one commits), and pass every record through the change gate
+ * (source `poll`). Each page commits its changes, the lease renewal and (for time-ordered pages)
+ * the advanced cursor in one transaction, so a crash at any point loses nothing and a replica
+ * that lost the lease writes nothing. Records the committed heads already hold are answered as
+ * duplicates before that transaction; a page of nothing else writes nothing.
  */
 export async function pollStream(ctx: StreamContext, options: RunOptions = {}): Promise<RunReport> {
   const settings = pollSettings(ctx);
@@ -122,43 +125,44 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
 
   try {
     await fetchPendingNotifications(ctx, options.signal);
-    for await (const page of ctx.connector.listChanges({
-      object: ctx.object,
-      since,
-      ...(options.signal ? { signal: options.signal } : {}),
-      ...(settings.pageSize ? { pageSize: settings.pageSize } : {}),
-    })) {
-      const observedAt = new Date();
-      const changes: ObservedChange[] = [];
+    const pages = prefetched(
+      (signal) => ctx.connector.listChanges({ object: ctx.object, since, signal, ...(settings.pageSize ? { pageSize: settings.pageSize } : {}) }),
+      options.signal,
+    );
+    let renewedAt = performance.now();
+    for await (const page of pages) {
+      const seen: SeenRecord[] = [];
       for (const raw of page.records) {
-        const change = observeRecord({
-          connectionId: stream.connectionId,
-          object: ctx.object,
-          definition,
-          raw,
-          source: 'poll',
-          observedAt,
-          deliverUnchanged: ctx.connection.deliverUnchanged,
-        });
-        if (change === undefined) {
+        const identity = identifyRecord(raw, definition);
+        if (identity === undefined) {
           report.counts.skipped = (report.counts.skipped ?? 0) + 1;
           continue;
         }
-        changes.push(change);
-        const updatedAt = definition.updatedAtPath === undefined ? undefined : getPath(raw, definition.updatedAtPath);
-        if (change.rank != null && (newest === undefined || change.rank > newest.rank || (change.rank === newest.rank && change.crmId > newest.id))) {
-          newest = { updatedAt: String(updatedAt ?? change.version), id: change.crmId, rank: change.rank };
+        seen.push({ raw, identity });
+        const { crmId: id, rank } = identity;
+        if (rank !== null && (newest === undefined || rank > newest.rank || (rank === newest.rank && id > newest.id))) {
+          newest = { updatedAt: String(identity.updatedAt ?? identity.version), id, rank };
         }
       }
+      const { held, changes } = await setAsideHeld(ctx, seen, new Date());
       // Time-ordered pages can checkpoint as they go; id-ordered ones (Clio) only at the end.
       const checkpoint = page.order === 'updatedAt' ? newest : undefined;
-      for (const c of changes) ctx.log.debug({ stream, crmId: c.crmId, version: c.version, fields: redactFields(c.fields, definition) }, 'polled record');
-      const outcomes = await ctx.db.transaction(async (tx) => {
-        if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
-        const result = await passChanges(tx, changes);
-        if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
-        return result;
-      });
+      if (ctx.log.level === 'debug' || ctx.log.level === 'trace') {
+        for (const c of changes) ctx.log.debug({ stream, crmId: c.crmId, version: c.version, fields: redactFields(c.fields, definition) }, 'polled record');
+      }
+      // A page with nothing to write costs no transaction; the lease is still renewed (and a
+      // lost one noticed) at least every third of its time.
+      let outcomes = held;
+      if (changes.length > 0 || checkpoint !== undefined || performance.now() - renewedAt >= settings.lease / 3) {
+        const passed = await ctx.db.transaction(async (tx) => {
+          if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
+          const result = await passChanges(tx, changes);
+          if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
+          return result;
+        });
+        renewedAt = performance.now();
+        outcomes = [...held, ...passed];
+      }
       if (report.total === undefined && page.total !== undefined) report.total = page.total;
       tally(report, outcomes, hadCursor && options.countCaught !== false);
       report.pages++;
@@ -183,6 +187,75 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
   }
+}
+
+/**
+ * The pages of a listing, each next one fetched while the caller works on the current one: one
+ * page ahead, so at most two pages are held. When the caller stops (the loop ends, throws, or
+ * the signal aborts) the fetch in flight is aborted and awaited, so nothing of the run is still
+ * running once it has returned.
+ */
+async function* prefetched<T>(list: (signal: AbortSignal) => AsyncIterable<T>, signal?: AbortSignal): AsyncGenerator<T> {
+  const done = new AbortController();
+  const pages = list(signal ? AbortSignal.any([signal, done.signal]) : done.signal)[Symbol.asyncIterator]();
+  const ahead = () => {
+    const next = pages.next();
+    // Handled here, rethrown where it is awaited: a fetch may fail while a page is committing.
+    next.catch(() => {});
+    return next;
+  };
+  let next = ahead();
+  try {
+    for (;;) {
+      const result = await next;
+      if (result.done) return;
+      // A page fetched ahead is not handed out once the run was told to stop.
+      signal?.throwIfAborted();
+      next = ahead();
+      yield result.value;
+    }
+  } finally {
+    done.abort();
+    await next.catch(() => {});
+    await pages.return?.();
+  }
+}
+
+interface SeenRecord {
+  raw: unknown;
+  identity: RecordIdentity;
+}
+
+/**
+ * Rule 1 before the transaction: a record whose committed head already holds this version (or,
+ * without a version, this content) is a duplicate however often it is listed, so it is answered
+ * from one unlocked read of the page's heads, as the gate would answer it, and never mapped or
+ * hashed. Everything else becomes a change for the gate, which decides it under its locks. A
+ * record listed twice in one page is left to the gate, where the order of the two matters.
+ */
+async function setAsideHeld(ctx: StreamContext, seen: SeenRecord[], observedAt: Date): Promise<{ held: GateOutcome[]; changes: ObservedChange[] }> {
+  const definition = ctx.connection.connector.objects[ctx.object]!;
+  const listed = new Map<string, number>();
+  for (const { identity } of seen) listed.set(identity.crmId, (listed.get(identity.crmId) ?? 0) + 1);
+  const heads = new Map((await getStreamHeads(ctx.db, { connectionId: ctx.connection.id, object: ctx.object }, [...listed.keys()])).map((h) => [h.crmId, h]));
+  const held: GateOutcome[] = [];
+  const changes: ObservedChange[] = [];
+  for (const { raw, identity } of seen) {
+    const head = listed.get(identity.crmId) === 1 ? heads.get(identity.crmId) : undefined;
+    const live = head !== undefined && !head.deleted;
+    if (live && identity.version !== null && identity.version === head.version) {
+      held.push({ disposition: 'duplicate', eventId: head.lastEventId, delivered: false });
+      continue;
+    }
+    const change = observeRecord({ connectionId: ctx.connection.id, object: ctx.object, definition, raw, identity, source: 'poll', observedAt, deliverUnchanged: ctx.connection.deliverUnchanged });
+    if (change === undefined) continue;
+    if (live && identity.version === null && change.contentHash === head.contentHash) {
+      held.push({ disposition: 'duplicate', eventId: head.lastEventId, delivered: false });
+      continue;
+    }
+    changes.push(change);
+  }
+  return { held, changes };
 }
 
 /**

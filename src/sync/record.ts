@@ -6,11 +6,16 @@ import type { ObservedChange } from './change-gate.js';
 /** Reads a dotted path through own properties only, so `__proto__.x` can never reach a prototype. */
 export function getPath(value: unknown, path: string): unknown {
   let current: unknown = value;
-  for (const key of path.split('.')) {
+  // Walks the dots without splitting: the poller reads a dozen paths of every record it lists.
+  let start = 0;
+  for (;;) {
+    const dot = path.indexOf('.', start);
+    const key = dot < 0 ? path.slice(start) : path.slice(start, dot);
     if (current === null || typeof current !== 'object' || !Object.hasOwn(current, key)) return undefined;
     current = (current as Record<string, unknown>)[key];
+    if (dot < 0) return current;
+    start = dot + 1;
   }
-  return current;
 }
 
 /** JSON with object keys sorted at every depth: equal content, equal text, whatever the key order. */
@@ -93,6 +98,25 @@ export function readOriginMarker(raw: unknown, def: ObjectDefinition): string | 
   return writeId === '' ? undefined : writeId;
 }
 
+/** Who a raw record is and which version of it: what deciding a duplicate needs, without mapping or hashing. */
+export interface RecordIdentity {
+  crmId: string;
+  version: string | null;
+  /** Where the version sits in the record's history (see ObservedChange.rank). */
+  rank: number | null;
+  /** The CRM's updated_at as given, when the object has one. */
+  updatedAt: unknown;
+}
+
+export function identifyRecord(raw: unknown, definition: ObjectDefinition): RecordIdentity | undefined {
+  const crmId = readId(raw, definition);
+  if (crmId === undefined) return undefined;
+  const version = readVersion(raw, definition);
+  const updatedAt = definition.updatedAtPath === undefined ? undefined : getPath(raw, definition.updatedAtPath);
+  const rank = versionRank(typeof updatedAt === 'string' || typeof updatedAt === 'number' ? String(updatedAt) : version);
+  return { crmId, version, rank, updatedAt };
+}
+
 /**
  * A raw CRM record as the gate sees it: id, version, mapped fields and their hash. The one
  * place hooks, polls, sweeps and fetched notifications turn a record into a change.
@@ -105,21 +129,21 @@ export function observeRecord(args: {
   source: ChangeSource;
   observedAt: Date;
   deliverUnchanged?: boolean;
+  /** The record's identity when the caller already read it. */
+  identity?: RecordIdentity;
 }): ObservedChange | undefined {
-  const crmId = readId(args.raw, args.definition);
-  if (crmId === undefined) return undefined;
+  const identity = args.identity ?? identifyRecord(args.raw, args.definition);
+  if (identity === undefined) return undefined;
   const fields = mapFields(args.raw, args.definition);
-  const version = readVersion(args.raw, args.definition);
   const originMarker = readOriginMarker(args.raw, args.definition);
-  const updatedAt = args.definition.updatedAtPath === undefined ? undefined : getPath(args.raw, args.definition.updatedAtPath);
   return {
     connectionId: args.connectionId,
     object: args.object,
-    crmId,
+    crmId: identity.crmId,
     source: args.source,
     change: 'upsert',
-    version,
-    rank: versionRank(typeof updatedAt === 'string' || typeof updatedAt === 'number' ? String(updatedAt) : version),
+    version: identity.version,
+    rank: identity.rank,
     raw: args.raw,
     fields,
     contentHash: contentHash(fields),

@@ -59,6 +59,30 @@ export async function listStreamHeads(db: Db, stream: StreamKey): Promise<Array<
     .where(and(eq(recordHeads.connectionId, stream.connectionId), eq(recordHeads.object, stream.object), eq(recordHeads.deleted, false)));
 }
 
+/**
+ * The committed heads of some records of a stream, read without a lock: the poller answers a
+ * change its head already holds (DESIGN rule 1) from this before opening a transaction. The keys
+ * go as one JSON parameter, whole, as the gate sends them: a (connection, object, crm_id) set
+ * is looked up key by key through the primary key even before the table has statistics, where
+ * `crm_id = any(…)` was planned as a filter over the stream's every head (a backfill's table is
+ * new).
+ */
+export async function getStreamHeads(
+  db: Db,
+  stream: StreamKey,
+  crmIds: readonly string[],
+): Promise<Array<{ crmId: string; version: string | null; contentHash: string | null; deleted: boolean; lastEventId: string }>> {
+  if (crmIds.length === 0) return [];
+  const keys = JSON.stringify(crmIds.map((crmId) => ({ connection_id: stream.connectionId, object: stream.object, crm_id: crmId })));
+  return db
+    .select({ crmId: recordHeads.crmId, version: recordHeads.version, contentHash: recordHeads.contentHash, deleted: recordHeads.deleted, lastEventId: recordHeads.lastEventId })
+    .from(recordHeads)
+    .where(
+      sql`(${recordHeads.connectionId}, ${recordHeads.object}, ${recordHeads.crmId}) in (
+        select connection_id, object, crm_id from jsonb_to_recordset(${keys}::jsonb) as k(connection_id text, object text, crm_id text))`,
+    );
+}
+
 export async function listPendingFetches(db: Db, stream: StreamKey, limit: number) {
   return db
     .select()
