@@ -55,13 +55,13 @@ interface OnDatabase {
 const rate = (records: number, ms: number) => `${fmt(records / (ms / 1000))} records/s`;
 
 async function bareFetch(sandbox: Child, records: number): Promise<FetchResult> {
-  const result = await runInChild<FetchResult>(syncScript, ['bare'], { type: 'fetch', sandboxUrl: sandbox.url, pageSize: PAGE_SIZE, warmId: FIRST_MATTER_ID });
+  const result = await runInChild<FetchResult>(syncScript, ['bare'], { type: 'fetch', sandboxUrl: sandbox.url, pageSize: PAGE_SIZE, warmId: FIRST_MATTER_ID }, {}, { built: true });
   if (result.records !== records) throw new Error(`the bare loop read ${result.records} records, expected ${records}`);
   return result;
 }
 
 async function backfillOn(label: OnDatabase['label'], env: Record<string, string>, sandbox: Child, context: BenchContext): Promise<OnDatabase> {
-  const bridge = await startChild(syncScript, ['bridge'], { ...env, BENCH_LOG_LEVEL: context.logLevel, BENCH_CONNECTION: JSON.stringify(sandboxConnection(sandbox.url!)) });
+  const bridge = await startChild(syncScript, ['bridge'], { ...env, BENCH_LOG_LEVEL: context.logLevel, BENCH_CONNECTION: JSON.stringify(sandboxConnection(sandbox.url!)) }, { built: true });
   try {
     const backfill = await bridge.ask<PollResult>({ type: 'poll', warmId: FIRST_MATTER_ID }, 900_000);
     if (backfill.report.status !== 'ok') throw new Error(`${label} backfill ${backfill.report.status}: ${backfill.report.error}`);
@@ -135,7 +135,7 @@ export async function runBackfillBench(context: BenchContext): Promise<CaseResul
   const { runs } = await measure(context);
   const figures: Figure[] = [];
   const details = [
-    `sandbox matters (faults off, seed 42), page size ${PAGE_SIZE}, \`clio\` preset, client_credentials token; sandbox, bridge and bare loop each in their own process; the bare loop is plain fetch following meta.paging.next (parse, discard), run against the same sandbox before and after the bridge`,
+    `sandbox matters (faults off, seed 42), page size ${PAGE_SIZE}, \`clio\` preset, client_credentials token; sandbox, bridge and bare loop each in their own process, the bridge and bare loop compiled by tsc and run by plain node (as the Docker image runs dist/), the sandbox under tsx; the bare loop is plain fetch following meta.paging.next (parse, discard), run against the same sandbox before and after the bridge`,
   ];
   for (const run of runs) {
     const primary = run.label === 'postgres';

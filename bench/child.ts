@@ -3,9 +3,13 @@
 // other or with the bench runner, and a process's peak RSS is its own. One protocol for all of
 // them: the child says `ready` (with a URL when it serves), then answers each request with one
 // message, and exits on `stop`, when the parent goes away, or after a hard lifetime.
-import { fork, type ChildProcess } from 'node:child_process';
+import { execFile, fork, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, existsSync, openSync, symlinkSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import postgres from 'postgres';
 
 export type Reply = { type: 'ready'; url?: string } | { type: 'result'; [key: string]: unknown } | { type: 'failed'; message: string };
@@ -18,12 +22,36 @@ export interface Child {
   stop(): Promise<void>;
 }
 
-/** Forks `script` through tsx with stdout at /dev/null (the app logs there, as in production). */
-export async function startChild(script: string, args: string[], env: Record<string, string> = {}): Promise<Child> {
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+let compiled: Promise<string> | undefined;
+
+/**
+ * The app and bench/sync-child.ts compiled by tsc (tsconfig.bench.json), once per bench run. The
+ * Docker image runs the app compiled (`node dist/cli.js`), and a process under tsx also holds
+ * tsx's loader thread and compiled sources, about 80 MB more before the app does anything.
+ */
+function compileBench(): Promise<string> {
+  compiled ??= (async () => {
+    const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');
+    await promisify(execFile)(process.execPath, [tsc, '-p', 'tsconfig.bench.json'], { cwd: ROOT });
+    const out = join(ROOT, 'node_modules/.cache/crm-bridge-bench');
+    // The compiled src/db/client.js applies migrations from ../../drizzle, as dist/db/client.js does.
+    if (!existsSync(join(out, 'drizzle'))) symlinkSync(join(ROOT, 'drizzle'), join(out, 'drizzle'));
+    return out;
+  })();
+  return compiled;
+}
+
+/**
+ * Forks `script` with stdout at /dev/null (the app logs there, as in production): through tsx,
+ * or with `built`, compiled (see compileBench) and run by plain node.
+ */
+export async function startChild(script: string, args: string[], env: Record<string, string> = {}, options: { built?: boolean } = {}): Promise<Child> {
+  const path = options.built ? join(await compileBench(), relative(ROOT, script)).replace(/\.ts$/, '.js') : script;
   const devNull = openSync('/dev/null', 'w');
-  const child: ChildProcess = fork(script, args, {
+  const child: ChildProcess = fork(path, args, {
     // BENCH_CPU_PROF=dir writes a CPU profile of every child there (for finding where time goes).
-    execArgv: ['--import', 'tsx', ...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [])],
+    execArgv: [...(options.built ? [] : ['--import', 'tsx']), ...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [])],
     env: { ...process.env, ...env },
     stdio: ['ignore', devNull, 'inherit', 'ipc'],
   });
@@ -79,8 +107,8 @@ export async function startChild(script: string, args: string[], env: Record<str
 }
 
 /** Starts a child, runs one request, stops it: for jobs that measure one thing and exit. */
-export async function runInChild<T>(script: string, args: string[], request: Request, env: Record<string, string> = {}): Promise<T> {
-  const child = await startChild(script, args, env);
+export async function runInChild<T>(script: string, args: string[], request: Request, env: Record<string, string> = {}, options: { built?: boolean } = {}): Promise<T> {
+  const child = await startChild(script, args, env, options);
   try {
     return await child.ask<T>(request);
   } finally {
