@@ -1,8 +1,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { eq } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
+import postgres from 'postgres';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { outbox } from '../src/db/schema/index.js';
 import { buildTestApp, connection, SECRET } from './helpers/app.js';
@@ -115,6 +116,54 @@ describe('delivery workers in separate processes on one Postgres', () => {
     expect(sink.requests).toHaveLength(1);
 
     for (let i = 0; i < 200 && sink.applied.length === 0; i++) {
+      await worker.tick(signal);
+      await sleep(50);
+    }
+    expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
+    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
+    const [delivered] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
+    expect(delivered).toMatchObject({ state: 'delivered', leaseOwner: null, attempts: 2 });
+  });
+
+  it.skipIf(!onPostgres)('delivers a row again with the same key when its worker is killed after the answer but before the row is marked delivered', async () => {
+    const { worker } = await startApp();
+    const eventId = await hook(1);
+    sink.behave(() => 'hold');
+    const child = spawnWorker({ OWNER: 'doomed', TIMEOUT: '1500ms', LEASE: '2500ms' });
+    await sink.until(() => sink.heldCount === 1, 'the child to start delivering', 60_000);
+
+    // A row lock held here stops the child's mark after the pipeline has answered; then the child
+    // dies, and its mark with it, as in a crash between the answer and the mark.
+    const locker = postgres(database!.url!, { max: 1, onnotice: () => {} });
+    try {
+      await locker.begin(async (tx) => {
+        await tx`select id from outbox where event_id = ${eventId} for update`;
+        sink.release({ status: 200 });
+        const markWaiting = sql`select pid from pg_stat_activity where wait_event_type = 'Lock' and query like 'update "outbox" set "state"%'`;
+        let waiting: Array<{ pid: number }> = [];
+        for (let i = 0; i < 200 && waiting.length === 0; i++) {
+          waiting = (await database!.db.execute(markWaiting)) as unknown as Array<{ pid: number }>;
+          if (waiting.length === 0) await sleep(25);
+        }
+        expect(waiting).toHaveLength(1);
+        await killGroup(child);
+        await database!.db.execute(sql`select pg_terminate_backend(${waiting[0]!.pid})`);
+      });
+    } finally {
+      await locker.end();
+    }
+
+    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
+    const [leased] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
+    expect(leased).toMatchObject({ state: 'pending', leaseOwner: 'doomed', attempts: 1 });
+
+    // While the dead worker's lease holds, nobody else may send the row.
+    sink.behave(() => ({ status: 200 }));
+    const signal = new AbortController().signal;
+    expect(await worker.tick(signal)).toBe(false);
+    expect(sink.requests).toHaveLength(1);
+
+    for (let i = 0; i < 200 && sink.requests.length < 2; i++) {
       await worker.tick(signal);
       await sleep(50);
     }

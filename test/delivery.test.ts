@@ -367,6 +367,59 @@ describe('delivery to the intake pipeline', () => {
     expect((await states())[0]).toMatchObject({ state: 'pending', attempts: 0, leaseOwner: null });
   });
 
+  it('gives every claimed row back untried when stopped mid-batch: the one in flight and those queued behind it', async () => {
+    const { app, worker } = await startApp({ concurrency: 1 });
+    sink.behave(() => 'hold');
+    for (const id of [1, 2, 3, 4, 5]) await hook(app, matter(id, 1));
+    worker.start();
+    await sink.until(() => sink.heldCount === 1, 'the worker to send its first row');
+    await worker.stop();
+    expect(sink.requests).toHaveLength(1);
+    expect((await states()).every((r) => r.state === 'pending' && r.attempts === 0 && r.leaseOwner === null)).toBe(true);
+  });
+
+  it('sends a change that arrives while a tick is sending without waiting for that tick to end', async () => {
+    const { app, worker } = await startApp({ pollInterval: '1h' });
+    sink.behave((_r, index) => (index === 0 ? 'hold' : { status: 202 }));
+    worker.start();
+    const first = await hook(app, matter(1, 1));
+    await sink.until(() => sink.heldCount === 1, 'the first change to be sent');
+    // The first request is still unanswered, so the tick that sent it has not ended.
+    const second = await hook(app, matter(2, 1));
+    await sink.until(() => sink.applied.some((b) => b.id === second), 'the second change to be delivered beside the first');
+    expect(sink.heldCount).toBe(1);
+    sink.release({ status: 202 });
+    for (let i = 0; i < 200 && (await pendingCount()) > 0; i++) await sleep(10);
+    await worker.stop();
+    expect(sink.applied.map((b) => b.id)).toEqual([second, first]);
+    expect((await states()).every((r) => r.state === 'delivered')).toBe(true);
+  });
+
+  it('keeps a delivered row pending and leased when marking it delivered fails, and sends it again with the same key once the lease runs out', async () => {
+    const { app, worker } = await startApp({ timeout: '300ms', lease: '1s' });
+    const eventId = await hook(app, matter(7, 1));
+    // The database refuses the mark, as it would if it went away between the answer and the mark.
+    await database.db.execute(sql.raw(`create function refuse_delivered() returns trigger language plpgsql as $$ begin raise exception 'mark refused'; end $$`));
+    await database.db.execute(sql.raw(`create trigger refuse_delivered before update on outbox for each row when (new.state = 'delivered') execute function refuse_delivered()`));
+    try {
+      await expect(tickOnce(worker)).rejects.toThrow();
+    } finally {
+      await database.db.execute(sql.raw('drop trigger refuse_delivered on outbox'));
+      await database.db.execute(sql.raw('drop function refuse_delivered()'));
+    }
+    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
+    expect((await states())[0]).toMatchObject({ state: 'pending', attempts: 1, leaseOwner: worker.owner });
+
+    // Its lease still holds: nobody sends it again yet.
+    expect(await tickOnce(worker)).toBe(false);
+    expect(sink.requests).toHaveLength(1);
+
+    await drain(worker);
+    expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
+    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
+    expect((await states())[0]).toMatchObject({ state: 'delivered', attempts: 2, leaseOwner: null });
+  });
+
   it('reports pending, the oldest pending age and dead letters in /health, and 503 degraded once the backlog is older than degradedAfter', async () => {
     const { app, worker } = await startApp({ degradedAfter: '60s' });
     sink.behave(() => ({ status: 400 }));

@@ -17,18 +17,38 @@ export interface ClaimedDelivery {
   /** Including this claim. */
   attempts: number;
   queuedAt: Date;
+  /** What the ledger knows about the event; null only if its ledger row is missing (a broken database). */
+  content: DeliveryContent | null;
 }
+
+export interface DeliveryContent {
+  change: ChangeKind;
+  version: string | null;
+  origin: 'crm' | 'pipeline';
+  source: ChangeSource;
+  observedAt: Date;
+  /** Null when the body was pruned. */
+  raw: unknown;
+  fields: Record<string, unknown> | null;
+}
+
+/**
+ * `id = any($1)` with the ids as one array parameter: one statement text whatever the count, so
+ * the driver prepares it once instead of once per batch size, as `in ($1, $2, ...)` would.
+ */
+const idIn = (ids: readonly number[]) => sql`${outbox.id} = any(${sql.param([...ids])}::bigint[])`;
 
 const millis = (ms: number) => sql`(${Math.max(0, Math.round(ms))}::double precision * interval '1 millisecond')`;
 
 /**
- * Claims up to `limit` due rows of one connection for `owner` until the lease runs out, in one
- * statement (so the lease is written in the claiming transaction). A row is due when it is
- * pending, its next attempt has come, nobody holds a live lease on it (an expired lease means its
- * worker died or hung: the row is claimable again, nothing is lost), and no older row of the same
- * record is still pending: per-record order is enforced here, so the workers never need to
- * coordinate. SKIP LOCKED lets concurrent claimers pass over each other's rows instead of waiting.
- * The attempt is counted at claim time, so a worker killed mid-request still uses up an attempt.
+ * Claims up to `limit` due rows of one connection for `owner` until the lease runs out, and
+ * returns them with their ledger content, in one statement (so the lease is written in the
+ * claiming transaction, and a claim costs one round trip). A row is due when it is pending, its
+ * next attempt has come, nobody holds a live lease on it (an expired lease means its worker died
+ * or hung: the row is claimable again, nothing is lost), and no older row of the same record is
+ * still pending: per-record order is enforced here, so the workers never need to coordinate.
+ * SKIP LOCKED lets concurrent claimers pass over each other's rows instead of waiting. The
+ * attempt is counted at claim time, so a worker killed mid-request still uses up an attempt.
  */
 export async function claimDeliveries(
   db: Db,
@@ -55,42 +75,35 @@ export async function claimDeliveries(
     .limit(params.limit)
     .for('update', { skipLocked: true });
 
+  const claimed = db.$with('claimed').as(
+    db
+      .update(outbox)
+      .set({
+        leaseOwner: params.owner,
+        leaseExpiresAt: sql`now() + ${millis(params.leaseMs)}`,
+        attempts: sql`${outbox.attempts} + 1`,
+      })
+      .where(inArray(outbox.id, due))
+      .returning({
+        id: outbox.id,
+        eventId: outbox.eventId,
+        connectionId: outbox.connectionId,
+        object: outbox.object,
+        crmId: outbox.crmId,
+        attempts: outbox.attempts,
+        queuedAt: outbox.queuedAt,
+      }),
+  );
   const rows = await db
-    .update(outbox)
-    .set({
-      leaseOwner: params.owner,
-      leaseExpiresAt: sql`now() + ${millis(params.leaseMs)}`,
-      attempts: sql`${outbox.attempts} + 1`,
-    })
-    .where(inArray(outbox.id, due))
-    .returning({
-      id: outbox.id,
-      eventId: outbox.eventId,
-      connectionId: outbox.connectionId,
-      object: outbox.object,
-      crmId: outbox.crmId,
-      attempts: outbox.attempts,
-      queuedAt: outbox.queuedAt,
-    });
-  return rows.sort((a, b) => a.id - b.id);
-}
-
-export interface DeliveryContent {
-  change: ChangeKind;
-  version: string | null;
-  origin: 'crm' | 'pipeline';
-  source: ChangeSource;
-  observedAt: Date;
-  raw: unknown;
-  fields: Record<string, unknown> | null;
-}
-
-/** What the ledger knows about each event; bodies may have been pruned (then null). */
-export async function loadDeliveryContent(db: Db, eventIds: readonly string[]): Promise<Map<string, DeliveryContent>> {
-  if (eventIds.length === 0) return new Map();
-  const rows = await db
+    .with(claimed)
     .select({
-      eventId: ledger.eventId,
+      id: claimed.id,
+      eventId: claimed.eventId,
+      connectionId: claimed.connectionId,
+      object: claimed.object,
+      crmId: claimed.crmId,
+      attempts: claimed.attempts,
+      queuedAt: claimed.queuedAt,
       change: ledger.change,
       version: ledger.version,
       origin: ledger.origin,
@@ -99,10 +112,18 @@ export async function loadDeliveryContent(db: Db, eventIds: readonly string[]): 
       raw: ledgerBodies.raw,
       fields: ledgerBodies.fields,
     })
-    .from(ledger)
-    .leftJoin(ledgerBodies, eq(ledgerBodies.eventId, ledger.eventId))
-    .where(inArray(ledger.eventId, [...eventIds]));
-  return new Map(rows.map(({ eventId, ...content }) => [eventId, { ...content, raw: content.raw ?? null, fields: content.fields ?? null }]));
+    .from(claimed)
+    .leftJoin(ledger, eq(ledger.eventId, claimed.eventId))
+    .leftJoin(ledgerBodies, eq(ledgerBodies.eventId, claimed.eventId))
+    .orderBy(claimed.id);
+  return rows.map(({ change, version, origin, source, observedAt, raw, fields, ...row }) => ({
+    ...row,
+    // Ledger columns are not null, so one null here means no ledger row (a left join miss).
+    content:
+      change === null || origin === null || source === null || observedAt === null
+        ? null
+        : { change, version, origin, source, observedAt, raw: raw ?? null, fields: fields ?? null },
+  }));
 }
 
 /** Marks many rows delivered in one statement per answer status (one commit for a whole batch). */
@@ -113,7 +134,7 @@ export async function markDeliveredMany(db: Db, delivered: ReadonlyArray<{ id: n
     await db
       .update(outbox)
       .set({ state: 'delivered', deliveredAt: sql`now()`, lastStatus: status, lastError: null, leaseOwner: null, leaseExpiresAt: null })
-      .where(and(inArray(outbox.id, ids), eq(outbox.state, 'pending')));
+      .where(and(idIn(ids), eq(outbox.state, 'pending')));
   }
 }
 
@@ -150,14 +171,15 @@ export async function markDead(db: Db, params: { id: number; owner: string; stat
 }
 
 /**
- * Gives a claimed row back untried (the worker is stopping): no attempt is charged and another
- * replica may take it at once instead of waiting for the lease to run out.
+ * Gives claimed rows back untried (the worker is stopping, or a row's lease would not outlast its
+ * request): no attempt is charged and another replica may take them at once instead of waiting
+ * for the lease to run out.
  */
-export async function releaseClaim(db: Db, params: { id: number; owner: string }): Promise<void> {
+export async function releaseClaims(db: Db, params: { ids: readonly number[]; owner: string }): Promise<void> {
   await db
     .update(outbox)
     .set({ attempts: sql`greatest(${outbox.attempts} - 1, 0)`, leaseOwner: null, leaseExpiresAt: null })
-    .where(heldBy(params.id, params.owner));
+    .where(and(idIn(params.ids), eq(outbox.state, 'pending'), eq(outbox.leaseOwner, params.owner)));
 }
 
 export interface DeadLetter {
