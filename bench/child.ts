@@ -30,7 +30,7 @@ let compiled: Promise<string> | undefined;
  * Docker image runs the app compiled (`node dist/cli.js`), and a process under tsx also holds
  * tsx's loader thread and compiled sources, about 80 MB more before the app does anything.
  */
-function compileBench(): Promise<string> {
+export function compileBench(): Promise<string> {
   compiled ??= (async () => {
     const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');
     await promisify(execFile)(process.execPath, [tsc, '-p', 'tsconfig.bench.json'], { cwd: ROOT });

@@ -20,7 +20,7 @@ export async function runDeliveryBench(context: BenchContext): Promise<CaseResul
   try {
     const bareRun = async () => {
       await sink.ask({ type: 'reset' });
-      const run = await runInChild<Timed>(syncScript, ['bare'], { type: 'post', sinkUrl: sink.url, n: ROWS, concurrency: CONCURRENCY });
+      const run = await runInChild<Timed>(syncScript, ['bare'], { type: 'post', sinkUrl: sink.url, n: ROWS, concurrency: CONCURRENCY }, {}, { built: true });
       const stats = await sink.ask<{ received: number }>({ type: 'stats' });
       if (stats.received !== ROWS) throw new Error(`the sink received ${stats.received} bare POSTs, expected ${ROWS}`);
       context.log(`  bare POST loop: ${fmt(ROWS / (run.ms / 1000))} req/s`);
@@ -38,7 +38,7 @@ export async function runDeliveryBench(context: BenchContext): Promise<CaseResul
         inbound: { secrets: ['bench-hook-secret-0123456789abcdef'], recordPath: 'data', object: 'matters' },
         downstream: { url: sink.url, concurrency: CONCURRENCY },
       };
-      const bridge = await startChild(syncScript, ['bridge'], { BENCH_DATABASE_URL: pg.url, BENCH_LOG_LEVEL: context.logLevel, BENCH_CONNECTION: JSON.stringify(connection) });
+      const bridge = await startChild(syncScript, ['bridge'], { BENCH_DATABASE_URL: pg.url, BENCH_LOG_LEVEL: context.logLevel, BENCH_CONNECTION: JSON.stringify(connection) }, { built: true });
       try {
         await bridge.ask({ type: 'seed-outbox', n: ROWS });
         await sink.ask({ type: 'reset' });

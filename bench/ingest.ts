@@ -5,16 +5,15 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import autocannon, { type AutocannonResult } from 'autocannon';
 import postgres from 'postgres';
 import type { BenchContext, CaseResult, Figure } from './cases.js';
+import { compileBench } from './child.js';
 import { HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
 
 const CONNECTIONS = 50;
 const WARMUP_SECONDS = 2;
 const TARGET_RATIO = 0.5;
-const serverScript = fileURLToPath(new URL('./ingest-server.ts', import.meta.url));
 
 /** A Clio-like matter of about 1 KB; only the id changes between requests of a "new" run. */
 export function matterBody(id: string): string {
@@ -39,8 +38,10 @@ interface Server {
 
 async function startServer(mode: 'bare' | 'bridge', env: Record<string, string>): Promise<Server> {
   const devNull = openSync('/dev/null', 'w');
-  const child: ChildProcess = fork(serverScript, [mode], {
-    execArgv: ['--import', 'tsx', ...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [])],
+  // Compiled and run by plain node, as the Docker image runs the app (see compileBench).
+  const built = join(await compileBench(), 'bench/ingest-server.js');
+  const child: ChildProcess = fork(built, [mode], {
+    execArgv: [...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [])],
     env: { ...process.env, ...env },
     stdio: ['ignore', devNull, 'inherit', 'ipc'],
   });

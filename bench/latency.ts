@@ -64,7 +64,7 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
       BENCH_LOG_LEVEL: context.logLevel,
       BENCH_START_DAEMONS: '1',
       BENCH_CONNECTION: JSON.stringify(connection),
-    });
+    }, { built: true });
     let run: Awaited<ReturnType<typeof sendHooks>>;
     let latencies: number[];
     let received: number;

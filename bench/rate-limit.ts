@@ -28,7 +28,7 @@ export async function runRateLimitBench(context: BenchContext): Promise<CaseResu
     await sandbox.ask({ type: 'switches', switches: { rateLimit: { limit: LIMIT, windowSeconds: WINDOW_SECONDS } } });
     const { lastSeq } = await sandbox.ask<{ lastSeq: number }>({ type: 'lastSeq' });
     const runMs = WINDOWS * WINDOW_SECONDS * 1000;
-    const bridge = await startChild(syncScript, ['bridge'], { BENCH_DATABASE_URL: pg.url, BENCH_LOG_LEVEL: context.logLevel, BENCH_CONNECTION: JSON.stringify(sandboxConnection(sandbox.url!)) });
+    const bridge = await startChild(syncScript, ['bridge'], { BENCH_DATABASE_URL: pg.url, BENCH_LOG_LEVEL: context.logLevel, BENCH_CONNECTION: JSON.stringify(sandboxConnection(sandbox.url!)) }, { built: true });
     let report: { status: string; pages: number; records: number };
     try {
       // Aborted a little after the measured span; only calls inside the span are counted.
