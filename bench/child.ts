@@ -5,7 +5,7 @@
 // message, and exits on `stop`, when the parent goes away, or after a hard lifetime.
 import { execFile, fork, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, openSync, symlinkSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, symlinkSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -30,6 +30,11 @@ let compiled: Promise<string> | undefined;
  * Docker image runs the app compiled (`node dist/cli.js`), and a process under tsx also holds
  * tsx's loader thread and compiled sources, about 80 MB more before the app does anything.
  */
+/** The image's NODE_OPTIONS (the Dockerfile's heap cap): the compiled app runs with them, as in the image. */
+export function imageNodeOptions(): string {
+  return /NODE_OPTIONS=(\S+)/.exec(readFileSync(join(ROOT, 'Dockerfile'), 'utf8'))?.[1] ?? '';
+}
+
 export function compileBench(): Promise<string> {
   compiled ??= (async () => {
     const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');
@@ -52,7 +57,7 @@ export async function startChild(script: string, args: string[], env: Record<str
   const child: ChildProcess = fork(path, args, {
     // BENCH_CPU_PROF=dir writes a CPU profile of every child there (for finding where time goes).
     execArgv: [...(options.built ? [] : ['--import', 'tsx']), ...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [])],
-    env: { ...process.env, ...env },
+    env: { ...process.env, ...(options.built ? { NODE_OPTIONS: imageNodeOptions() } : {}), ...env },
     stdio: ['ignore', devNull, 'inherit', 'ipc'],
   });
   closeSync(devNull);

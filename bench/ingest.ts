@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import autocannon, { type AutocannonResult } from 'autocannon';
 import postgres from 'postgres';
 import type { BenchContext, CaseResult, Figure } from './cases.js';
-import { compileBench } from './child.js';
+import { compileBench, imageNodeOptions } from './child.js';
 import { HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
 
 const CONNECTIONS = 50;
@@ -42,7 +42,7 @@ async function startServer(mode: 'bare' | 'bridge', env: Record<string, string>)
   const built = join(await compileBench(), 'bench/ingest-server.js');
   const child: ChildProcess = fork(built, [mode], {
     execArgv: [...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`] : [])],
-    env: { ...process.env, ...env },
+    env: { ...process.env, NODE_OPTIONS: imageNodeOptions(), ...env },
     stdio: ['ignore', devNull, 'inherit', 'ipc'],
   });
   closeSync(devNull);
