@@ -5,8 +5,8 @@ import type { BenchContext, CaseResult } from './cases.js';
 import { peersScript, syncScript } from './backfill.js';
 import { createBenchDatabase, fmt, runInChild, startChild } from './child.js';
 
-/** Issue 8 asks for 50,000; at this machine's ~130 deliveries/s that alone would take 6 minutes (BENCH_DELIVERY_ROWS=50000 for the full count). */
-const ROWS = Number(process.env.BENCH_DELIVERY_ROWS ?? 5_000);
+/** 50,000 as issue 8 asks (about 35 s of delivery here); BENCH_DELIVERY_ROWS for a shorter run. */
+const ROWS = Number(process.env.BENCH_DELIVERY_ROWS ?? 50_000);
 /** The downstream default (src/config/schema.ts), so the figure is for the configuration shipped. */
 const CONCURRENCY = 4;
 const TARGET = 0.7;
