@@ -111,6 +111,8 @@ async function authorise(bridge: FastifyInstance): Promise<void> {
   const code = new URL(consent.headers.get('location') ?? 'http://x/').searchParams.get('code');
   if (!code) throw new Error(`the sandbox CRM did not grant consent (${consent.status})`);
   await manager.exchangeCode(code, redirectUri);
+  // The first poll ran before there was a token: poll now rather than at the next interval.
+  bridge.poller.wake('demo');
 }
 
 /** Staff at the firm: mostly edits, sometimes a new matter, now and then a deletion. */

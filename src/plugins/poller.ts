@@ -11,6 +11,8 @@ declare module 'fastify' {
       /** What a poll or sweep of one stream needs, for the daemons, the CLI and tests. */
       stream(connectionId: string, object: string): StreamContext;
       daemons: PollDaemon[];
+      /** Runs a connection's streams now instead of at their next interval (say, once it is authorised). */
+      wake(connectionId: string): void;
     };
   }
 }
@@ -42,14 +44,19 @@ export default fp(
       };
     };
     const daemons: PollDaemon[] = [];
+    const byConnection = new Map<string, PollDaemon[]>();
     for (const connection of app.connections.values()) {
       for (const object of pollObjects(connection)) {
         const daemon = new PollDaemon(stream(connection.id, object));
         daemons.push(daemon);
         app.daemons.push(daemon);
+        byConnection.set(connection.id, [...(byConnection.get(connection.id) ?? []), daemon]);
       }
     }
-    app.decorate('poller', { stream, daemons });
+    const wake = (connectionId: string) => {
+      for (const daemon of byConnection.get(connectionId) ?? []) daemon.wake();
+    };
+    app.decorate('poller', { stream, daemons, wake });
   },
   { name: 'poller', dependencies: ['config', 'db', 'daemons', 'crm', 'metrics'] },
 );

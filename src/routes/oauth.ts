@@ -110,6 +110,9 @@ export default async function oauthRoutes(app: FastifyInstance) {
       throw err;
     }
     request.log.info({ connection: id }, 'connection authorised through the browser');
+    // What waited for the authorisation runs now, not at its next interval.
+    app.poller.wake(id);
+    app.outboundWriters.get(id)?.wake();
     return page(reply, 200, 'Connected', `crm-bridge is connected to the CRM for "${id}". You can close this window.`);
   });
 }

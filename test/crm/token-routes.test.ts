@@ -8,6 +8,7 @@ import { startSandbox, type Sandbox } from '../../src/sandbox/index.js';
 import { buildTestApp, captureLogs, connection } from '../helpers/app.js';
 import { createTestDatabase, resetDatabase } from '../helpers/database.js';
 import { callApi, TEST_KEY, testCipher, tokenRequests } from '../fixtures/token-helpers.js';
+import { clioConnection } from '../helpers/bridge.js';
 
 const database = await createTestDatabase();
 const logs = captureLogs();
@@ -39,8 +40,8 @@ beforeEach(async () => {
 });
 
 /** What a browser does: /start, the CRM's (auto-approved) consent, back to /callback with the cookie. */
-async function connectThroughBrowser(connectionId = 'acme') {
-  const start = await app.inject({ method: 'GET', url: `/oauth/${connectionId}/start` });
+async function connectThroughBrowser(connectionId = 'acme', through: FastifyInstance = app) {
+  const start = await through.inject({ method: 'GET', url: `/oauth/${connectionId}/start` });
   expect(start.statusCode).toBe(302);
   const cookie = String(start.headers['set-cookie']).split(';')[0]!;
   const consent = await fetch(String(start.headers.location), { redirect: 'manual' });
@@ -89,6 +90,34 @@ describe('OAuth routes', () => {
     const text = logs.text();
     expect(text).toContain('connection authorised');
     for (const secret of [...call.tokens, refresh, first.back.searchParams.get('code')!]) expect(text).not.toContain(secret);
+  });
+
+  it('polls as soon as the browser authorisation is done, not at the next interval', async () => {
+    const auth = { type: 'oauth2', clientId: 'sandbox-client', clientSecret: 'sandbox-secret', tokenUrl: '/oauth/token', authorizeUrl: '/oauth/authorize' };
+    const polling = await buildTestApp({ database, startDaemons: true, env: { TOKEN_ENCRYPTION_KEY: TEST_KEY }, connections: [clioConnection(sb, { id: 'acme', auth })] });
+    const stream = async () => {
+      const res = await polling.inject({ method: 'GET', url: '/health' });
+      const acme = (res.json() as { connections: Array<{ id: string; poll: { streams: Array<{ lastSuccessAt: string | null; lastError: string | null }> } }> }).connections[0]!;
+      return acme.poll.streams[0]!;
+    };
+    const until = async (done: (s: Awaited<ReturnType<typeof stream>>) => boolean) => {
+      for (let i = 0; i < 200; i++) {
+        const s = await stream();
+        if (done(s)) return s;
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      throw new Error(`not reached: ${JSON.stringify(await stream())}`);
+    };
+    try {
+      // The daemons' first run, at start, found no token; the next is an hour away.
+      await until((s) => s.lastError?.startsWith('NEEDS_REAUTH') ?? false);
+      const { cookie, callback } = await connectThroughBrowser('acme', polling);
+      expect((await polling.inject({ method: 'GET', url: callback, headers: { cookie } })).statusCode).toBe(200);
+      const polled = await until((s) => s.lastSuccessAt !== null);
+      expect(polled.lastError).toBeNull();
+    } finally {
+      await polling.close();
+    }
   });
 
   it('refuses a callback without the browser cookie, with a tampered state, or carrying the CRM\'s error, and stores nothing', async () => {

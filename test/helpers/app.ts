@@ -45,11 +45,13 @@ export async function buildTestApp(options: {
   connections?: unknown[];
   env?: Record<string, string>;
   logger?: ReturnType<typeof captureLogs>['logger'];
+  startDaemons?: boolean;
 }) {
   const config = loadConfig({ LOG_LEVEL: 'silent', DATA_DIR: 'memory://', ...options.env }, { connections: options.connections ?? [connection()] });
   return buildApp({
     config,
     database: options.database,
     loggerInstance: options.logger ?? pino({ level: 'silent' }),
+    startDaemons: options.startDaemons ?? false,
   });
 }
