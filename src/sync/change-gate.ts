@@ -119,13 +119,13 @@ function jsonOf<T>(value: Json<T>): T {
  * so that concurrent batches lock record heads in one order and cannot deadlock; two changes of
  * one record keep their arrival order. Outcomes come back in the order given.
  *
- * A batch costs a fixed number of round trips, not a few per change: head rows are claimed with
- * one insert (in the database's key order), the heads that already existed are locked with one
- * SELECT … FOR UPDATE (in the same order), outbound-write stamps are read once, each change is
- * decided in memory against the head as the changes before it in the batch left it, and the
- * ledger, body and outbox rows go in as one insert each, every statement carrying its rows as
- * one JSON parameter. The decisions are those of taking the
- * changes one at a time: a head locked up front stays locked until commit either way.
+ * A batch costs two or three statements, not a few per change: one claims the head rows (in
+ * the database's key order) and reads the committed heads and the live outbound-write stamps;
+ * the heads that already existed and changed are locked with one SELECT … FOR UPDATE (in the same
+ * order); each change is decided in memory against the head as the changes before it in the
+ * batch left it; and one statement writes the heads, stamps, ledger, body and outbox rows. Each
+ * statement carries its rows as JSON parameters. The decisions are those of taking the changes
+ * one at a time: a head locked up front stays locked until commit either way.
  */
 export async function passChanges(tx: Db, changes: readonly ObservedChange[]): Promise<GateOutcome[]> {
   if (changes.length === 0) return [];
