@@ -5,6 +5,7 @@
 // --log-level L (the app's LOG_LEVEL under load, default info).
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 import type { BenchCase, Figure } from './cases.js';
 import { describeMachine } from './machine.js';
 import { benchCases } from './registry.js';
@@ -14,17 +15,27 @@ const BENCHMARKS_MD = fileURLToPath(new URL('../BENCHMARKS.md', import.meta.url)
 const START = '<!-- bench:results:start (written by npm run bench; edit outside these markers) -->';
 const END = '<!-- bench:results:end -->';
 
-function option(name: string): string | undefined {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 ? process.argv[i + 1] : undefined;
+const USAGE = `usage: npm run bench [-- --only ${benchCases.map((c) => c.id).join(',')}] [--seconds N] [--log-level L]`;
+
+/** A wrong option is a message and exit 2, never a stack trace or a whole run nobody asked for. */
+function usage(problem?: string): never {
+  (problem ? process.stderr : process.stdout).write(`${problem ? `bench: ${problem}\n` : ''}${USAGE}\n`);
+  process.exit(problem ? 2 : 0);
 }
 
-const seconds = Number(option('seconds') ?? 10);
-if (!Number.isFinite(seconds) || seconds <= 0) throw new Error(`--seconds must be a positive number (got ${option('seconds')})`);
-const only = option('only')?.split(',');
-const logLevel = option('log-level') ?? 'info';
+let values: { seconds?: string; only?: string; 'log-level'?: string; help?: boolean };
+try {
+  ({ values } = parseArgs({ options: { seconds: { type: 'string' }, only: { type: 'string' }, 'log-level': { type: 'string' }, help: { type: 'boolean' } } }));
+} catch (err) {
+  usage((err as Error).message);
+}
+if (values.help) usage();
+const seconds = Number(values.seconds ?? 10);
+if (!Number.isFinite(seconds) || seconds <= 0) usage(`--seconds must be a positive number (got ${values.seconds})`);
+const only = values.only?.split(',');
+const logLevel = values['log-level'] ?? 'info';
 const unknown = only?.filter((id) => !benchCases.some((c) => c.id === id)) ?? [];
-if (unknown.length > 0) throw new Error(`--only: unknown case(s) ${unknown.join(', ')} (known: ${benchCases.map((c) => c.id).join(', ')})`);
+if (unknown.length > 0) usage(`--only: unknown case(s) ${unknown.join(', ')}`);
 // A bench script, not the service: it may read the environment for where Postgres is.
 const postgresUrl = process.env.DATABASE_URL || DEFAULT_POSTGRES;
 const command = ['npm run bench', ...(process.argv.length > 2 ? ['--', ...process.argv.slice(2)] : [])].join(' ');

@@ -3,16 +3,29 @@
 import { parseArgs } from 'node:util';
 import { DEFAULT_SOAK, formatTable, runSoak } from './soak.js';
 
-const { values } = parseArgs({
-  options: {
-    changes: { type: 'string' },
-    writes: { type: 'string' },
-    kills: { type: 'string' },
-    'pg-restarts': { type: 'string' },
-    rate: { type: 'string' },
-    seed: { type: 'string' },
-  },
-});
+const USAGE = 'usage: npm run soak [-- --changes N --writes N --kills N --pg-restarts N --rate N --seed N]';
+let values: Partial<Record<'changes' | 'writes' | 'kills' | 'pg-restarts' | 'rate' | 'seed', string>> & { help?: boolean };
+try {
+  ({ values } = parseArgs({
+    options: {
+      changes: { type: 'string' },
+      writes: { type: 'string' },
+      kills: { type: 'string' },
+      'pg-restarts': { type: 'string' },
+      rate: { type: 'string' },
+      seed: { type: 'string' },
+      help: { type: 'boolean' },
+    },
+  }));
+} catch (err) {
+  // A wrong option is a message and exit 2, not a stack trace.
+  process.stderr.write(`soak: ${(err as Error).message}\n${USAGE}\n`);
+  process.exit(2);
+}
+if (values.help) {
+  process.stdout.write(`${USAGE}\n`);
+  process.exit(0);
+}
 
 function whole(name: string, value: string | undefined, fallback: number): number {
   if (value === undefined) return fallback;
