@@ -1,14 +1,12 @@
 // Hook ingest: the real app against a bare Fastify handler, both in child processes, both driven
 // by autocannon from this process in the same run. See the description in registry.ts.
 import { fork, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon, { type AutocannonResult } from 'autocannon';
-import postgres from 'postgres';
 import type { BenchContext, CaseResult, Figure } from './cases.js';
-import { compileBench, imageNodeOptions } from './child.js';
+import { compileBench, createBenchDatabase, imageNodeOptions } from './child.js';
 import { HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
 
 const CONNECTIONS = 50;
@@ -198,25 +196,6 @@ function bridgeFigures(r: BridgeRuns, baseRps: number): Figure[] {
   ];
 }
 
-async function createPostgresDatabase(serverUrl: string): Promise<{ url: string; drop: () => Promise<void> }> {
-  const name = `crm_bridge_bench_${randomBytes(6).toString('hex')}`;
-  const admin = postgres(serverUrl, { max: 1, onnotice: () => {} });
-  try {
-    await admin.unsafe(`create database ${name}`);
-  } finally {
-    await admin.end();
-  }
-  const url = new URL(serverUrl);
-  url.pathname = `/${name}`;
-  return {
-    url: url.toString(),
-    drop: async () => {
-      const cleanup = postgres(serverUrl, { max: 1, onnotice: () => {} });
-      await cleanup.unsafe(`drop database if exists ${name} with (force)`).finally(() => cleanup.end());
-    },
-  };
-}
-
 export async function runIngestBench(context: BenchContext): Promise<CaseResult> {
   // The baseline is measured before and after the bridge runs; the ratio uses their mean, so a
   // noisy neighbour that comes or goes mid-run moves both sides.
@@ -235,7 +214,7 @@ export async function runIngestBench(context: BenchContext): Promise<CaseResult>
   const baselineRps = () => baselines.reduce((s, b) => s + b.reqPerSec, 0) / baselines.length;
 
   await measureBaseline();
-  const pg = await createPostgresDatabase(context.postgresUrl);
+  const pg = await createBenchDatabase(context.postgresUrl);
   let onPostgres: BridgeRuns;
   try {
     onPostgres = await measureBridge('postgres', { BENCH_DATABASE_URL: pg.url }, context);

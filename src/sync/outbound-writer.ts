@@ -15,7 +15,7 @@ import {
 import { passChanges, showsWritten } from './change-gate.js';
 import { Daemon } from './daemon.js';
 import { backoffDelay } from './delivery-worker.js';
-import { contentHash, getPath, mapFields, observeRecord, readId, readOriginMarker } from './record.js';
+import { contentHash, identifyRecord, mapFields, observeRecord, readOriginMarker } from './record.js';
 
 /**
  * How far before a write was queued the search for its lost create looks: the CRM stamps
@@ -158,17 +158,17 @@ export class OutboundWriter extends Daemon {
     if (definition === undefined) return undefined;
     const connector = this.deps.connector();
     const since = new Date(row.createdAt.getTime() - EARLIER_CREATE_MARGIN_MS);
-    let found: { crmId: string; at: string } | undefined;
+    let found: { crmId: string; rank: number } | undefined;
     for await (const page of connector.listChanges({ object: row.object, since, signal })) {
       for (const raw of page.records) {
-        const crmId = readId(raw, definition);
-        if (crmId === undefined) continue;
+        const identity = identifyRecord(raw, definition);
+        if (identity === undefined) continue;
         if (definition.originMarker) {
-          if (readOriginMarker(raw, definition)?.toLowerCase() === row.id) return crmId;
+          if (readOriginMarker(raw, definition)?.toLowerCase() === row.id) return identity.crmId;
           continue;
         }
-        const at = String(definition.updatedAtPath === undefined ? '' : (getPath(raw, definition.updatedAtPath) ?? ''));
-        if (showsWritten(mapFields(raw, definition), row.echoMatch) && (found === undefined || at > found.at)) found = { crmId, at };
+        const rank = identity.rank ?? -Infinity;
+        if (showsWritten(mapFields(raw, definition), row.echoMatch) && (found === undefined || rank > found.rank)) found = { crmId: identity.crmId, rank };
       }
     }
     return found?.crmId;

@@ -91,10 +91,10 @@ function heldBy(id: string, owner: string) {
 }
 
 /**
- * The CRM accepted the write: the row learns the CRM id, the version and the exact content hash
- * of the record the CRM returned, and is settled (the returned record joins the head in the
- * same transaction, so later arrivals of that version are duplicates). Returns false when the
- * lease was lost.
+ * The write reached the CRM: the row learns the CRM id and, when the CRM answered, the version
+ * and the exact content hash of the record it returned. The stamp stays live until
+ * settleOutboundWrite (after the returned record passed the gate) or its echo settles it.
+ * Returns false when the lease was lost.
  */
 export async function markOutboundSent(
   db: Db,
