@@ -6,6 +6,7 @@ import { passChanges, type ObservedChange } from '../src/sync/change-gate.js';
 import { ChangeWriter } from '../src/sync/change-writer.js';
 import type { ObjectDefinition } from '../src/config/schema.js';
 import { contentHash, observeRecord } from '../src/sync/record.js';
+import { openDatabase, type Database } from '../src/db/client.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
 const database = await createTestDatabase();
@@ -251,5 +252,31 @@ describe('the change gate for changes already seen', () => {
     await holder;
     expect(outcome).not.toBe('blocked');
     expect((outcome as Awaited<typeof duplicate>)[0]!.disposition).toBe('duplicate');
+  });
+});
+
+describe.skipIf(!process.env.DATABASE_URL)('the change gate on Postgres', () => {
+  /** The gate's statements this transaction's connection holds prepared, after passing one change. */
+  const preparedGateStatements = (target: Database) =>
+    target.db.transaction(async (tx) => {
+      await passChanges(tx, [change(matter('Open', '2026-11-01T10:00:00Z'))]);
+      const rows = await tx.execute<{ statement: string }>(sql`select statement from pg_prepared_statements`);
+      return (Array.isArray(rows) ? rows : (rows as { rows: { statement: string }[] }).rows).filter((r) => r.statement.includes('insert into record_heads')).length;
+    });
+
+  it('runs through named statements, one round trip each, and not when DATABASE_URL says prepare=false', async () => {
+    expect(await preparedGateStatements(database)).toBe(1);
+
+    const url = new URL(database.url!);
+    url.searchParams.set('prepare', 'false');
+    const unprepared = openDatabase({ url: url.toString(), max: 1 });
+    try {
+      await resetDatabase(database);
+      expect(await preparedGateStatements(unprepared)).toBe(0);
+      // The gate still works without them.
+      expect(await unprepared.db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(ledger)).toEqual([{ n: 1 }]);
+    } finally {
+      await unprepared.close();
+    }
   });
 });
