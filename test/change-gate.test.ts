@@ -263,9 +263,15 @@ describe.skipIf(!process.env.DATABASE_URL)('the change gate on Postgres', () => 
       const rows = await tx.execute<{ statement: string }>(sql`select statement from pg_prepared_statements`);
       return (Array.isArray(rows) ? rows : (rows as { rows: { statement: string }[] }).rows).filter((r) => r.statement.includes('insert into record_heads')).length;
     });
+  /** Whether the session plans each execution afresh (a generic plan made on empty tables would stay). */
+  const planCacheMode = async (target: Database) => {
+    const rows = await target.db.execute<{ plan_cache_mode: string }>(sql`show plan_cache_mode`);
+    return (Array.isArray(rows) ? rows : (rows as { rows: { plan_cache_mode: string }[] }).rows)[0]!.plan_cache_mode;
+  };
 
   it('runs through named statements, one round trip each, and not when DATABASE_URL says prepare=false', async () => {
     expect(await preparedGateStatements(database)).toBe(1);
+    expect(await planCacheMode(database)).toBe('force_custom_plan');
 
     const url = new URL(database.url!);
     url.searchParams.set('prepare', 'false');
@@ -273,6 +279,7 @@ describe.skipIf(!process.env.DATABASE_URL)('the change gate on Postgres', () => 
     try {
       await resetDatabase(database);
       expect(await preparedGateStatements(unprepared)).toBe(0);
+      expect(await planCacheMode(unprepared)).toBe('auto');
       // The gate still works without them.
       expect(await unprepared.db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(ledger)).toEqual([{ n: 1 }]);
     } finally {

@@ -53,8 +53,17 @@ export function openDatabase(options: DatabaseOptions): Database {
 }
 
 function openPostgres(url: string, max: number): Database {
-  const client = postgres(url, { max, onnotice: () => {}, connection: { application_name: 'crm-bridge' } });
-  const db = drizzlePostgres(namedStatements(client), { schema }) as unknown as Db;
+  // postgres.js's own reading of `?prepare=false` in the URL (an instance connects only when used).
+  const prepare = postgres(url).options.prepare;
+  const client = postgres(url, {
+    max,
+    onnotice: () => {},
+    // A prepared statement's plan is made afresh each time, as an unnamed one's was: a generic
+    // plan cached while the tables were empty (a new install) made each re-poll page scan every
+    // head, four times slower by the hundred-thousandth record.
+    connection: { application_name: 'crm-bridge', ...(prepare ? { plan_cache_mode: 'force_custom_plan' } : {}) },
+  });
+  const db = drizzlePostgres(prepare ? namedStatements(client) : client, { schema }) as unknown as Db;
   return {
     db,
     driver: 'postgres',
@@ -79,7 +88,7 @@ function openPostgres(url: string, max: number): Database {
  * a hook's transaction went from about 7 to 5 ms here, the gate's batch from 4.8 to 2.6 ms.
  * Every hot statement has a fixed text (rows travel as JSON or array parameters), so a
  * connection prepares a bounded set. `?prepare=false` in DATABASE_URL (PgBouncer in transaction
- * mode before 1.21) still turns preparing off for the whole client.
+ * mode before 1.21) turns preparing off, and with it the plan_cache_mode startup parameter.
  * See drizzle-team/drizzle-orm#5502.
  */
 function namedStatements<T extends postgres.Sql | postgres.TransactionSql>(sql: T): T {
