@@ -40,6 +40,7 @@ export interface AppOptions {
 export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   const app = Fastify({
     ...(options.loggerInstance ? { loggerInstance: options.loggerInstance } : { logger: loggerOptions(options.config.env.LOG_LEVEL) }),
+    ...(options.config.env.TRUST_PROXY !== undefined ? { trustProxy: options.config.env.TRUST_PROXY } : {}),
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,

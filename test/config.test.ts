@@ -68,9 +68,10 @@ connections:
     inbound: { secrets: ["0123456789abcdef"] }
 `,
     );
-    const problems = problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: bad, PORT: 'eighty', DATABASE_URL: 'mysql://x', LOG_LEVEL: 'loud' }));
+    const problems = problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: bad, PORT: 'eighty', DATABASE_URL: 'mysql://x', LOG_LEVEL: 'loud', TRUST_PROXY: '2' }));
     const text = problems.join('\n');
     expect(text).toMatch(/environment variable PORT/);
+    expect(text).toMatch(/environment variable TRUST_PROXY: must be true, or addresses or CIDRs/);
     expect(text).toMatch(/environment variable DATABASE_URL: must be a postgres/);
     expect(text).toMatch(/environment variable LOG_LEVEL/);
     expect(text).toMatch(/connections\[0\]\.id: must be lowercase/);
@@ -81,7 +82,7 @@ connections:
     expect(text).toMatch(/connections\[0\]: Unrecognized key: "surprise"/i);
     expect(text).toMatch(/connections\[1\]\.connector: unknown preset "nosuchpreset"/);
     expect(text).toContain(bad);
-    expect(problems.length).toBeGreaterThanOrEqual(9);
+    expect(problems.length).toBeGreaterThanOrEqual(10);
   });
 
   it('reports a missing file and unparseable YAML clearly', () => {

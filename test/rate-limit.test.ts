@@ -21,12 +21,12 @@ async function start(env: Record<string, string> = {}) {
   app = await buildTestApp({ database, env: { ADMIN_TOKEN, AUTH_FAILURE_LIMIT: '5', AUTH_FAILURE_WINDOW: '1m', ...env }, connections: [connection()] });
 }
 
-const hook = (secret: string, id: number, remoteAddress = '203.0.113.7') =>
+const hook = (secret: string, id: number, remoteAddress = '203.0.113.7', headers: Record<string, string> = {}) =>
   app.inject({
     method: 'POST',
     url: '/hooks/acme',
     remoteAddress,
-    headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+    headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json', ...headers },
     payload: JSON.stringify({ id, display_number: `M-${id}`, updated_at: '2026-11-20T10:00:00Z' }),
   });
 
@@ -44,6 +44,33 @@ describe('failed authentications', () => {
     // The probes stay reachable, and another address is not affected.
     expect((await app.inject({ method: 'GET', url: '/health/live', remoteAddress: '203.0.113.7' })).statusCode).toBe(200);
     expect((await hook(SECRET, 1, '198.51.100.20')).statusCode).toBe(202);
+  });
+
+  it('never refuse a hook with a valid secret, even from an address over the limit (a retired secret still firing from the CRM)', async () => {
+    await start();
+    for (let i = 0; i < 6; i++) await hook('retired-secret-0123456789', i);
+    expect((await hook('retired-secret-0123456789', 50)).statusCode).toBe(429);
+    const good = await hook(SECRET, 51);
+    expect(good.statusCode).toBe(202);
+    // Still counted and refused for the wrong one, and operator routes still check the count first.
+    expect((await hook('retired-secret-0123456789', 52)).statusCode).toBe(429);
+    expect((await app.inject({ method: 'GET', url: '/v1/dead-letters', remoteAddress: '203.0.113.7', headers: { authorization: `Bearer ${ADMIN_TOKEN}` } })).statusCode).toBe(429);
+  });
+
+  it('key on the address the proxy forwarded only when TRUST_PROXY names that proxy', async () => {
+    const fromBalancer = (secret: string, id: number, client: string) => hook(secret, id, '10.0.0.2', { 'x-forwarded-for': client });
+    await start({ TRUST_PROXY: '10.0.0.0/8' });
+    // The limit is 5: the sixth failure is still answered, the seventh attempt is refused.
+    for (let i = 0; i < 6; i++) expect((await fromBalancer('wrong-secret-0123456789', i, '203.0.113.7')).statusCode).toBe(401);
+    expect((await fromBalancer('wrong-secret-0123456789', 6, '203.0.113.7')).statusCode).toBe(429);
+    // Another caller behind the same balancer is its own address.
+    expect((await fromBalancer('wrong-secret-0123456789', 7, '198.51.100.20')).statusCode).toBe(401);
+    await app.close();
+
+    // Unset, X-Forwarded-For is ignored: every caller is the balancer, and no caller can pick an address.
+    await start();
+    for (let i = 0; i < 6; i++) expect((await fromBalancer('wrong-secret-0123456789', i, `203.0.113.${i}`)).statusCode).toBe(401);
+    expect((await fromBalancer('wrong-secret-0123456789', 6, '198.51.100.20')).statusCode).toBe(429);
   });
 
   it('never slow a burst of 500 correctly authenticated hooks from one address', async () => {

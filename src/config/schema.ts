@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { z } from 'zod';
 
 /**
@@ -19,6 +20,15 @@ export const duration = z.union([z.number().nonnegative(), z.string()]).transfor
 });
 
 const logLevel = z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
+
+/** An address, a CIDR, or one of proxy-addr's names for the private ranges. */
+function isProxyAddress(value: string): boolean {
+  if (['loopback', 'linklocal', 'uniquelocal'].includes(value)) return true;
+  const [address = '', prefix, ...rest] = value.split('/');
+  const family = isIP(address);
+  if (family === 0 || rest.length > 0) return false;
+  return prefix === undefined || (/^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128));
+}
 
 export const envSchema = z.object({
   DATABASE_URL: z
@@ -52,6 +62,21 @@ export const envSchema = z.object({
    */
   AUTH_FAILURE_LIMIT: z.coerce.number().int().min(0).default(20),
   AUTH_FAILURE_WINDOW: duration.default(600_000),
+  /**
+   * The load balancer or proxy in front: its addresses or CIDRs, comma-separated (`loopback`,
+   * `linklocal`, `uniquelocal` name the private ranges), or `true` to trust any. Then a caller's
+   * address (the auth-failure limit's key, the logs) is taken from X-Forwarded-For; unset, that
+   * header is ignored, so no caller can choose its address.
+   */
+  TRUST_PROXY: z
+    .string()
+    .trim()
+    .refine(
+      (v) => v === 'true' || v.split(',').every((part) => isProxyAddress(part.trim())),
+      'must be true, or addresses or CIDRs separated by commas (e.g. 10.0.0.0/8,loopback)',
+    )
+    .transform((v): true | string => (v === 'true' ? true : v))
+    .optional(),
 });
 export type Env = z.infer<typeof envSchema>;
 

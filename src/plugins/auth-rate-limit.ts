@@ -1,36 +1,59 @@
 import rateLimit from '@fastify/rate-limit';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import { AppError } from '../errors.js';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /**
+     * For routes that check their credential before the limit (hooks): throws the 429 when the
+     * caller's address is over the limit. Call it only once the credential has failed.
+     */
+    refuseRepeatedFailures(request: FastifyRequest, reply: FastifyReply): Promise<void>;
+  }
+  interface FastifyContextConfig {
+    /** The route lets a valid credential through whatever its address did, and calls refuseRepeatedFailures itself. */
+    credentialBeforeLimit?: boolean;
+  }
+}
 
 /**
  * Repeated authentication failures from one address get 429 (issue 9). Only failures are
  * counted: a 401 anywhere (hooks, the admin and outbound APIs, the status page, a protected
- * /metrics) and a refused OAuth callback (bad state or cookie). A request is checked against
- * the count before its credentials are, so a guesser is stopped, while an address that only
- * ever authenticates (the CRM's automation sending a burst of hooks) is never slowed.
+ * /metrics) and a refused OAuth callback (bad state or cookie). Operator routes check the count
+ * before the credential, so a guesser is stopped. Hooks check their secret first: a valid secret
+ * is always served, because a CRM's automation shares its egress address with everything else
+ * the CRM sends (a rule still firing with a retired secret, other tenants), and refusing its good
+ * hooks would leave their changes to the next poll. A hook secret is at least 16 characters, far
+ * beyond guessing at any rate; a wrong one gets 429 like anywhere else once over the limit.
  *
  * The counts live in this process (@fastify/rate-limit's LRU store): each replica limits on its
- * own. Behind a proxy every caller shares the proxy's address, and a CRM's automation egress is
- * shared by all its tenants, so someone failing from the same address can get the firm's hooks
- * refused for a window; the poller still catches those changes. AUTH_FAILURE_LIMIT=0 turns
- * the limit off.
+ * own. Behind a load balancer set TRUST_PROXY, or every caller shares the balancer's address.
+ * AUTH_FAILURE_LIMIT=0 turns the limit off.
  */
 export default fp(
   async (app: FastifyInstance) => {
     const { AUTH_FAILURE_LIMIT: max, AUTH_FAILURE_WINDOW: timeWindow } = app.config.env;
-    if (max === 0) return;
+    if (max === 0) {
+      app.decorate('refuseRepeatedFailures', async () => {});
+      return;
+    }
     await app.register(rateLimit, { global: false, max, timeWindow });
     const failures = app.createRateLimit({ max, timeWindow });
 
-    app.addHook('onRequest', async (request, reply) => {
-      // Load balancers and ops must always reach the probes; they never authenticate.
-      if (isProbe(request)) return;
+    const refuseRepeatedFailures = async (request: FastifyRequest, reply: FastifyReply) => {
       const state = await failures(request, { increment: false });
       if (state.isAllowed || !state.isExceeded) return;
       reply.header('retry-after', String(state.ttlInSeconds));
       request.log.warn({ remoteAddress: request.ip }, 'request refused: too many failed authentications from this address');
       throw new AppError(429, 'RATE_LIMITED', 'Too many failed authentications from this address; try again later.');
+    };
+    app.decorate('refuseRepeatedFailures', refuseRepeatedFailures);
+
+    app.addHook('onRequest', async (request, reply) => {
+      // Load balancers and ops must always reach the probes; they never authenticate.
+      if (isProbe(request) || request.routeOptions.config.credentialBeforeLimit) return;
+      await refuseRepeatedFailures(request, reply);
     });
 
     app.addHook('onResponse', async (request, reply) => {

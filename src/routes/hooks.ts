@@ -38,11 +38,14 @@ export default async function hookRoutes(app: FastifyInstance) {
           200: hookAnswerSchema('duplicate, stale, unchanged or echo: recorded or known, not delivered'),
         },
       },
-      onRequest: async (request: HookRequest) => {
+      // A valid secret is served even from an address over the auth-failure limit (see auth-rate-limit.ts).
+      config: { credentialBeforeLimit: true },
+      onRequest: async (request: HookRequest, reply) => {
         const connection = app.connections.get(request.params.connection);
         const header = connection?.inbound.header;
         const presented = header ? firstValue(request.headers[header]) : bearerToken(request.headers.authorization);
         if (!matchesAnySecret(presented, connection?.hookSecretHashes) || connection === undefined) {
+          await app.refuseRepeatedFailures(request, reply);
           request.log.warn({ connection: request.params.connection }, 'hook rejected: missing or invalid secret');
           // The label is a configured id or "unknown", never the caller's text: no label explosion.
           app.metrics.hookAuthFailures.inc({ connection: connection === undefined ? 'unknown' : connection.id });
