@@ -3,7 +3,8 @@
 //   peers.ts sink                the intake pipeline: a bare Fastify server answering 202
 // The sink parses each body as a pipeline would and, when the record carries `bench_sent_at`
 // (epoch ms with a fraction, set by the latency bench when it sent the hook), keeps the time from
-// that send to this receipt. Both processes read one clock: performance.timeOrigin + now().
+// that send to this receipt, and from the bridge's receipt of the hook (the body's observedAt) to
+// this receipt. All processes read one clock: performance.timeOrigin + now(), and Date.
 import Fastify from 'fastify';
 import { startSandbox } from '../src/sandbox/index.js';
 import { serveParent } from './child.js';
@@ -36,23 +37,28 @@ if (mode === 'sandbox') {
   const app = Fastify({ bodyLimit: 10 * 1024 * 1024 });
   let received = 0;
   const latencies: number[] = [];
+  const sinceReceived: number[] = [];
   const keys = new Set<string>();
   app.post('/sink', async (request, reply) => {
     const at = now();
     received++;
-    const body = request.body as { id?: string; record?: { bench_sent_at?: unknown } } | null;
+    const body = request.body as { id?: string; observedAt?: unknown; record?: { bench_sent_at?: unknown } } | null;
     if (typeof body?.id === 'string') keys.add(body.id);
     const sent = body?.record?.bench_sent_at;
-    if (typeof sent === 'number') latencies.push(at - sent);
+    if (typeof sent === 'number') {
+      latencies.push(at - sent);
+      if (typeof body?.observedAt === 'string') sinceReceived.push(at - Date.parse(body.observedAt));
+    }
     return reply.code(202).send({ status: 'accepted' });
   });
   const url = await app.listen({ host: '127.0.0.1', port: 0 });
   serveParent(
     async (request) => {
-      if (request.type === 'stats') return { received, unique: keys.size, latencies: request.latencies === true ? latencies : [] };
+      if (request.type === 'stats') return { received, unique: keys.size, latencies: request.latencies === true ? latencies : [], sinceReceived: request.latencies === true ? sinceReceived : [] };
       if (request.type === 'reset') {
         received = 0;
         latencies.length = 0;
+        sinceReceived.length = 0;
         keys.clear();
         return {};
       }
