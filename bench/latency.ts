@@ -1,7 +1,9 @@
 // End-to-end latency (issue 8 item 5): hooks sent open-loop at a steady rate from this process
 // to the real app (its own process, daemons started, on Postgres), delivered by its
 // DeliveryWorker to the sink (its own process), which notes each arrival against the send time
-// carried in the record. An absolute figure, as the issue asks; the load average goes beside it.
+// carried in the record and against the bridge's receipt of the hook (the body's observedAt).
+// The figure is the issue's interval, hook received to sink received, with the time from the
+// send beside it; an absolute figure, as the issue asks, with the load average.
 import { Agent, request as httpRequest } from 'node:http';
 import { availableParallelism, loadavg } from 'node:os';
 import type { BenchContext, CaseResult } from './cases.js';
@@ -132,7 +134,14 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
     context.log(`  latency p50 ${fmt(p50, 1)} ms, p99 ${fmt(p99, 1)} ms over ${fmt(latencies.length)} deliveries from the send; from the bridge's receipt ${receivedText} ms; hook answered ${answerText} ms (load ${loadText})`);
     return {
       figures: [
-        { name: 'e2e/postgres latency p99', value: `${fmt(p99, 1)} ms (p50 ${fmt(p50, 1)} ms; load avg ${load[0]!.map((x) => x.toFixed(1)).join(' ')})`, target: `≤ ${TARGET_P99_MS} ms`, pass: p99 <= TARGET_P99_MS },
+        // The issue's interval: hook received (by the bridge) to sink received. The sender's own
+        // time and the trip to the bridge are shown beside it, not hidden.
+        {
+          name: 'e2e/postgres latency p99',
+          value: `${fmt(received99, 1)} ms from the bridge's receipt (p50 ${fmt(percentile(sinceReceived, 50), 1)}); from the send p99 ${fmt(p99, 1)}, p50 ${fmt(p50, 1)}; load avg ${load[0]!.map((x) => x.toFixed(1)).join(' ')}`,
+          target: `≤ ${TARGET_P99_MS} ms`,
+          pass: received99 <= TARGET_P99_MS,
+        },
         {
           name: 'e2e/postgres every hook delivered',
           value: `${fmt(received)} of ${fmt(run.sent)} (${statusText})`,
@@ -143,7 +152,8 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
       details: [
         `${RATE} hooks/s open-loop for ${SECONDS} s (after a ${WARMUP_SECONDS} s warm-up) from the bench process through node:http (kept-alive connections), each a new ~1 KB matter carrying its send time; the app in its own process with daemons started, downstream as shipped (concurrency 4, pollInterval 1 s: a committed hook wakes the worker), on Postgres; the sink in its own process notes receipt − send on the same clock`,
         `hook send to its 202 (ms): ${answerText}; the rest of the latency is the delivery`,
-        `latency (ms): p50 ${fmt(p50, 1)}, p90 ${fmt(percentile(latencies, 90), 1)}, p99 ${fmt(p99, 1)}, max ${fmt(latencies.at(-1) ?? NaN, 1)}; hooks answered ${statusText}`,
+        `bridge's receipt of the hook (the delivered body's observedAt, taken once the hook is authenticated and parsed) to sink receipt (ms): ${receivedText}, p90 ${fmt(percentile(sinceReceived, 90), 1)}, max ${fmt(sinceReceived.at(-1) ?? NaN, 1)}`,
+        `send to sink receipt (ms): p50 ${fmt(p50, 1)}, p90 ${fmt(percentile(latencies, 90), 1)}, p99 ${fmt(p99, 1)}, max ${fmt(latencies.at(-1) ?? NaN, 1)}; hooks answered ${statusText}`,
         `load average (1, 5, 15 min) at start → end: ${loadText} on ${availableParallelism()} CPUs`,
       ],
     };
