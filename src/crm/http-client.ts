@@ -23,6 +23,8 @@ export type CrmHttpErrorCode =
   | 'CRM_TIMEOUT'
   /** The connection failed (refused, reset, DNS) on every attempt. */
   | 'CRM_UNREACHABLE'
+  /** A link the CRM gave (a next page) points away from the connection's host: the token is not sent there. */
+  | 'CRM_OTHER_ORIGIN'
   /** The caller's signal aborted the call. */
   | 'CRM_ABORTED';
 
@@ -213,6 +215,10 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
     const url = resolveUrl(req);
     const shownUrl = safeUrl(url.toString());
     const useAuth = (req.auth ?? true) && options.tokens !== undefined;
+    // The access token goes to the connection's own host only, whatever a CRM's answer links to.
+    if (useAuth && url.origin !== new URL(base).origin) {
+      throw new CrmHttpError('CRM_OTHER_ORIGIN', `${method} ${shownUrl}: not on ${new URL(base).origin}, the connection's host; the access token is not sent elsewhere`, shownUrl, 0);
+    }
     const idempotent = req.idempotent ?? !(method === 'POST' || method === 'PATCH');
     const expect = req.expect ?? 'json';
 

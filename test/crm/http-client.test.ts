@@ -188,6 +188,32 @@ describe('CRM HTTP client', () => {
     for (const t of [...tokens.issued, 'not-a-token', 'still-not-a-token']) expect(log.text()).not.toContain(t);
   });
 
+  it("never sends the access token to a host other than the connection's, whatever a CRM's answer links to", async () => {
+    const seen: Array<string | undefined> = [];
+    const elsewhere = await startLocal((app) => {
+      app.all('/*', async (request) => {
+        seen.push(request.headers.authorization);
+        return { data: [] };
+      });
+    });
+    try {
+      const tokens = sandboxTokens(sb);
+      const client = createCrmHttpClient({ baseUrl: `${sb.url}/api/v4`, tokens, maxRetries: 0 });
+      // A next-page link as a CRM hands it back, pointing to another host (or port: another origin).
+      const err = await rejection(client.request({ url: `${elsewhere.url}/api/v4/matters.json?page_token=abc` }));
+      expect(err.code).toBe('CRM_OTHER_ORIGIN');
+      expect(err.message).toContain(new URL(sb.url).origin);
+      expect(seen).toEqual([]);
+      // The same host by an absolute link is fine, and a call without the token (a token endpoint) may go anywhere.
+      expect((await client.request({ url: `${sb.url}/api/v4/practice_areas.json` })).status).toBe(200);
+      expect((await client.request({ url: `${elsewhere.url}/.well-known/openid-configuration`, auth: false })).status).toBe(200);
+      expect(seen).toEqual([undefined]);
+      for (const t of tokens.issued) expect(err.message).not.toContain(t);
+    } finally {
+      await elsewhere.app.close();
+    }
+  });
+
   it('sends form bodies without auth for token endpoints and hands back error bodies', async () => {
     const client = createCrmHttpClient({ baseUrl: sb.url, tokens: sandboxTokens(sb) });
     const ok = await client.request<{ access_token: string; expires_in: number }>({
