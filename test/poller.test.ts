@@ -146,6 +146,74 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 
+  it('goes on with a stopped id-ordered listing from its next page, and the cursor it ends with still covers an edit made meanwhile to a record already passed', async () => {
+    // No lookback: the cursor alone must reach back far enough.
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10, lookback: '0s' } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      const ids = matterIds(bridge.sandbox);
+      expect(ids.length).toBe(50);
+      const controller = new AbortController();
+      const stopped = await pollStream(stream, { signal: controller.signal, onPage: (r) => void (r.pages === 3 && controller.abort()) });
+      expect(stopped.status).toBe('failed');
+      const [saved] = await db.select().from(streamCursors).where(eq(streamCursors.object, 'matters'));
+      expect(saved!.cursorRank).toBeNull();
+      expect(String(saved!.resume?.next)).toContain('page_token=');
+
+      // Meanwhile, a record the stopped run had already read changes, and later one it had not:
+      // the resumed run's newest record is then newer than the first edit by more than the
+      // resumed run lasts, so only a listing measured from its first start covers that edit.
+      const passed = String(ids[0]);
+      bridge.sandbox.state.updateRecord('matters', ids[0]!, { description: 'Edited while the backfill was stopped' });
+      const edited = String(bridge.sandbox.state.renderFull('matters', ids[0]!)!.etag);
+      await new Promise((r) => setTimeout(r, 300));
+      bridge.sandbox.state.updateRecord('matters', ids[45]!, { description: 'Edited later, ahead of the listing' });
+
+      const since = bridge.sandbox.state.requestLog.lastSeq;
+      const resumed = await pollStream(stream);
+      expect(resumed.status).toBe('ok');
+      const lists = bridge.sandbox.state.requestLog.list({ since, pathPrefix: '/api/v4/matters' });
+      // Pages 4 and 5 only, from the saved link: nothing from the start of the listing. (The
+      // stopped run's own fetch of page 4, cut off by the stop, may land in the log here too.)
+      const tokens = lists.map((l) => l.query.page_token);
+      expect(tokens.every((t) => t !== undefined)).toBe(true);
+      expect(new Set(tokens).size).toBe(2);
+      expect(resumed.pages).toBe(2);
+      const [done] = await db.select().from(streamCursors).where(eq(streamCursors.object, 'matters'));
+      expect(done!.resume).toBeNull();
+      expect(done!.cursorRank).not.toBeNull();
+      expect((await outboxVersions()).map((d) => d.crmId).sort()).toEqual(ids.map(String).sort());
+
+      // The next run's window reaches back before the listing began: the edit is caught.
+      expect((await pollStream(stream)).status).toBe('ok');
+      expect((await outboxVersions()).filter((d) => d.crmId === passed).map((d) => d.version)).toContain(edited);
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('lists from the start when the CRM refuses the saved page link', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      const controller = new AbortController();
+      await pollStream(stream, { signal: controller.signal, onPage: (r) => void (r.pages === 2 && controller.abort()) });
+      const [saved] = await db.select().from(streamCursors).where(eq(streamCursors.object, 'matters'));
+      const expired = String(saved!.resume!.next).replace(/page_token=[^&]+/, 'page_token=expired');
+      await db.update(streamCursors).set({ resume: { ...saved!.resume!, next: expired } }).where(eq(streamCursors.object, 'matters'));
+
+      const run = await pollStream(stream);
+      expect(run.status).toBe('ok');
+      expect(run.pages).toBe(5);
+      const [done] = await db.select().from(streamCursors).where(eq(streamCursors.object, 'matters'));
+      expect(done!.resume).toBeNull();
+      expect(done!.lastError).toBeNull();
+      expect((await outboxVersions()).map((d) => d.crmId).sort()).toEqual(matterIds(bridge.sandbox).map(String).sort());
+    } finally {
+      await bridge.close();
+    }
+  });
+
   it('refreshes a token that dies early in the middle of a run and completes it', async () => {
     const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
     try {

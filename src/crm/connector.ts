@@ -58,8 +58,11 @@ export interface WriteOptions {
 export interface Connector {
   readonly definition: ConnectorDefinition;
   readonly client: CrmHttpClient;
-  /** Pages of records changed at or after `since` (exclusive or inclusive as the CRM decides). */
-  listChanges(args: { object: string; since: Date | string; signal?: AbortSignal; pageSize?: number }): AsyncIterable<ListPage>;
+  /**
+   * Pages of records changed at or after `since` (exclusive or inclusive as the CRM decides);
+   * with `from` (a page's `cursor.next`), from that page on, as a listing stopped part-way.
+   */
+  listChanges(args: { object: string; since: Date | string; signal?: AbortSignal; pageSize?: number; from?: string | number }): AsyncIterable<ListPage>;
   /** Every record's id and version, page by page, for the sweep. */
   listAll(args: { object: string; signal?: AbortSignal }): AsyncIterable<Array<{ id: string; version: string | null }>>;
   /** The raw record, or null when the CRM says it does not exist. */
@@ -144,7 +147,7 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     });
   }
 
-  async function* pages(object: string, since: string | undefined, signal: AbortSignal | undefined, pageSize?: number): AsyncGenerator<ListPage> {
+  async function* pages(object: string, since: string | undefined, signal: AbortSignal | undefined, pageSize?: number, from?: string | number): AsyncGenerator<ListPage> {
     const def = objectDef(object);
     const defined = call(object, 'list');
     const list = pageSize === undefined ? defined : { ...defined, limit: pageSize };
@@ -152,6 +155,14 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     let template = list.request;
     let vars: Vars = { since, limit: list.limit, page: firstPage, offset: 0 };
     let nextUrl: string | undefined;
+    // Going on from a page a stopped listing reached: its `next`, in the pagination's own terms.
+    if (from !== undefined) {
+      const style = list.pagination.style;
+      if (style === 'nextUrl') nextUrl = String(from);
+      else if (style === 'cursor') vars = { ...vars, cursor: from };
+      else if (style === 'page') vars = { ...vars, page: Number(from) };
+      else if (style === 'offset') vars = { ...vars, offset: Number(from) };
+    }
     let readInQuery = 0;
     let query = 1;
     let anchor: PageCursor['anchor'];
@@ -270,9 +281,9 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
   const base: Connector = {
     definition,
     client,
-    listChanges({ object, since, signal, pageSize }) {
+    listChanges({ object, since, signal, pageSize, from }) {
       const list = call(object, 'list');
-      return pages(object, formatTime(since, list.since.format), signal, pageSize);
+      return pages(object, formatTime(since, list.since.format), signal, pageSize, from);
     },
     async *listAll({ object, signal }) {
       const def = objectDef(object);

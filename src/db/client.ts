@@ -21,6 +21,12 @@ export interface Database {
   close(): Promise<void>;
 }
 
+/** `db.execute` answers with an array (postgres.js) or `{rows}` (PGlite). */
+export async function rowsOf<T>(result: Promise<unknown>): Promise<T[]> {
+  const answer = (await result) as T[] | { rows: T[] };
+  return Array.isArray(answer) ? answer : answer.rows;
+}
+
 export const migrationsFolder = fileURLToPath(new URL('../../drizzle', import.meta.url));
 
 /** Arbitrary constant: serialises migrations when several replicas start at once on one Postgres. */

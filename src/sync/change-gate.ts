@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { and, eq, sql } from 'drizzle-orm';
-import type { Db } from '../db/client.js';
+import { rowsOf, type Db } from '../db/client.js';
 import {
   ledger,
   ledgerBodies,
@@ -100,11 +100,6 @@ function keyRow(k: Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>) {
   return { connection_id: k.connectionId, object: k.object, crm_id: k.crmId };
 }
 
-/** `db.execute` answers with an array (postgres.js) or `{rows}` (PGlite). */
-async function rowsOf<T>(result: Promise<unknown>): Promise<T[]> {
-  const answer = (await result) as T[] | { rows: T[] };
-  return Array.isArray(answer) ? answer : answer.rows;
-}
 
 /** A `json` column: parsed by both drivers, but read defensively as text too. */
 type Json<T> = T | string;

@@ -1,11 +1,13 @@
 import type { FastifyBaseLogger } from 'fastify';
 import type { ConnectionConfig } from '../config/schema.js';
 import type { Connector } from '../crm/connector.js';
+import { CrmHttpError } from '../crm/http-client.js';
 import { NeedsReauthError } from '../crm/token-provider.js';
 import type { Db } from '../db/client.js';
 import { acquireLease, releaseLease, renewLease } from '../db/queries/leases.js';
 import {
   advanceStreamCursor,
+  databaseNow,
   deletePendingFetch,
   finishStreamRun,
   getStreamCursor,
@@ -14,6 +16,7 @@ import {
   listStreamHeads,
   markStreamAttempt,
   notePendingFetchError,
+  saveListingResume,
 } from '../db/queries/streams.js';
 import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
 import { errorClass, redactFields } from '../privacy.js';
@@ -121,12 +124,22 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   // A first run from the beginning lists every record: it did a sweep's work of finding unseen
   // records, so the first sweep waits a sweep interval (a full listing can cost a Clio firm
   // minutes of its 50 requests/min).
-  const listsEverything = !hadCursor && options.since === undefined && settings.initialSince === undefined;
+  let listsEverything = !hadCursor && options.since === undefined && settings.initialSince === undefined;
+  // An id-ordered listing an earlier run stopped part-way goes on from its next page, with what
+  // that run had read (a Clio backfill of 100,000 records is 500 pages at 50 requests/min).
+  let resume = cursor?.resume ?? null;
+  let resumeStartedAt: Date | undefined;
+  if (resume) {
+    newest = resume.newest ?? undefined;
+    listsEverything = resume.listsEverything;
+    resumeStartedAt = new Date(resume.startedAt);
+    ctx.log.info({ stream }, `${stream.connectionId}/${stream.object}: going on with the listing stopped part-way`);
+  }
 
-  try {
-    await fetchPendingNotifications(ctx, options.signal);
+  const listPages = async () => {
     const pages = prefetched(
-      (signal) => ctx.connector.listChanges({ object: ctx.object, since, signal, ...(settings.pageSize ? { pageSize: settings.pageSize } : {}) }),
+      (signal) =>
+        ctx.connector.listChanges({ object: ctx.object, since, signal, ...(settings.pageSize ? { pageSize: settings.pageSize } : {}), ...(resume ? { from: resume.next } : {}) }),
       options.signal,
     );
     let renewedAt = performance.now();
@@ -145,19 +158,28 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         }
       }
       const { held, changes } = await setAsideHeld(ctx, seen, new Date());
-      // Time-ordered pages can checkpoint as they go; id-ordered ones (Clio) only at the end.
+      // Time-ordered pages can checkpoint as they go; id-ordered ones (Clio) only at the end, and
+      // note where they got to instead, so a stopped listing goes on from there.
       const checkpoint = page.order === 'updatedAt' ? newest : undefined;
+      const resumable = page.order !== 'updatedAt' && page.cursor.next !== undefined && page.cursor.query === 1;
       if (ctx.log.level === 'debug' || ctx.log.level === 'trace') {
         for (const c of changes) ctx.log.debug({ stream, crmId: c.crmId, version: c.version, fields: redactFields(c.fields, definition) }, 'polled record');
       }
       // A page with nothing to write costs no transaction; the lease is still renewed (and a
-      // lost one noticed) at least every third of its time.
+      // lost one noticed, and the place in an id-ordered listing noted) at least every third of
+      // its time.
       let outcomes = held;
       if (changes.length > 0 || checkpoint !== undefined || performance.now() - renewedAt >= settings.lease / 3) {
         const passed = await ctx.db.transaction(async (tx) => {
           if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
           const result = await passChanges(tx, changes);
           if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
+          if (resumable) {
+            // Measured back on the database's clock from this run's start, once.
+            resumeStartedAt ??= new Date((await databaseNow(tx)).getTime() - (performance.now() - started));
+            const next = page.cursor.next!;
+            await saveListingResume(tx, stream, { next, newest: newest ?? null, startedAt: resumeStartedAt.toISOString(), listsEverything });
+          }
           return result;
         });
         renewedAt = performance.now();
@@ -169,13 +191,32 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
       report.records += page.records.length;
       await options.onPage?.(report);
     }
+  };
+
+  try {
+    await fetchPendingNotifications(ctx, options.signal);
+    try {
+      await listPages();
+    } catch (err) {
+      // A saved page link the CRM no longer takes (an expired page token): list from the start.
+      if (!resume || report.pages > 0 || !refusesLink(err)) throw err;
+      ctx.log.warn({ stream, error: errorSummary(err) }, `${stream.connectionId}/${stream.object}: the CRM refused the saved page link; listing from the start`);
+      await saveListingResume(ctx.db, stream, null);
+      resume = null;
+      newest = undefined;
+      resumeStartedAt = undefined;
+      listsEverything = !hadCursor && options.since === undefined && settings.initialSince === undefined;
+      await listPages();
+    }
 
     if (newest) {
-      // Pages in id order: a record edited during the run, at an id already passed, carries an
-      // updated_at no earlier than the CRM's clock when the run started. The newest time seen
-      // minus the run's duration (measured here, so skew cannot bend it) is never later than
-      // that, so the next run's window still covers the edit.
-      const elapsed = Math.ceil(performance.now() - started);
+      // Pages in id order: a record edited during the listing, at an id already passed, carries
+      // an updated_at no earlier than the CRM's clock when the listing began. The newest time
+      // seen minus the listing's duration (measured here, and on the database's clock when it
+      // spans runs, so skew cannot bend it) is never later than that, so the next run's window
+      // still covers the edit.
+      let elapsed = Math.ceil(performance.now() - started);
+      if (resumeStartedAt) elapsed = Math.max(elapsed, (await databaseNow(ctx.db)).getTime() - resumeStartedAt.getTime());
       const finalCursor = { ...newest, rank: newest.rank - elapsed, updatedAt: new Date(newest.rank - elapsed).toISOString() };
       await ctx.db.transaction(async (tx) => {
         if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
@@ -187,6 +228,16 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
   }
+}
+
+/**
+ * The saved page link cannot be used: the CRM turned it down itself (4xx other than auth and rate
+ * limits: an expired page token), or it is on a host the connection no longer points to.
+ */
+function refusesLink(err: unknown): boolean {
+  if (!(err instanceof CrmHttpError)) return false;
+  if (err.code === 'CRM_OTHER_ORIGIN') return true;
+  return err.code === 'CRM_HTTP_STATUS' && err.status >= 400 && err.status < 500 && err.status !== 401 && err.status !== 403 && err.status !== 429;
 }
 
 /**

@@ -1,6 +1,6 @@
 import { and, eq, sql } from 'drizzle-orm';
-import type { Db } from '../client.js';
-import { pendingFetches, recordHeads, streamCursors } from '../schema/index.js';
+import { rowsOf, type Db } from '../client.js';
+import { pendingFetches, recordHeads, streamCursors, type ListingResume } from '../schema/index.js';
 
 export type StreamKey = { connectionId: string; object: string };
 export type StreamCursor = typeof streamCursors.$inferSelect;
@@ -35,6 +35,17 @@ export async function advanceStreamCursor(db: Db, stream: StreamKey, cursor: { u
     .where(and(keyOf(stream), sql`(${streamCursors.cursorRank} is null or ${streamCursors.cursorRank} <= ${cursor.rank})`));
 }
 
+/** Notes where an id-ordered listing has got to (call in the page's transaction, under the lease). */
+export async function saveListingResume(db: Db, stream: StreamKey, resume: ListingResume | null): Promise<void> {
+  await db.update(streamCursors).set({ resume }).where(keyOf(stream));
+}
+
+/** The database's clock: one clock for every replica, so a listing resumed elsewhere measures its age right. */
+export async function databaseNow(db: Db): Promise<Date> {
+  const [row] = await rowsOf<{ now: string | Date }>(db.execute(sql`select now() as now`));
+  return new Date(row!.now);
+}
+
 export async function finishStreamRun(
   db: Db,
   stream: StreamKey,
@@ -43,7 +54,8 @@ export async function finishStreamRun(
   await db
     .update(streamCursors)
     .set({
-      ...(result.error === null ? { lastSuccessAt: result.at, lastError: null } : { lastError: result.error }),
+      // A listing that ended leaves nothing to resume.
+      ...(result.error === null ? { lastSuccessAt: result.at, lastError: null, resume: null } : { lastError: result.error }),
       counts: result.counts,
       caughtByPoll: sql`${streamCursors.caughtByPoll} + ${result.caught}`,
       ...(result.sweptAt ? { lastSweepAt: result.sweptAt } : {}),

@@ -1,6 +1,18 @@
 import { doublePrecision, integer, jsonb, pgTable, primaryKey, text } from 'drizzle-orm/pg-core';
 import { connectionId, timestamptz } from './columns.js';
 
+/**
+ * An id-ordered listing (Clio's) stopped part-way: the CRM's link or token for its next page, the
+ * newest record read so far, and when the listing began by the database's clock (one clock for
+ * every replica), from which the cursor it ends with is measured back.
+ */
+export interface ListingResume {
+  next: string | number;
+  newest: { updatedAt: string; id: string; rank: number } | null;
+  startedAt: string;
+  listsEverything: boolean;
+}
+
 /** Where each (connection, object) poll stream stands, in the CRM's own timestamps. */
 export const streamCursors = pgTable(
   'stream_cursors',
@@ -17,6 +29,8 @@ export const streamCursors = pgTable(
     lastSweepAt: timestamptz('last_sweep_at'),
     caughtByPoll: integer('caught_by_poll').notNull().default(0),
     counts: jsonb('counts').$type<Record<string, number>>(),
+    /** Where an id-ordered listing stopped part-way, so the next run goes on from there; null once it ends. */
+    resume: jsonb('resume').$type<ListingResume>(),
   },
   (t) => [primaryKey({ name: 'stream_cursors_pkey', columns: [t.connectionId, t.object] })],
 );
