@@ -124,7 +124,8 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   // A first run from the beginning lists every record: it did a sweep's work of finding unseen
   // records, so the first sweep waits a sweep interval (a full listing can cost a Clio firm
   // minutes of its 50 requests/min).
-  let listsEverything = !hadCursor && options.since === undefined && settings.initialSince === undefined;
+  const fromTheStart = !hadCursor && options.since === undefined && settings.initialSince === undefined;
+  let listsEverything = fromTheStart;
   // An id-ordered listing an earlier run stopped part-way goes on from its next page, with what
   // that run had read (a Clio backfill of 100,000 records is 500 pages at 50 requests/min).
   let resume = cursor?.resume ?? null;
@@ -205,7 +206,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
       resume = null;
       newest = undefined;
       resumeStartedAt = undefined;
-      listsEverything = !hadCursor && options.since === undefined && settings.initialSince === undefined;
+      listsEverything = fromTheStart;
       await listPages();
     }
 
