@@ -24,7 +24,7 @@ export async function serve(): Promise<void> {
   let demo: DemoWorld | undefined;
   let config: Config;
   if (env.CRM_BRIDGE_CONFIG === undefined) {
-    demo = await startDemoWorld(logger.child({ component: 'demo' }), demoHookSecret(env.DATA_DIR));
+    demo = await startDemoWorld(logger, demoHookSecret(env.DATA_DIR));
     config = loadConfig(undefined, { connections: demo.connections });
   } else {
     config = loadConfig();

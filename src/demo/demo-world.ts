@@ -40,10 +40,13 @@ const NOTES = [
   'Settlement demand letter sent',
 ];
 
-export async function startDemoWorld(log: FastifyBaseLogger, hookSecret: string): Promise<DemoWorld> {
+/** `logger` is the process's: the demo names its two parts (`demo`, `demo-pipeline`) beside it, not under one another. */
+export async function startDemoWorld(logger: FastifyBaseLogger, hookSecret: string): Promise<DemoWorld> {
+  const log = logger.child({ component: 'demo' });
+  const pipelineLog = logger.child({ component: 'demo-pipeline' });
   const sandbox = await startSandbox({ records: 200, seed: 42, switches: DEMO_SWITCHES, autoApprove: true });
   const pipelineKey = randomBytes(18).toString('base64url');
-  const pipeline = await startDemoPipeline(log.child({ component: 'demo-pipeline' }));
+  const pipeline = await startDemoPipeline(pipelineLog);
   const timers: NodeJS.Timeout[] = [];
 
   const connections = [
@@ -87,7 +90,7 @@ export async function startDemoWorld(log: FastifyBaseLogger, hookSecret: string)
       let leads = 0;
       timers.push(
         setInterval(() => {
-          writeNewLead(bridgeUrl, pipelineKey, sandbox, ++leads, log.child({ component: 'demo-pipeline' })).catch((err: unknown) =>
+          writeNewLead(bridgeUrl, pipelineKey, sandbox, ++leads, pipelineLog).catch((err: unknown) =>
             log.warn({ err }, 'the demo pipeline could not write its lead'),
           );
         }, 15_000).unref(),
