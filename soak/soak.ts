@@ -477,6 +477,10 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     }
     const written = await sql<Array<{ object: string; crm_id: string; crm_version: string }>>`select object, crm_id, crm_version from outbound_writes where state = 'sent' and crm_id is not null and crm_version is not null`;
     const ownVersions = new Set(written.map((w) => `${w.object}/${w.crm_id}/${w.crm_version}`));
+    // Writes not made, by state and the class of their last error (a pipeline update of a record the CRM deleted meanwhile fails, rightly).
+    const unmade = await sql<Array<{ state: string; reason: string | null; n: number }>>`
+      select state, split_part(last_error, ':', 1) as reason, count(*)::int as n from outbound_writes
+      where not (state = 'sent' and crm_id is not null and crm_version is not null) group by 1, 2 order by 3 desc`;
     const known = await sql<Array<{ object: string; crm_id: string }>>`select distinct object, crm_id from ledger where connection_id = 'firm'`;
     const knownRecords = new Set(known.map((k) => `${k.object}/${k.crm_id}`));
     const [dead] = await sql<[{ n: number }]>`select count(*)::int as n from outbox where state = 'dead'`;
@@ -540,7 +544,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     const fmt = (n: number) => n.toLocaleString('en-US');
     const rows: Array<[string, string]> = [
       ['CRM changes made', `${fmt(made)} (${fmt(tracker.made.updates)} edits, ${fmt(tracker.made.creates)} creates, ${fmt(tracker.made.deletes)} deletes, ${fmt(tracker.made.bulk)} bulk-imported on shared timestamps)`],
-      ['pipeline writes', `${fmt(options.writes)} (${fmt(writeResults.accepted)} accepted, ${fmt(writeResults.failed)} refused, ${fmt(writeResults.attempts)} attempts); ${fmt(written.length)} made in the CRM`],
+      ['pipeline writes', `${fmt(options.writes)} (${fmt(writeResults.accepted)} accepted, ${fmt(writeResults.failed)} refused, ${fmt(writeResults.attempts)} attempts); ${fmt(written.length)} made in the CRM${unmade.length > 0 ? `; not made: ${unmade.map((u) => `${fmt(u.n)} ${u.state}${u.reason ? ` (${u.reason})` : ''}`).join(', ')}` : ''}`],
       ['hooks', `${fmt(relay.hooks.length)} relayed (${fmt(acceptedHooks.length)} accepted; ${fmt(sandbox.state.automation.entries().filter((e) => e.status === 'dropped').length)} dropped by the automation; ${fmt(unreachable)} found no bridge)`],
       ['lies seen by the bridges', `${fmt(faults.error)} injected 5xx, ${fmt(proxyStats.rateLimited)} 429s, ${fmt(faults.tokens401)} 401s from dead tokens, clock skew ${LIES.clockSkewSeconds} s`],
       ['chaos', chaos.length ? chaos.join('; ') : 'none'],
