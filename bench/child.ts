@@ -25,16 +25,16 @@ export interface Child {
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 let compiled: Promise<string> | undefined;
 
-/**
- * The app and bench/sync-child.ts compiled by tsc (tsconfig.bench.json), once per bench run. The
- * Docker image runs the app compiled (`node dist/cli.js`), and a process under tsx also holds
- * tsx's loader thread and compiled sources, about 80 MB more before the app does anything.
- */
 /** The image's NODE_OPTIONS (the Dockerfile's heap cap): the compiled app runs with them, as in the image. */
 export function imageNodeOptions(): string {
   return /NODE_OPTIONS=(\S+)/.exec(readFileSync(join(ROOT, 'Dockerfile'), 'utf8'))?.[1] ?? '';
 }
 
+/**
+ * The app and bench/sync-child.ts compiled by tsc (tsconfig.bench.json), once per bench run. The
+ * Docker image runs the app compiled (`node dist/cli.js`), and a process under tsx also holds
+ * tsx's loader thread and compiled sources, about 80 MB more before the app does anything.
+ */
 export function compileBench(): Promise<string> {
   compiled ??= (async () => {
     const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');

@@ -6,6 +6,7 @@ import type { FastifyInstance } from 'fastify';
 import postgres from 'postgres';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { outbox } from '../src/db/schema/index.js';
+import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
 import { buildTestApp, connection, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startSink, type Sink } from './fixtures/delivery-sink.js';
@@ -81,6 +82,30 @@ async function undelivered(): Promise<number> {
   return rows.filter((r) => r.state !== 'delivered').length;
 }
 
+/**
+ * The row of a killed worker: still pending under its lease, not sent by anyone while the lease
+ * holds, then sent again by `worker` with the same key and marked delivered.
+ */
+async function expectSentAgainOnceTheLeaseRunsOut(worker: DeliveryWorker, eventId: string): Promise<void> {
+  const [leased] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
+  expect(leased).toMatchObject({ state: 'pending', leaseOwner: 'doomed', attempts: 1 });
+
+  // While the dead worker's lease holds, nobody else may send the row.
+  sink.behave(() => ({ status: 200 }));
+  const signal = new AbortController().signal;
+  expect(await worker.tick(signal)).toBe(false);
+  expect(sink.requests).toHaveLength(1);
+
+  for (let i = 0; i < 200 && sink.requests.length < 2; i++) {
+    await worker.tick(signal);
+    await sleep(50);
+  }
+  expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
+  expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
+  const [delivered] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
+  expect(delivered).toMatchObject({ state: 'delivered', leaseOwner: null, attempts: 2 });
+}
+
 describe('delivery workers in separate processes on one Postgres', () => {
   it.skipIf(!onPostgres)('delivers each row once when two worker processes share the outbox', async () => {
     await startApp();
@@ -106,23 +131,7 @@ describe('delivery workers in separate processes on one Postgres', () => {
     await sink.until(() => sink.heldCount === 1, 'the child to start delivering', 60_000);
     await killGroup(child);
 
-    const [leased] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
-    expect(leased).toMatchObject({ state: 'pending', leaseOwner: 'doomed', attempts: 1 });
-
-    // While the dead worker's lease holds, nobody else may send the row.
-    sink.behave(() => ({ status: 200 }));
-    const signal = new AbortController().signal;
-    expect(await worker.tick(signal)).toBe(false);
-    expect(sink.requests).toHaveLength(1);
-
-    for (let i = 0; i < 200 && sink.applied.length === 0; i++) {
-      await worker.tick(signal);
-      await sleep(50);
-    }
-    expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
-    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
-    const [delivered] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
-    expect(delivered).toMatchObject({ state: 'delivered', leaseOwner: null, attempts: 2 });
+    await expectSentAgainOnceTheLeaseRunsOut(worker, eventId);
   });
 
   it.skipIf(!onPostgres)('delivers a row again with the same key when its worker is killed after the answer but before the row is marked delivered', async () => {
@@ -154,22 +163,6 @@ describe('delivery workers in separate processes on one Postgres', () => {
     }
 
     expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
-    const [leased] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
-    expect(leased).toMatchObject({ state: 'pending', leaseOwner: 'doomed', attempts: 1 });
-
-    // While the dead worker's lease holds, nobody else may send the row.
-    sink.behave(() => ({ status: 200 }));
-    const signal = new AbortController().signal;
-    expect(await worker.tick(signal)).toBe(false);
-    expect(sink.requests).toHaveLength(1);
-
-    for (let i = 0; i < 200 && sink.requests.length < 2; i++) {
-      await worker.tick(signal);
-      await sleep(50);
-    }
-    expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
-    expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
-    const [delivered] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
-    expect(delivered).toMatchObject({ state: 'delivered', leaseOwner: null, attempts: 2 });
+    await expectSentAgainOnceTheLeaseRunsOut(worker, eventId);
   });
 });

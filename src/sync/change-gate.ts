@@ -100,7 +100,6 @@ function keyRow(k: Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>) {
   return { connection_id: k.connectionId, object: k.object, crm_id: k.crmId };
 }
 
-
 /** A `json` column: parsed by both drivers, but read defensively as text too. */
 type Json<T> = T | string;
 
