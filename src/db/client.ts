@@ -64,10 +64,10 @@ function openPostgres(url: string, max: number): Database {
   const client = postgres(url, {
     max,
     onnotice: () => {},
-    // A prepared statement's plan is made afresh each time, as an unnamed one's was: a generic
-    // plan cached while the tables were empty (a new install) made each re-poll page scan every
-    // head, four times slower by the hundred-thousandth record.
-    connection: { application_name: 'crm-bridge', ...(prepare ? { plan_cache_mode: 'force_custom_plan' } : {}) },
+    // Postgres may keep a generic plan for a prepared statement (planning afresh cost the gate
+    // about a third of its database time); the hot lookups are written so that any plan of
+    // them goes through an index (`headsByKey`).
+    connection: { application_name: 'crm-bridge' },
   });
   const db = drizzlePostgres(prepare ? namedStatements(client) : client, { schema }) as unknown as Db;
   return {
@@ -94,7 +94,7 @@ function openPostgres(url: string, max: number): Database {
  * a hook's transaction went from about 7 to 5 ms here, the gate's batch from 4.8 to 2.6 ms.
  * Every hot statement has a fixed text (rows travel as JSON or array parameters), so a
  * connection prepares a bounded set. `?prepare=false` in DATABASE_URL (PgBouncer in transaction
- * mode before 1.21) turns preparing off, and with it the plan_cache_mode startup parameter.
+ * mode before 1.21) turns preparing off.
  * See drizzle-team/drizzle-orm#5502.
  */
 function namedStatements<T extends postgres.Sql | postgres.TransactionSql>(sql: T): T {

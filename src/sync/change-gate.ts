@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { and, eq, sql } from 'drizzle-orm';
 import { rowsOf, type Db } from '../db/client.js';
+import { headsByKey } from '../db/queries/heads.js';
 import {
   ledger,
   ledgerBodies,
@@ -143,7 +144,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
       last_event_id: eventIds[i]!,
     };
   });
-  const allKeys = JSON.stringify([...firstOfKey.values()].map((i) => keyRow(changes[i]!)));
+  const allKeys = [...firstOfKey.values()].map((i) => keyRow(changes[i]!));
   // One statement, one round trip: an unlocked read of the heads as committed (the statement's
   // snapshot, taken before the claim), the claim, and the live stamps. The read lets a batch of
   // changes already seen (a re-poll) finish without locking or writing anything.
@@ -159,12 +160,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
         returning connection_id, object, crm_id
       )
       select
-        (select coalesce(json_agg(h), '[]') from (
-          select ${HEAD_COLUMNS}
-          from record_heads h
-          where (h.connection_id, h.object, h.crm_id) in (
-            select connection_id, object, crm_id from jsonb_to_recordset(${allKeys}::jsonb) as k(connection_id text, object text, crm_id text))
-        ) h) as seen,
+        (select coalesce(json_agg(h), '[]') from (${headsByKey(HEAD_COLUMNS, allKeys)}) h) as seen,
         (select coalesce(json_agg(c), '[]') from claimed c) as claimed,
         (select coalesce(json_agg(w), '[]') from (${stampsQuery(changes)}) w) as stamps`),
   );
@@ -206,15 +202,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   }
   const existing = [...firstOfKey.keys()].filter((key) => !newKeys.has(key) && !settled.has(key)).map((key) => changes[firstOfKey.get(key)!]!);
   if (existing.length > 0) {
-    const locked = await rowsOf<HeadRow>(
-      tx.execute(sql`
-        select ${HEAD_COLUMNS}
-        from record_heads h
-        where (h.connection_id, h.object, h.crm_id) in (
-          select connection_id, object, crm_id from jsonb_to_recordset(${JSON.stringify(existing.map(keyRow))}::jsonb) as k(connection_id text, object text, crm_id text))
-        order by h.connection_id, h.object, h.crm_id
-        for update`),
-    );
+    const locked = await rowsOf<HeadRow>(tx.execute(headsByKey(HEAD_COLUMNS, existing.map(keyRow), 'lock')));
     for (const row of locked) {
       const head = headOf(row, now);
       heads.set(recordKey(head), head);
@@ -310,11 +298,16 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
     await tx.execute(sql`
       with w as (select ${writes}::jsonb as j),
       heads as (
-        update record_heads h set version = u.version, version_rank = u.version_rank, content_hash = u.content_hash, deleted = u.deleted,
-          origin = u.origin, last_event_id = u.last_event_id, delivered_hash = u.delivered_hash, updated_at = now()
+        -- Every one of these heads exists and is locked by this transaction: the insert always
+        -- meets its conflict and updates. Unlike UPDATE … FROM, it finds each head through the
+        -- primary key whatever the planner guesses about the row count.
+        insert into record_heads (connection_id, object, crm_id, version, version_rank, content_hash, deleted, origin, last_event_id, delivered_hash)
+        select connection_id, object, crm_id, version, version_rank, content_hash, deleted, origin, last_event_id, delivered_hash
         from w, jsonb_to_recordset(w.j->'heads')
           as u(connection_id text, object text, crm_id text, version text, version_rank float8, content_hash text, deleted boolean, origin text, last_event_id uuid, delivered_hash text)
-        where (h.connection_id, h.object, h.crm_id) = (u.connection_id, u.object, u.crm_id)
+        on conflict (connection_id, object, crm_id) do update set version = excluded.version, version_rank = excluded.version_rank,
+          content_hash = excluded.content_hash, deleted = excluded.deleted, origin = excluded.origin, last_event_id = excluded.last_event_id,
+          delivered_hash = excluded.delivered_hash, updated_at = now()
       ),
       claims as (
         update outbound_writes o set crm_id = c.crm_id, settled_at = now(), updated_at = now()

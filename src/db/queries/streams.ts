@@ -1,5 +1,6 @@
 import { and, eq, sql } from 'drizzle-orm';
 import { rowsOf, type Db } from '../client.js';
+import { headsByKey } from './heads.js';
 import { pendingFetches, recordHeads, streamCursors, type ListingResume } from '../schema/index.js';
 
 export type StreamKey = { connectionId: string; object: string };
@@ -73,11 +74,8 @@ export async function listStreamHeads(db: Db, stream: StreamKey): Promise<Array<
 
 /**
  * The committed heads of some records of a stream, read without a lock: the poller answers a
- * change its head already holds (DESIGN rule 1) from this before opening a transaction. The keys
- * go as one JSON parameter, whole, as the gate sends them: a (connection, object, crm_id) set
- * is looked up key by key through the primary key even before the table has statistics, where
- * `crm_id = any(…)` was planned as a filter over the stream's every head (a backfill's table is
- * new).
+ * change its head already holds (DESIGN rule 1) from this before opening a transaction. Looked
+ * up key by key through the primary key (`headsByKey`), as the gate does.
  */
 export async function getStreamHeads(
   db: Db,
@@ -85,14 +83,11 @@ export async function getStreamHeads(
   crmIds: readonly string[],
 ): Promise<Array<{ crmId: string; version: string | null; contentHash: string | null; deleted: boolean; lastEventId: string }>> {
   if (crmIds.length === 0) return [];
-  const keys = JSON.stringify(crmIds.map((crmId) => ({ connection_id: stream.connectionId, object: stream.object, crm_id: crmId })));
-  return db
-    .select({ crmId: recordHeads.crmId, version: recordHeads.version, contentHash: recordHeads.contentHash, deleted: recordHeads.deleted, lastEventId: recordHeads.lastEventId })
-    .from(recordHeads)
-    .where(
-      sql`(${recordHeads.connectionId}, ${recordHeads.object}, ${recordHeads.crmId}) in (
-        select connection_id, object, crm_id from jsonb_to_recordset(${keys}::jsonb) as k(connection_id text, object text, crm_id text))`,
-    );
+  const keys = crmIds.map((crmId) => ({ connection_id: stream.connectionId, object: stream.object, crm_id: crmId }));
+  const rows = await rowsOf<{ crm_id: string; version: string | null; content_hash: string | null; deleted: boolean; last_event_id: string }>(
+    db.execute(headsByKey(sql.raw('h.crm_id, h.version, h.content_hash, h.deleted, h.last_event_id'), keys)),
+  );
+  return rows.map((r) => ({ crmId: r.crm_id, version: r.version, contentHash: r.content_hash, deleted: r.deleted, lastEventId: r.last_event_id }));
 }
 
 export async function listPendingFetches(db: Db, stream: StreamKey, limit: number) {
