@@ -201,7 +201,9 @@ export class DeliveryWorker extends Daemon {
 
   private async post(row: ClaimedDelivery, content: DeliveryContent, stop: AbortSignal): Promise<Attempt> {
     const { connectionId, downstream } = this.deps;
-    const body = JSON.stringify({
+    // The envelope is serialised here; the record and fields are spliced in as the database's JSON
+    // text, not parsed and serialised again (a kilobyte of each per delivery).
+    const envelope = JSON.stringify({
       id: row.eventId,
       connection: connectionId,
       object: row.object,
@@ -211,9 +213,8 @@ export class DeliveryWorker extends Daemon {
       origin: content.origin,
       source: content.source,
       observedAt: content.observedAt.toISOString(),
-      record: content.raw,
-      fields: content.fields,
     });
+    const body = `${envelope.slice(0, -1)},"record":${content.rawJson ?? 'null'},"fields":${content.fieldsJson ?? 'null'}}`;
     // One controller per request, aborted by a stop or the timeout: several times cheaper than
     // AbortSignal.any() over AbortSignal.timeout(), which showed in every delivery's profile.
     const request = new AbortController();

@@ -27,9 +27,12 @@ export interface DeliveryContent {
   origin: 'crm' | 'pipeline';
   source: ChangeSource;
   observedAt: Date;
-  /** Null when the body was pruned. */
-  raw: unknown;
-  fields: Record<string, unknown> | null;
+  /**
+   * The CRM record and its mapped fields as JSON text, as the database renders them (null when
+   * the body was pruned): they go into the delivery's body as they are, never parsed here.
+   */
+  rawJson: string | null;
+  fieldsJson: string | null;
 }
 
 /**
@@ -109,20 +112,20 @@ export async function claimDeliveries(
       origin: ledger.origin,
       source: ledger.source,
       observedAt: ledger.observedAt,
-      raw: ledgerBodies.raw,
-      fields: ledgerBodies.fields,
+      rawJson: sql<string | null>`${ledgerBodies.raw}::text`,
+      fieldsJson: sql<string | null>`${ledgerBodies.fields}::text`,
     })
     .from(claimed)
     .leftJoin(ledger, eq(ledger.eventId, claimed.eventId))
     .leftJoin(ledgerBodies, eq(ledgerBodies.eventId, claimed.eventId))
     .orderBy(claimed.id);
-  return rows.map(({ change, version, origin, source, observedAt, raw, fields, ...row }) => ({
+  return rows.map(({ change, version, origin, source, observedAt, rawJson, fieldsJson, ...row }) => ({
     ...row,
     // Ledger columns are not null, so one null here means no ledger row (a left join miss).
     content:
       change === null || origin === null || source === null || observedAt === null
         ? null
-        : { change, version, origin, source, observedAt, raw: raw ?? null, fields: fields ?? null },
+        : { change, version, origin, source, observedAt, rawJson, fieldsJson },
   }));
 }
 
