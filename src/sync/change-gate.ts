@@ -312,7 +312,9 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
       claims as (
         update outbound_writes o set crm_id = c.crm_id, settled_at = now(), updated_at = now()
         from w, jsonb_to_recordset(w.j->'claims') as c(id uuid, crm_id text)
-        where o.id = c.id
+        -- The id list again as an array, so the writes are found through their primary key and
+        -- not by a hash join over every write ever made (see headsByKey).
+        where o.id = c.id and o.id = any(array(select (x->>'id')::uuid from w as ids, jsonb_array_elements(ids.j->'claims') x))
       ),
       ledger_rows as (
         insert into ledger (event_id, connection_id, object, crm_id, source, disposition, change, version, content_hash, origin, observed_at)
