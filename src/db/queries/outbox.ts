@@ -53,10 +53,22 @@ const millis = (ms: number) => sql`(${Math.max(0, Math.round(ms))}::double preci
  * SKIP LOCKED lets concurrent claimers pass over each other's rows instead of waiting. The
  * attempt is counted at claim time, so a worker killed mid-request still uses up an attempt.
  */
-export async function claimDeliveries(
-  db: Db,
-  params: { connectionId: string; owner: string; limit: number; leaseMs: number },
-): Promise<ClaimedDelivery[]> {
+export async function claimDeliveries(db: Db, params: ClaimParams): Promise<ClaimedDelivery[]> {
+  const rows = await claimStatement(db, params);
+  return rows.map(({ change, version, origin, source, observedAt, rawJson, fieldsJson, ...row }) => ({
+    ...row,
+    // Ledger columns are not null, so one null here means no ledger row (a left join miss).
+    content:
+      change === null || origin === null || source === null || observedAt === null
+        ? null
+        : { change, version, origin, source, observedAt, rawJson, fieldsJson },
+  }));
+}
+
+type ClaimParams = { connectionId: string; owner: string; limit: number; leaseMs: number };
+
+/** The claim of claimDeliveries as a statement not yet run (its plan is tested). */
+export function claimStatement(db: Db, params: ClaimParams) {
   const older = alias(outbox, 'older');
   const due = db
     .select({ id: outbox.id })
@@ -64,7 +76,8 @@ export async function claimDeliveries(
     .where(
       and(
         eq(outbox.connectionId, params.connectionId),
-        eq(outbox.state, 'pending'),
+        // A literal, not a parameter: a cached generic plan can then use outbox_pending_idx.
+        sql`${outbox.state} = 'pending'`,
         lte(outbox.nextAttemptAt, sql`now()`),
         or(isNull(outbox.leaseExpiresAt), lt(outbox.leaseExpiresAt, sql`now()`)),
         // OFFSET 0 keeps this a per-row probe of outbox_record_idx. Pulled up into an anti join
@@ -97,7 +110,7 @@ export async function claimDeliveries(
         queuedAt: outbox.queuedAt,
       }),
   );
-  const rows = await db
+  return db
     .with(claimed)
     .select({
       id: claimed.id,
@@ -119,14 +132,6 @@ export async function claimDeliveries(
     .leftJoin(ledger, eq(ledger.eventId, claimed.eventId))
     .leftJoin(ledgerBodies, eq(ledgerBodies.eventId, claimed.eventId))
     .orderBy(claimed.id);
-  return rows.map(({ change, version, origin, source, observedAt, rawJson, fieldsJson, ...row }) => ({
-    ...row,
-    // Ledger columns are not null, so one null here means no ledger row (a left join miss).
-    content:
-      change === null || origin === null || source === null || observedAt === null
-        ? null
-        : { change, version, origin, source, observedAt, rawJson, fieldsJson },
-  }));
 }
 
 /** Marks many rows delivered in one statement per answer status (one commit for a whole batch). */

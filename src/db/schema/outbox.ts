@@ -1,3 +1,4 @@
+import { sql } from 'drizzle-orm';
 import { bigserial, index, integer, pgTable, text, uuid } from 'drizzle-orm/pg-core';
 import { ledger } from './ledger.js';
 import { connectionId, createdAt, timestamptz } from './columns.js';
@@ -37,7 +38,10 @@ export const outbox = pgTable(
     deliveredAt: timestamptz('delivered_at'),
   },
   (t) => [
-    index('outbox_due_idx').on(t.state, t.nextAttemptAt),
+    // The claim reads pending rows of a connection in id order. Delivered rows stay until
+    // retention prunes them; through the primary key a claim stepped over every one of them
+    // (19 ms at 40,000), through this index it reads pending rows only.
+    index('outbox_pending_idx').on(t.connectionId, t.id).where(sql`${t.state} = 'pending'`),
     index('outbox_connection_state_idx').on(t.connectionId, t.state, t.createdAt),
     index('outbox_record_idx').on(t.connectionId, t.object, t.crmId, t.id),
   ],
