@@ -1,5 +1,6 @@
 import { and, desc, eq, inArray, isNull, lt, lte, or, sql } from 'drizzle-orm';
 import type { Db } from '../client.js';
+import { claimLimit, millis } from './sql-parts.js';
 import { ledger, ledgerBodies, outboundWrites, recordHeads } from '../schema/index.js';
 
 /**
@@ -9,8 +10,6 @@ import { ledger, ledgerBodies, outboundWrites, recordHeads } from '../schema/ind
 
 export type OutboundWrite = typeof outboundWrites.$inferSelect;
 export type NewOutboundWrite = typeof outboundWrites.$inferInsert;
-
-const millis = (ms: number) => sql`(${Math.max(0, Math.round(ms))}::double precision * interval '1 millisecond')`;
 
 /**
  * Records a write under its idempotency key through the constraint, never check-then-insert:
@@ -75,7 +74,7 @@ export async function claimOutboundWrites(db: Db, params: { connectionId: string
       ),
     )
     .orderBy(outboundWrites.createdAt)
-    .limit(params.limit)
+    .limit(claimLimit(params.limit))
     .for('update', { skipLocked: true });
   const rows = await db
     .update(outboundWrites)

@@ -1,6 +1,7 @@
 import { and, desc, eq, inArray, isNull, lt, lte, or, sql } from 'drizzle-orm';
 import { alias } from 'drizzle-orm/pg-core';
 import type { Db } from '../client.js';
+import { claimLimit, millis } from './sql-parts.js';
 import { ledger, ledgerBodies, outbox, type ChangeKind, type ChangeSource } from '../schema/index.js';
 
 /**
@@ -40,8 +41,6 @@ export interface DeliveryContent {
  * the driver prepares it once instead of once per batch size, as `in ($1, $2, ...)` would.
  */
 const idIn = (ids: readonly number[]) => sql`${outbox.id} = any(${sql.param([...ids])}::bigint[])`;
-
-const millis = (ms: number) => sql`(${Math.max(0, Math.round(ms))}::double precision * interval '1 millisecond')`;
 
 /**
  * Claims up to `limit` due rows of one connection for `owner` until the lease runs out, and
@@ -88,7 +87,7 @@ export function claimStatement(db: Db, params: ClaimParams) {
       ),
     )
     .orderBy(outbox.id)
-    .limit(params.limit)
+    .limit(claimLimit(params.limit))
     .for('update', { skipLocked: true });
 
   const claimed = db.$with('claimed').as(
