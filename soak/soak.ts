@@ -395,9 +395,12 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       }
       if (killIndex < killAt.length && made >= killAt[killIndex]!) {
         const victim = bridges[killIndex % bridges.length]!;
+        await victim.kill();
+        // Counted once it is dead: every row it still leased, pending, is one it may have sent
+        // and can no longer mark (counted before the kill, a row claimed and sent in between
+        // was missed).
         const inFlight = await leasedDeliveries(victim.instance).catch(() => 0);
         inFlightAtChaos += inFlight;
-        await victim.kill();
         chaos.push(`kill ${victim.instance} at change ${made}, ${new Date().toISOString().slice(11, 23)} (${inFlight} deliveries in flight)`);
         log(chaos.at(-1)!);
         killIndex++;
