@@ -7,7 +7,7 @@ import { headsByKey } from '../src/db/queries/heads.js';
 import { ChangeWriter } from '../src/sync/change-writer.js';
 import type { ObjectDefinition } from '../src/config/schema.js';
 import { contentHash, observeRecord } from '../src/sync/record.js';
-import { openDatabase, type Database } from '../src/db/client.js';
+import { openDatabase, rowsOf, type Database } from '../src/db/client.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
 const database = await createTestDatabase();
@@ -204,6 +204,21 @@ describe('the change gate', () => {
     expect(heads).toHaveLength(2);
   });
 
+  it('keeps two connections apart within one batch: the same record id is read, locked and written as two records', async () => {
+    const both = (status: string, at: string) => [change(matter(status, at)), change(matter(status, at), { connectionId: 'other-firm' })];
+    const batch = (changes: ObservedChange[]) => db.transaction((tx) => passChanges(tx, changes));
+    expect((await batch(both('Open', '2026-11-01T10:00:00Z'))).map((o) => o.disposition)).toEqual(['accepted', 'accepted']);
+    // Read back (unlocked) for both connections: each is a duplicate of its own head.
+    expect((await batch(both('Open', '2026-11-01T10:00:00Z'))).map((o) => o.disposition)).toEqual(['duplicate', 'duplicate']);
+    // Locked and changed for both.
+    expect((await batch(both('Closed', '2026-11-02T10:00:00Z'))).map((o) => o.disposition)).toEqual(['accepted', 'accepted']);
+    const heads = await db.select().from(recordHeads).where(eq(recordHeads.crmId, '42')).orderBy(asc(recordHeads.connectionId));
+    expect(heads.map((h) => [h.connectionId, h.version])).toEqual([
+      ['acme', '2026-11-02T10:00:00Z'],
+      ['other-firm', '2026-11-02T10:00:00Z'],
+    ]);
+  });
+
   it('hashes content independent of key order', () => {
     expect(contentHash({ a: 1, b: { c: [1, { d: 2, e: 3 }] } })).toBe(contentHash({ b: { c: [1, { e: 3, d: 2 }] }, a: 1 }));
   });
@@ -261,8 +276,8 @@ describe('looking up record heads by key', () => {
     db.transaction(async (tx) => {
       await tx.execute(sql.raw(`set local plan_cache_mode = ${mode}`));
       const keys = ['1', '2', '3'].map((crm_id) => ({ connection_id: 'acme', object: 'matters', crm_id }));
-      const rows = await tx.execute<{ 'QUERY PLAN': string }>(sql`explain ${headsByKey(sql.raw('h.crm_id, h.version, h.last_event_id'), keys, lookup)}`);
-      return (Array.isArray(rows) ? rows : (rows as { rows: { 'QUERY PLAN': string }[] }).rows).map((r) => r['QUERY PLAN']).join('\n');
+      const rows = await rowsOf<{ 'QUERY PLAN': string }>(tx.execute(sql`explain ${headsByKey(sql.raw('h.crm_id, h.version, h.last_event_id'), keys, lookup)}`));
+      return rows.map((r) => r['QUERY PLAN']).join('\n');
     });
 
   // A JSON key list is guessed at 100 rows: joined to the heads, it was planned as a scan of every
@@ -290,8 +305,8 @@ describe.skipIf(!process.env.DATABASE_URL)('the change gate on Postgres', () => 
   const preparedGateStatements = (target: Database) =>
     target.db.transaction(async (tx) => {
       await passChanges(tx, [change(matter('Open', '2026-11-01T10:00:00Z'))]);
-      const rows = await tx.execute<{ statement: string }>(sql`select statement from pg_prepared_statements`);
-      return (Array.isArray(rows) ? rows : (rows as { rows: { statement: string }[] }).rows).filter((r) => r.statement.includes('with claimed as')).length;
+      const rows = await rowsOf<{ statement: string }>(tx.execute(sql`select statement from pg_prepared_statements`));
+      return rows.filter((r) => r.statement.includes('with claimed as')).length;
     });
   it('runs through named statements, one round trip each, and not when DATABASE_URL says prepare=false', async () => {
     expect(await preparedGateStatements(database)).toBe(1);

@@ -4,6 +4,7 @@ import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { claimDeliveries, claimStatement } from '../src/db/queries/outbox.js';
+import { rowsOf } from '../src/db/client.js';
 import { outbox } from '../src/db/schema/index.js';
 import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
 import { printDeadLetters, replayFromCli } from '../src/sync/dead-letters.js';
@@ -456,9 +457,9 @@ describe('the claim', () => {
       const literal = (p: unknown) => (typeof p === 'number' ? String(p) : `'${String(p).replaceAll("'", "''")}'`);
       await tx.execute(sql.raw(`set local plan_cache_mode = ${mode}`));
       await tx.execute(sql.raw(`prepare claim_plan as ${text}`));
-      const rows = await tx.execute<{ 'QUERY PLAN': string }>(sql.raw(`explain execute claim_plan(${params.map(literal).join(', ')})`));
+      const rows = await rowsOf<{ 'QUERY PLAN': string }>(tx.execute(sql.raw(`explain execute claim_plan(${params.map(literal).join(', ')})`)));
       await tx.execute(sql.raw('deallocate claim_plan'));
-      return (Array.isArray(rows) ? rows : (rows as { rows: { 'QUERY PLAN': string }[] }).rows).map((r) => r['QUERY PLAN']).join('\n');
+      return rows.map((r) => r['QUERY PLAN']).join('\n');
     });
 
   // Delivered rows stay until retention prunes them. Through the primary key in id order, each
