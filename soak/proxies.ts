@@ -20,6 +20,14 @@ async function readBody(req: IncomingMessage): Promise<Buffer> {
   return Buffer.concat(chunks);
 }
 
+function parseJson<T>(body: Buffer): T | undefined {
+  try {
+    return JSON.parse(body.toString('utf8')) as T;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Forwards one request to `target` and resolves with its status, headers and body; rejects on a network error. */
 function forward(target: string, req: IncomingMessage, body: Buffer): Promise<{ status: number; headers: Record<string, string>; body: Buffer }> {
   return new Promise((resolve, reject) => {
@@ -42,14 +50,22 @@ function forward(target: string, req: IncomingMessage, body: Buffer): Promise<{ 
   });
 }
 
+const WRITE_PATH = /^\/api\/v4\/(matters|contacts)(?:\.json|\/\d+\.json)/;
+
 /**
  * The CRM as the bridges see it: the sandbox behind a proxy that answers a seeded fraction of
  * API calls 429 with `Retry-After: 1`, the one lie the sandbox has no fault switch for (its rate
  * limit is per token and paced by the headers, so it cannot be dialled to a fraction).
+ *
+ * It also notes every version the bridges' writes made (`object/id/etag` of each answered create
+ * and update), whether or not the bridge lived to read the answer: those are the bridges' own
+ * versions, whose echoes must never be delivered, known here independently of the bridges' own
+ * records (a write whose answer was lost to a timeout is settled without a version).
  */
 export async function startCrmProxy(sandboxUrl: string, options: { rateLimitedRate: number; rng: Rng }) {
   let rateLimited = 0;
   let forwarded = 0;
+  const written = new Set<string>();
   const server = createServer((req, res: ServerResponse) => {
     void (async () => {
       const body = await readBody(req);
@@ -61,6 +77,11 @@ export async function startCrmProxy(sandboxUrl: string, options: { rateLimitedRa
       forwarded++;
       try {
         const answer = await forward(sandboxUrl, req, body);
+        const write = (req.method === 'POST' || req.method === 'PATCH') && answer.status < 300 ? WRITE_PATH.exec(req.url ?? '') : null;
+        if (write) {
+          const data = parseJson<{ data?: { id?: unknown; etag?: unknown } }>(answer.body)?.data;
+          if (data?.id !== undefined && data.etag !== undefined) written.add(`${write[1]}/${String(data.id)}/${String(data.etag)}`);
+        }
         // Next-page URLs name the sandbox; keep the client on the proxy.
         const text = answer.body.toString('utf8').replaceAll(sandboxUrl, url);
         res.writeHead(answer.status, answer.headers).end(text);
@@ -70,7 +91,7 @@ export async function startCrmProxy(sandboxUrl: string, options: { rateLimitedRa
     })();
   });
   const url = await listen(server);
-  return { url, stats: () => ({ rateLimited, forwarded }), close: () => close(server) };
+  return { url, written, stats: () => ({ rateLimited, forwarded }), close: () => close(server) };
 }
 
 /** One hook the CRM's automation sent, and what the bridge answered. */
@@ -95,12 +116,8 @@ export async function startHookRelay(bridges: () => string[]) {
   const server = createServer((req, res) => {
     void (async () => {
       const body = await readBody(req);
-      let record: { data?: { id?: unknown; etag?: unknown }; meta?: { event?: unknown } } = {};
-      try {
-        record = JSON.parse(body.toString('utf8')) as typeof record;
-      } catch {
-        // Recorded with what is known; the bridge will refuse it.
-      }
+      // Unparseable, it is recorded with what is known; the bridge will refuse it.
+      const record = parseJson<{ data?: { id?: unknown; etag?: unknown }; meta?: { event?: unknown } }>(body) ?? {};
       const object = new URL(req.url ?? '/', 'http://relay').searchParams.get('object') ?? '';
       const hook: RelayedHook = {
         object,

@@ -282,7 +282,8 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     const env = {
       DATABASE_URL: databaseUrl,
       CRM_BRIDGE_CONFIG: config,
-      LOG_LEVEL: 'warn',
+      // SOAK_LOG_LEVEL=info keeps every write's and poll's story in the kept logs of a failed run.
+      LOG_LEVEL: process.env.SOAK_LOG_LEVEL ?? 'warn',
       LOG_FORMAT: 'json',
       TOKEN_ENCRYPTION_KEY: TOKEN_KEY,
       DATA_DIR: dir,
@@ -479,7 +480,9 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       }
     }
     const written = await sql<Array<{ object: string; crm_id: string; crm_version: string }>>`select object, crm_id, crm_version from outbound_writes where state = 'sent' and crm_id is not null and crm_version is not null`;
-    const ownVersions = new Set(written.map((w) => `${w.object}/${w.crm_id}/${w.crm_version}`));
+    // The bridges' own versions: those their writes record, and every version the CRM proxy saw a
+    // write of theirs make (a write whose answer was lost is settled without one).
+    const ownVersions = new Set([...written.map((w) => `${w.object}/${w.crm_id}/${w.crm_version}`), ...crm.written]);
     // Writes not made, by state and the class of their last error (a pipeline update of a record the CRM deleted meanwhile fails, rightly).
     const unmade = await sql<Array<{ state: string; reason: string | null; n: number }>>`
       select state, split_part(last_error, ':', 1) as reason, count(*)::int as n from outbound_writes

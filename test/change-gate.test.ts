@@ -115,6 +115,20 @@ describe('the change gate', () => {
     expect(await pass(change(matter('Open', '2026-11-01T11:00:00Z')))).toMatchObject({ disposition: 'accepted', delivered: true });
   });
 
+  it("records the CRM's answer to a write as an echo even when no live stamp is left to match it", async () => {
+    // An earlier attempt's echo settled the stamp; a retried write's answer is still the
+    // bridge's own version and is never delivered.
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    expect(await pass(change(matter('Closed', '2026-11-01T10:10:00Z'), { source: 'outbound' }))).toMatchObject({ disposition: 'echo', delivered: false });
+    expect(await pass(change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 43 }, { source: 'outbound' }))).toMatchObject({ disposition: 'echo', delivered: false });
+    expect((await history()).map((r) => [r.disposition, r.delivered !== null])).toEqual([
+      ['accepted', true],
+      ['echo', false],
+      ['echo', false],
+    ]);
+    expect((await db.select({ origin: recordHeads.origin }).from(recordHeads).orderBy(asc(recordHeads.crmId))).map((h) => h.origin)).toEqual(['pipeline', 'pipeline']);
+  });
+
   it('recognises an echo that arrives before the bridge learned the CRM id, and learns it', async () => {
     const created = change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 9001 });
     const stampId = randomUUID();

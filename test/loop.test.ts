@@ -189,6 +189,110 @@ describe('the loop guard against the sandbox CRM', () => {
     }
   }, 60_000);
 
+  it('does not make a lead again when the CRM made it, its answer was lost and staff deleted the record before the retry', async () => {
+    // The proxy lets the create reach the CRM and waits for its echo, which teaches the bridge
+    // the record's id; staff then delete the record, and the answer is dropped.
+    let world: { idle(): Promise<void>; remove(id: number): void } | undefined;
+    let lost = 0;
+    const proxy = await startFaultProxy({
+      answer: async (req, res, text) => {
+        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
+        await world!.idle();
+        world!.remove((JSON.parse(text) as { data: { id: number } }).data.id);
+        await world!.idle();
+        res.destroy();
+        return true;
+      },
+    });
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+    const { app, sandbox } = bridge;
+    proxy.setTarget(sandbox.url);
+    world = { idle: () => sandbox.state.automationIdle(), remove: (id) => sandbox.state.deleteRecord('matters', id) };
+    try {
+      const accepted = await stub.write('lead-deleted-before-retry', lead(6));
+      await drainWriter(app);
+      await round(app, stub, sandbox);
+
+      // One create: the deleted record is not made again.
+      expect(sandbox.state.requestLog.list({ method: 'POST', pathPrefix: '/api/v4/matters.json' })).toHaveLength(1);
+      expect(sandbox.state.store.matters.items.filter((m) => m.description === 'Intake lead 6')).toEqual([]);
+      const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(accepted.body.outboundId)));
+      expect(write).toMatchObject({ state: 'sent', attempts: 2 });
+      // The create's echo was recognised and never delivered.
+      expect(stub.delivered.filter((d) => d.crmId === write!.crmId)).toEqual([]);
+      expect(await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, write!.crmId!))).toEqual([{ disposition: 'echo' }]);
+    } finally {
+      await close();
+      await proxy.close();
+    }
+  }, 60_000);
+
+  it("does not send an update again once its echo has come, though its answer was lost: the staff's later edit stands", async () => {
+    // The proxy lets the update reach the CRM and waits for its echo; staff then edit the same
+    // record, and the update's answer is dropped.
+    let world: { idle(): Promise<void>; edit(id: number): void } | undefined;
+    let lost = 0;
+    const proxy = await startFaultProxy({
+      answer: async (req, res, text) => {
+        if (req.method !== 'PATCH' || lost++ > 0) return false;
+        await world!.idle();
+        world!.edit((JSON.parse(text) as { data: { id: number } }).data.id);
+        await world!.idle();
+        res.destroy();
+        return true;
+      },
+    });
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+    const { app, sandbox } = bridge;
+    proxy.setTarget(sandbox.url);
+    world = { idle: () => sandbox.state.automationIdle(), edit: (id) => sandbox.state.updateRecord('matters', id, { description: 'Edited by staff' }) };
+    try {
+      await round(app, stub, sandbox);
+      const crmId = String(sandbox.state.store.matters.items[5]!.id);
+      const deliveredBefore = stub.delivered.length;
+      const accepted = await stub.write('update-answer-lost', { object: 'matters', externalId: 'update-answer-lost', crmId, fields: { description: 'Updated by intake' } });
+      expect(accepted.status).toBe(202);
+      await drainWriter(app);
+      await round(app, stub, sandbox);
+
+      expect(sandbox.state.requestLog.list({ method: 'PATCH' })).toHaveLength(1);
+      expect(sandbox.state.renderFull('matters', Number(crmId))).toMatchObject({ description: 'Edited by staff' });
+      const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(accepted.body.outboundId)));
+      expect(write).toMatchObject({ state: 'sent', attempts: 2 });
+      // The update's echo is not delivered; the staff's edit is, once.
+      expect(stub.delivered.slice(deliveredBefore).map((d) => [d.crmId, d.fields.description])).toEqual([[crmId, 'Edited by staff']]);
+    } finally {
+      await close();
+      await proxy.close();
+    }
+  }, 60_000);
+
+  it('does not make a lead twice when its writer was killed mid-create and the hook was dropped', async () => {
+    const { bridge, stub, close } = await startTwoWay({ writeBack: false });
+    try {
+      const { app, sandbox } = bridge;
+      for (const rule of sandbox.state.automation.rules) rule.dropRate = 1;
+      const accepted = await stub.write('lead-writer-killed', lead(7));
+      // What a writer does up to its SIGKILL: claim (a short lease), make the CRM call, nothing more.
+      const [row] = await claimOutboundWrites(db, { connectionId: 'firm', owner: 'writer-that-is-killed', limit: 1, leaseMs: 1 });
+      expect(row?.id).toBe(accepted.body.outboundId);
+      const connector = app.crm.connector('firm');
+      await connector.createRecord('matters', connector.toRecord('matters', row!.fields ?? {}), { writeId: row!.id });
+      await sleep(10);
+
+      // Another writer takes the write over once the lease has run out: it finds the record.
+      await drainWriter(app);
+      expect(sandbox.state.requestLog.list({ method: 'POST', pathPrefix: '/api/v4/matters.json' })).toHaveLength(1);
+      const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(accepted.body.outboundId)));
+      expect(write).toMatchObject({ state: 'sent', attempts: 2 });
+      expect(sandbox.state.renderFull('matters', Number(write!.crmId))).toMatchObject({ description: 'Intake lead 7' });
+      await round(app, stub, sandbox);
+      expect(stub.delivered.filter((d) => d.crmId === write!.crmId)).toEqual([]);
+    } finally {
+      await close();
+    }
+  }, 60_000);
+
   // The Clio preset stamps a marker; without one the record is found by the fields written.
   const withoutMarker = (() => {
     const clio = structuredClone(presets.clio!) as { objects: Record<string, Record<string, unknown>> };

@@ -229,7 +229,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
     let update: Partial<Head> | undefined;
     if (firstOfKey.get(key) === i && newKeys.has(key)) {
       // This change's own insert made the head.
-      disposition = echoes.isEcho(change) ? 'echo' : 'accepted';
+      disposition = isOwnWrite(change, echoes) ? 'echo' : 'accepted';
       if (disposition === 'echo') update = { origin: 'pipeline', deliveredHash: null };
     } else {
       const decided = decide(head, change, rank, echoes);
@@ -356,6 +356,15 @@ function isDuplicate(head: Head, change: ObservedChange): boolean {
   return change.contentHash === head.contentHash;
 }
 
+/**
+ * Rule 5: the echo of a stamp, or the CRM's answer to a write (source `outbound`), which is the
+ * bridge's own version however its stamp fared: an earlier attempt's echo may have settled it
+ * already. The stamps are asked first, so an answer still settles its own.
+ */
+function isOwnWrite(change: ObservedChange, echoes: EchoStamps): boolean {
+  return echoes.isEcho(change) || change.source === 'outbound';
+}
+
 function decide(head: Head, change: ObservedChange, rank: number | null, echoes: EchoStamps): GateDisposition {
   if (isDuplicate(head, change)) return 'duplicate';
   if (change.change === 'delete') return 'accepted';
@@ -364,7 +373,7 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
   // Rule 3: never back in time downstream.
   if (rank !== null && head.versionRank !== null && rank < head.versionRank) return 'stale';
   // Rule 5 before rule 4, so the ledger says why an echo was not delivered.
-  if (echoes.isEcho(change)) return 'echo';
+  if (isOwnWrite(change, echoes)) return 'echo';
   if (!head.deleted && change.contentHash === head.contentHash && !change.deliverUnchanged) return 'unchanged';
   // Rule 2: anything else is a real change, A → B → A included (dedup is against the head).
   return 'accepted';

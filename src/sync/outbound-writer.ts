@@ -79,13 +79,12 @@ export class OutboundWriter extends Daemon {
         await this.join(row, attempt.raw);
         return;
       case 'made-earlier':
-        // The record as it reads now is not this write's answer: staff may have edited it since
-        // the echo taught us its id. That echo already joined the head; a later edit is a real
-        // change the hooks and the poll deliver. So the write is done, and nothing more passes
-        // the gate on its behalf.
+        // The echo that taught us the id already joined the head; whatever staff did to the
+        // record since is a real change the hooks and the poll deliver. So the write is done,
+        // and nothing more passes the gate on its behalf.
         if (await markOutboundSent(db, { id: row.id, owner, crmId: attempt.crmId, crmVersion: null, contentHash: row.contentHash })) {
           await settleOutboundWrite(db, row.id);
-          log.info({ ...context, crmId: attempt.crmId }, `outbound create ${row.id} for ${connectionId} was made by an earlier attempt (${row.object}/${attempt.crmId})`);
+          log.info({ ...context, crmId: attempt.crmId }, `outbound ${row.operation} ${row.id} for ${connectionId} was made by an earlier attempt (${row.object}/${attempt.crmId})`);
         }
         return;
       case 'found-earlier':
@@ -121,18 +120,17 @@ export class OutboundWriter extends Daemon {
     const connector = this.deps.connector();
     const fields = row.fields ?? {};
     try {
+      // An earlier attempt that ended without an answer (timeout, reset, a killed writer) may
+      // have been made after all. If its echo has since come, it was: done, whatever became of
+      // the record since. Staff may have edited the record or deleted it, and making the write
+      // again would undo their edit or bring back what they deleted.
+      if (row.settledAt !== null && row.crmId !== null) return { kind: 'made-earlier', crmId: row.crmId };
       if (row.operation === 'update') {
         if (row.crmId === null) return { kind: 'rejected', status: null, error: 'an update without a CRM id' };
         const raw = await connector.updateRecord(row.object, row.crmId, connector.toRecord(row.object, fields), { writeId: row.id, signal });
         return { kind: 'written', raw };
       }
-      // A create whose earlier attempt ended without an answer (timeout, reset) may have been
-      // made after all: if its echo has since told us the CRM id, read the record instead of
-      // creating a second one.
-      if (row.crmId !== null) {
-        const raw = await connector.getRecord(row.object, row.crmId, { signal });
-        if (raw !== null) return { kind: 'made-earlier', crmId: row.crmId };
-      } else if (row.attempts > 1 && row.lastStatus === null && row.lastError !== null) {
+      if (row.attempts > 1 && row.lastStatus === null && row.lastError !== null) {
         // The last attempt ended with no answer (timeout, reset) and no echo has come since:
         // look for the record it may have made before making another.
         const crmId = await this.findEarlierCreate(row, signal);

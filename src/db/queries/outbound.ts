@@ -55,6 +55,8 @@ export async function getDeliveredState(
   return { ...head, fields: body?.fields ?? null };
 }
 
+const STOPPED_MID_CALL = 'no answer: the writer stopped before recording the outcome of its attempt';
+
 /**
  * Claims up to `limit` due writes of one connection for `owner` until the lease runs out, in
  * one statement. Due: pending, next attempt come, no live lease (an expired one means the
@@ -76,9 +78,20 @@ export async function claimOutboundWrites(db: Db, params: { connectionId: string
     .orderBy(outboundWrites.createdAt)
     .limit(claimLimit(params.limit))
     .for('update', { skipLocked: true });
+  // A lease still named on a due row ran out: its writer died mid-attempt (a graceful stop and
+  // every outcome clear it). That attempt ended without an answer, which is what makes the next
+  // attempt of a create look for the record it may have made.
+  const leftover = sql`${outboundWrites.leaseOwner} is not null`;
   const rows = await db
     .update(outboundWrites)
-    .set({ leaseOwner: params.owner, leaseExpiresAt: sql`now() + ${millis(params.leaseMs)}`, attempts: sql`${outboundWrites.attempts} + 1`, updatedAt: sql`now()` })
+    .set({
+      leaseOwner: params.owner,
+      leaseExpiresAt: sql`now() + ${millis(params.leaseMs)}`,
+      attempts: sql`${outboundWrites.attempts} + 1`,
+      lastStatus: sql`case when ${leftover} then null else ${outboundWrites.lastStatus} end`,
+      lastError: sql`case when ${leftover} then ${STOPPED_MID_CALL} else ${outboundWrites.lastError} end`,
+      updatedAt: sql`now()`,
+    })
     .where(inArray(outboundWrites.id, due))
     .returning();
   return rows.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime());
