@@ -123,7 +123,8 @@ export class OutboundWriter extends Daemon {
       // An earlier attempt that ended without an answer (timeout, reset, a killed writer) may
       // have been made after all. If its echo has since come, it was: done, whatever became of
       // the record since. Staff may have edited the record or deleted it, and making the write
-      // again would undo their edit or bring back what they deleted.
+      // again would undo their edit or bring back what they deleted. (A write matched before
+      // its first attempt met a record already showing what it writes: there is nothing to do.)
       if (row.settledAt !== null && row.crmId !== null) return { kind: 'made-earlier', crmId: row.crmId };
       if (row.operation === 'update') {
         if (row.crmId === null) return { kind: 'rejected', status: null, error: 'an update without a CRM id' };
