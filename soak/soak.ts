@@ -124,8 +124,11 @@ class BridgeProcess {
       env: { ...process.env, ...this.env, PORT: String(this.port), INSTANCE_ID: this.instance },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
-    child.stdout!.pipe(log);
-    child.stderr!.pipe(log);
+    // Both streams into one file: neither may end it, or the other's last lines would be
+    // written after its end (an error that stops the whole run). It ends once both have closed.
+    child.stdout!.pipe(log, { end: false });
+    child.stderr!.pipe(log, { end: false });
+    child.once('close', () => log.end());
     this.child = child;
     this.exited = false;
     child.once('exit', () => {
