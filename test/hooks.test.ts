@@ -1,7 +1,7 @@
 import { count, eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { ledger, outbox, pendingFetches } from '../src/db/schema/index.js';
+import { ledger, ledgerBodies, outbox, pendingFetches } from '../src/db/schema/index.js';
 import { buildTestApp, captureLogs, connection, OLD_SECRET, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
@@ -67,6 +67,17 @@ describe('POST /hooks/:connection', () => {
     expect(again.statusCode).toBe(200);
     expect(again.json()).toEqual({ status: 'duplicate', eventId: first.eventId });
     expect(await rowCounts()).toEqual({ ledger: 1, outbox: 1 });
+  });
+
+  it('stores a record carrying a NUL (\\u0000) with U+FFFD in its place, and knows it again', async () => {
+    // Postgres stores no U+0000; an escaped backslash before "u0000" is not a NUL and stays.
+    const body = matter({ description: 'Slip\u0000and fall', location: 'C:\\u0000' });
+    const first = await post(body);
+    expect(first.statusCode).toBe(202);
+    const [stored] = await database.db.select().from(ledgerBodies).where(eq(ledgerBodies.eventId, first.json().eventId));
+    expect(stored!.raw).toMatchObject({ description: 'Slip\ufffdand fall', location: 'C:\\u0000' });
+    expect(stored!.fields).toMatchObject({ description: 'Slip\ufffdand fall' });
+    expect((await post(body)).json()).toEqual({ status: 'duplicate', eventId: first.json().eventId });
   });
 
   it('treats a versionless record with the head content as a duplicate', async () => {

@@ -72,6 +72,17 @@ describe('POST /v1/connections/:connection/records', () => {
     });
   });
 
+  it('takes a write carrying a NUL (\\u0000) with U+FFFD in its place, and makes it', async () => {
+    await withBridge(async (app, sandbox) => {
+      const res = await post(app, { ...lead, fields: { ...lead.fields, description: 'Intake\u0000call' } }, { 'idempotency-key': 'k-nul' });
+      expect(res.statusCode).toBe(202);
+      await tickUntilSettled(app, res.json().outboundId);
+      const shown = (await status(app, res.json().outboundId)).json();
+      expect(shown).toMatchObject({ state: 'sent' });
+      expect(sandbox.state.renderFull('matters', Number(shown.crmId))).toMatchObject({ description: 'Intake\ufffdcall' });
+    });
+  });
+
   it("shows a write's state to the pipeline's key and the operator's admin token, and the same 401 to anyone else", async () => {
     await withBridge(async (app) => {
       const { outboundId } = (await post(app, lead, { 'idempotency-key': 'k-lookup' })).json();

@@ -1,6 +1,6 @@
 import { and, eq, sql } from 'drizzle-orm';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
-import { ledger, outbox, pendingFetches, recordHeads, streamCursors } from '../src/db/schema/index.js';
+import { ledger, ledgerBodies, outbox, pendingFetches, recordHeads, streamCursors } from '../src/db/schema/index.js';
 import { pollStream, sweepStream } from '../src/sync/poller.js';
 import { SECRET } from './helpers/app.js';
 import { startBridge } from './helpers/bridge.js';
@@ -119,6 +119,25 @@ describe('the reconciling poller against the sandbox CRM', () => {
         await bridge.close();
       }
     });
+  });
+
+  it('gets past a CRM record carrying a NUL (\\u0000): stored with U+FFFD, and the pages after it too', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    try {
+      const id = matterIds(bridge.sandbox)[4]!;
+      bridge.sandbox.state.updateRecord('matters', id, { description: 'Pasted from a PDF\u0000' });
+      const run = await pollStream(bridge.app.poller.stream('firm', 'matters'));
+      expect(run.status).toBe('ok');
+      expect((await outboxVersions()).length).toBe(matterIds(bridge.sandbox).length);
+      const [row] = await db
+        .select({ raw: ledgerBodies.raw })
+        .from(ledger)
+        .innerJoin(ledgerBodies, eq(ledgerBodies.eventId, ledger.eventId))
+        .where(eq(ledger.crmId, String(id)));
+      expect(row!.raw).toMatchObject({ description: 'Pasted from a PDF\ufffd' });
+    } finally {
+      await bridge.close();
+    }
   });
 
   it('loses nothing when a run is stopped after k of n pages, and the restart writes each change once', async () => {

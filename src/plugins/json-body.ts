@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import sjson from 'secure-json-parse';
 import { AppError, BadRequestError } from '../errors.js';
+import { withoutNul } from '../json-text.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -14,7 +15,7 @@ declare module 'fastify' {
 /**
  * Bodies are JSON or nothing: text/plain and forms get 415 instead of being taken as strings.
  * Parsing refuses `__proto__` and `constructor.prototype` keys and says so, rather than the
- * generic "not valid JSON" message.
+ * generic "not valid JSON" message, and reads a `\u0000` as U+FFFD (see withoutNul).
  */
 export default fp(
   async (app: FastifyInstance) => {
@@ -46,7 +47,8 @@ export default fp(
         return;
       }
       try {
-        done(null, sjson.parse(body, undefined, { protoAction: 'error', constructorAction: 'error' }));
+        const text = body.includes('\\u0000') ? withoutNul(body.toString('utf8')) : body;
+        done(null, sjson.parse(text, undefined, { protoAction: 'error', constructorAction: 'error' }));
       } catch (err) {
         const message = (err as Error).message;
         done(
