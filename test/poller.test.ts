@@ -523,6 +523,59 @@ describe('the poller fetching a page ahead and answering held records before the
     }
   });
 
+  // Two page transactions at once need two connections: PGlite runs one page at a time.
+  it.skipIf(!process.env.DATABASE_URL)('commits pages in order: a page whose transaction fails takes the one written beside it down too', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    const firstId = String(matterIds(bridge.sandbox)[0]);
+    let listed = 0;
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    let blocker: Promise<unknown> | undefined;
+    let blockerError: Error | undefined;
+    let holding!: () => void;
+    const held = new Promise<void>((resolve) => (holding = resolve));
+    const { proxy, stream } = await throughProxy(bridge, {
+      answer: async (req) => {
+        if (!isListing(req.url) || ++listed !== 1) return;
+        // Another session writes the head of the first page's first record and holds it
+        // uncommitted: the first page's gate waits on it, the second page's does not.
+        blocker = db
+          .transaction(async (tx) => {
+            await tx.execute(sql`insert into record_heads (connection_id, object, crm_id, last_event_id) values ('firm', 'matters', ${firstId}, gen_random_uuid())`);
+            holding();
+            await released;
+            throw new Error('rolled back');
+          })
+          .catch((err: Error) => {
+            if (err.message !== 'rolled back') blockerError = err;
+            holding();
+          });
+        await held;
+      },
+    });
+    try {
+      const run = pollStream(stream);
+      // Once the third page is asked for, the second page's transaction has begun; give it time
+      // to do its gate work, then fail the first page's (cancel its waiting statement).
+      for (let i = 0; i < 400 && listed < 3; i++) await new Promise((r) => setTimeout(r, 10));
+      await new Promise((r) => setTimeout(r, 300));
+      await db.execute(sql`select pg_cancel_backend(pid) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`);
+      const failed = await run;
+      release();
+      await blocker;
+      expect(blockerError).toBeUndefined();
+      expect(listed).toBeGreaterThanOrEqual(2);
+      expect(failed).toMatchObject({ status: 'failed', pages: 0 });
+      // The second page's records were written, then rolled back with the first page's failure.
+      expect(await db.select().from(ledger)).toHaveLength(0);
+      expect((await cursorOf())?.resume ?? null).toBeNull();
+    } finally {
+      release();
+      await proxy.close();
+      await bridge.close();
+    }
+  });
+
   it('answers records the heads already hold as duplicates and passes the rest through the gate, as the gate would decide them', async () => {
     const bridge = await startBridge({ database, connection: { poll: { pageSize: 20 } } });
     try {

@@ -313,8 +313,14 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
         update outbound_writes o set crm_id = c.crm_id, settled_at = now(), updated_at = now()
         from w, jsonb_to_recordset(w.j->'claims') as c(id uuid, crm_id text)
         -- The id list again as an array, so the writes are found through their primary key and
-        -- not by a hash join over every write ever made (see headsByKey).
-        where o.id = c.id and o.id = any(array(select (x->>'id')::uuid from w as ids, jsonb_array_elements(ids.j->'claims') x))
+        -- not by a hash join over every write ever made (see headsByKey). A stamp another
+        -- transaction is settling right now (a hook and a poll page matched it at once) is left
+        -- to that one: both changes are echoes either way, and waiting for it could wait on a
+        -- transaction that is itself waiting for this one (the poller commits pages in order).
+        where o.id = c.id and o.id = any(array(
+          select s.id from outbound_writes s
+          where s.id = any(array(select (x->>'id')::uuid from w as ids, jsonb_array_elements(ids.j->'claims') x))
+          for update skip locked))
       ),
       ledger_rows as (
         insert into ledger (event_id, connection_id, object, crm_id, source, disposition, change, version, content_hash, origin, observed_at)

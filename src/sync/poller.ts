@@ -101,8 +101,10 @@ export const leaseName = (connectionId: string, object: string) => `poll:${conne
  * page fetched while the current one commits), and pass every record through the change gate
  * (source `poll`). Each page commits its changes, the lease renewal and (for time-ordered pages)
  * the advanced cursor in one transaction, so a crash at any point loses nothing and a replica
- * that lost the lease writes nothing. Records the committed heads already hold are answered as
- * duplicates before that transaction; a page of nothing else writes nothing.
+ * that lost the lease writes nothing. Two pages' transactions run at once on Postgres (one
+ * page's gate work beside the other's), and they commit in page order: a page commits only
+ * after the one before it did, and fails with it. Records the committed heads already hold are
+ * answered as duplicates before that transaction; a page of nothing else writes nothing.
  */
 export async function pollStream(ctx: StreamContext, options: RunOptions = {}): Promise<RunReport> {
   const settings = pollSettings(ctx);
@@ -138,59 +140,95 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   }
 
   const listPages = async () => {
+    // A page whose transaction failed stops the listing at once, the fetch in flight included.
+    const failed = new AbortController();
     const pages = prefetched(
       (signal) =>
         ctx.connector.listChanges({ object: ctx.object, since, signal, ...(settings.pageSize ? { pageSize: settings.pageSize } : {}), ...(resume ? { from: resume.next } : {}) }),
-      options.signal,
+      options.signal ? AbortSignal.any([options.signal, failed.signal]) : failed.signal,
     );
     let renewedAt = performance.now();
-    for await (const page of pages) {
-      const seen: SeenRecord[] = [];
-      for (const raw of page.records) {
-        const identity = identifyRecord(raw, definition);
-        if (identity === undefined) {
-          report.counts.skipped = (report.counts.skipped ?? 0) + 1;
+    // The page transaction in flight, and the records it writes: the next page's transaction
+    // runs beside it and commits after it (see below), so at most two are open.
+    let previous: Promise<void> | undefined;
+    let previousKeys = new Set<string>();
+    try {
+      for await (const page of pages) {
+        const seen: SeenRecord[] = [];
+        for (const raw of page.records) {
+          const identity = identifyRecord(raw, definition);
+          if (identity === undefined) {
+            report.counts.skipped = (report.counts.skipped ?? 0) + 1;
+            continue;
+          }
+          seen.push({ raw, identity });
+          const { crmId: id, rank } = identity;
+          if (rank !== null && (newest === undefined || rank > newest.rank || (rank === newest.rank && id > newest.id))) {
+            newest = { updatedAt: String(identity.updatedAt ?? identity.version), id, rank };
+          }
+        }
+        const { held, changes } = await setAsideHeld(ctx, seen, new Date());
+        // Time-ordered pages can checkpoint as they go; id-ordered ones (Clio) only at the end, and
+        // note where they got to instead, so a stopped listing goes on from there.
+        const checkpoint = page.order === 'updatedAt' ? newest : undefined;
+        const place = page.order !== 'updatedAt' && page.cursor.next !== undefined && page.cursor.query === 1 ? { next: page.cursor.next, newest: newest ?? null } : undefined;
+        if (ctx.log.level === 'debug' || ctx.log.level === 'trace') {
+          for (const c of changes) ctx.log.debug({ stream, crmId: c.crmId, version: c.version, fields: redactFields(c.fields, definition) }, 'polled record');
+        }
+        const counted = (outcomes: GateOutcome[]) => {
+          if (report.total === undefined && page.total !== undefined) report.total = page.total;
+          tally(report, outcomes, hadCursor && options.countCaught !== false);
+          report.pages++;
+          report.records += page.records.length;
+          return options.onPage?.(report);
+        };
+        // A page with nothing to write costs no transaction; the lease is still renewed (and a
+        // lost one noticed, and the place in an id-ordered listing noted) at least every third of
+        // its time.
+        if (!(changes.length > 0 || checkpoint !== undefined || performance.now() - renewedAt >= settings.lease / 3)) {
+          await previous;
+          await counted(held);
           continue;
         }
-        seen.push({ raw, identity });
-        const { crmId: id, rank } = identity;
-        if (rank !== null && (newest === undefined || rank > newest.rank || (rank === newest.rank && id > newest.id))) {
-          newest = { updatedAt: String(identity.updatedAt ?? identity.version), id, rank };
-        }
-      }
-      const { held, changes } = await setAsideHeld(ctx, seen, new Date());
-      // Time-ordered pages can checkpoint as they go; id-ordered ones (Clio) only at the end, and
-      // note where they got to instead, so a stopped listing goes on from there.
-      const checkpoint = page.order === 'updatedAt' ? newest : undefined;
-      const resumable = page.order !== 'updatedAt' && page.cursor.next !== undefined && page.cursor.query === 1;
-      if (ctx.log.level === 'debug' || ctx.log.level === 'trace') {
-        for (const c of changes) ctx.log.debug({ stream, crmId: c.crmId, version: c.version, fields: redactFields(c.fields, definition) }, 'polled record');
-      }
-      // A page with nothing to write costs no transaction; the lease is still renewed (and a
-      // lost one noticed, and the place in an id-ordered listing noted) at least every third of
-      // its time.
-      let outcomes = held;
-      if (changes.length > 0 || checkpoint !== undefined || performance.now() - renewedAt >= settings.lease / 3) {
-        const passed = await ctx.db.transaction(async (tx) => {
-          if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
-          const result = await passChanges(tx, changes);
-          if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
-          if (resumable) {
-            // Measured back on the database's clock from this run's start, once.
-            resumeStartedAt ??= new Date((await databaseNow(tx)).getTime() - (performance.now() - started));
-            const next = page.cursor.next!;
-            await saveListingResume(tx, stream, { next, newest: newest ?? null, startedAt: resumeStartedAt.toISOString(), listsEverything });
-          }
-          return result;
-        });
+        const before = previous;
+        const keys = new Set(changes.map((c) => c.crmId));
+        // A record on both pages (a time-ordered listing met an edit) waits for the first page:
+        // the second must not lock its head while the first still needs it.
+        if (before !== undefined && changes.some((c) => previousKeys.has(c.crmId))) await before;
         renewedAt = performance.now();
-        outcomes = [...held, ...passed];
+        const committed = ctx.db
+          .transaction(async (tx) => {
+            const result = await passChanges(tx, changes);
+            // Pages commit in order: this one only after the one before it, and not at all if
+            // that one failed. The lease and the stream's cursor are written here, after it,
+            // because both pages write those rows; written first, they would hold this page
+            // back behind the other's whole transaction.
+            await before;
+            // A run stopped meanwhile writes nothing more.
+            options.signal?.throwIfAborted();
+            if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
+            if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
+            if (place) {
+              // Measured back on the database's clock from this run's start, once.
+              resumeStartedAt ??= new Date((await databaseNow(tx)).getTime() - (performance.now() - started));
+              await saveListingResume(tx, stream, { ...place, startedAt: resumeStartedAt.toISOString(), listsEverything });
+            }
+            return result;
+          })
+          .then((passed) => counted([...held, ...passed]));
+        committed.catch((err: unknown) => failed.abort(err));
+        previous = committed;
+        previousKeys = keys;
+        // At most two pages in flight: the next is read while this one's transaction runs.
+        await before;
       }
-      if (report.total === undefined && page.total !== undefined) report.total = page.total;
-      tally(report, outcomes, hadCursor && options.countCaught !== false);
-      report.pages++;
-      report.records += page.records.length;
-      await options.onPage?.(report);
+      await previous;
+    } catch (err) {
+      // The listing stopped because a page failed: that failure is the run's.
+      throw failed.signal.aborted ? failed.signal.reason : err;
+    } finally {
+      // A failed page fails the run; the one beside it is not left running unobserved.
+      await previous?.catch(() => {});
     }
   };
 
