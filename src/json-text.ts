@@ -1,15 +1,39 @@
 /**
- * Postgres stores no U+0000 in text or jsonb ("unsupported Unicode escape sequence"), yet JSON
- * allows it as `\u0000`, and a CRM field or a pipeline's body may carry one. Wherever JSON comes
- * in (request bodies, CRM answers) that escape is read as U+FFFD, the replacement character, so
- * a record carrying one is stored, compared and delivered like any other instead of failing its
- * transaction: a 500 for a hook, a page the poller could never get past.
+ * Postgres cannot store every string JSON can carry: no U+0000 in text or jsonb, and no lone
+ * UTF-16 surrogate (`\ud800` without its pair) in jsonb. A CRM field or a pipeline's body may
+ * carry either, so wherever JSON comes in (request bodies, CRM answers) both are read as U+FFFD,
+ * the replacement character. A record carrying one is then stored, compared and delivered like
+ * any other instead of failing its transaction: a 500 for a hook, a page the poller could never
+ * get past.
  *
- * The text is JSON: `\u0000` counts only where its backslash is not itself escaped (`\\u0000` is
- * a backslash followed by "u0000", and stays).
+ * Both can only arrive as `\u` escapes (raw, they are not valid UTF-8), so text without one is
+ * parsed as it is; text with one (or with an escaped backslash before a "u", which the check
+ * cannot tell apart) is parsed with a reviver that mends strings and keys.
  */
-const NUL_ESCAPE = /(?<!\\)((?:\\\\)*)\\u0000/g;
+const MAY_NEED_MENDING = /\\u(?:0000|[dD][89a-fA-F])/;
 
-export function withoutNul(json: string): string {
-  return json.includes('\\u0000') ? json.replace(NUL_ESCAPE, '$1\\ufffd') : json;
+const UNSTORABLE = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+
+export function needsMending(json: string | Buffer): boolean {
+  if (!json.includes('\\u')) return false;
+  return MAY_NEED_MENDING.test(typeof json === 'string' ? json : json.toString('latin1'));
+}
+
+function mend(text: string): string {
+  return text.replace(UNSTORABLE, '\ufffd');
+}
+
+/** A JSON.parse reviver that mends every string value and object key (see above). */
+export function mendStrings(_key: string, value: unknown): unknown {
+  if (typeof value === 'string') return mend(value);
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+    const keys = Object.keys(value);
+    if (keys.some((k) => mend(k) !== k)) return Object.fromEntries(keys.map((k) => [mend(k), (value as Record<string, unknown>)[k]]));
+  }
+  return value;
+}
+
+/** JSON.parse, mending what Postgres cannot store. */
+export function parseStorableJson(text: string): unknown {
+  return needsMending(text) ? JSON.parse(text, mendStrings) : JSON.parse(text);
 }

@@ -69,13 +69,14 @@ describe('POST /hooks/:connection', () => {
     expect(await rowCounts()).toEqual({ ledger: 1, outbox: 1 });
   });
 
-  it('stores a record carrying a NUL (\\u0000) with U+FFFD in its place, and knows it again', async () => {
-    // Postgres stores no U+0000; an escaped backslash before "u0000" is not a NUL and stays.
-    const body = matter({ description: 'Slip\u0000and fall', location: 'C:\\u0000' });
+  it('stores a record carrying a NUL (\\u0000) or a lone surrogate with U+FFFD in its place, and knows it again', async () => {
+    // Postgres stores neither; an escaped backslash before "u0000" is not a NUL, and a surrogate
+    // pair (an emoji) is whole: both stay.
+    const body = matter({ description: 'Slip\u0000and fall', location: 'C:\\u0000', client_reference: 'Ref \ud800 \ud83d\ude00', ['key\u0000']: 1 });
     const first = await post(body);
     expect(first.statusCode).toBe(202);
     const [stored] = await database.db.select().from(ledgerBodies).where(eq(ledgerBodies.eventId, first.json().eventId));
-    expect(stored!.raw).toMatchObject({ description: 'Slip\ufffdand fall', location: 'C:\\u0000' });
+    expect(stored!.raw).toMatchObject({ description: 'Slip\ufffdand fall', location: 'C:\\u0000', client_reference: 'Ref \ufffd \ud83d\ude00', ['key\ufffd']: 1 });
     expect(stored!.fields).toMatchObject({ description: 'Slip\ufffdand fall' });
     expect((await post(body)).json()).toEqual({ status: 'duplicate', eventId: first.json().eventId });
   });

@@ -1,4 +1,5 @@
 import { Writable } from 'node:stream';
+import { sql } from 'drizzle-orm';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -93,21 +94,34 @@ describe('/health', () => {
 
   it('shows only the error class when the record itself makes the change gate fail', async () => {
     const { app, logs } = await startApp('info');
-    // Postgres refuses a NUL character in jsonb: the insert fails with the record as its parameters.
-    answer = { status: 200, body: { data: [record({ notes: 'slipped on a wet floor\u0000' })] } };
-    const run = await pollStream(app.poller.stream('intake', 'contacts'));
-    expect(run.status).toBe('failed');
+    // A database rule refuses this record's body: the insert fails with the record among its
+    // parameters, as any database error in the gate would.
+    await database.db.execute(sql`
+      create function refuse_marked_body() returns trigger language plpgsql as $$
+      begin
+        if new.raw::text like '%refuse me%' then raise exception 'refused by a rule'; end if;
+        return new;
+      end $$`);
+    await database.db.execute(sql`create trigger refuse_marked_body before insert on ledger_bodies for each row execute function refuse_marked_body()`);
+    try {
+      answer = { status: 200, body: { data: [record({ notes: 'slipped on a wet floor, refuse me' })] } };
+      const run = await pollStream(app.poller.stream('intake', 'contacts'));
+      expect(run.status).toBe('failed');
 
-    const res = await app.inject({ method: 'GET', url: '/health' });
-    expect(res.json().connections[0].poll.lastError).toMatch(/^DB_[0-9A-Z]{5}$|^DB_ERROR$/);
-    expectNoClientData(res.body);
+      const res = await app.inject({ method: 'GET', url: '/health' });
+      expect(res.json().connections[0].poll.lastError).toMatch(/^DB_[0-9A-Z]{5}$|^DB_ERROR$/);
+      expectNoClientData(res.body);
 
-    // The same record by hook: a 500 whose logged error carries no parameters either.
-    const failed = await hook(app, record({ notes: 'slipped on a wet floor\u0000' }));
-    expect(failed.statusCode).toBe(500);
-    expectNoClientData(failed.body);
-    expect(logs()).toContain('request failed');
-    expectNoClientData(logs());
+      // The same record by hook: a 500 whose logged error carries no parameters either.
+      const failed = await hook(app, record({ notes: 'slipped on a wet floor, refuse me' }));
+      expect(failed.statusCode).toBe(500);
+      expectNoClientData(failed.body);
+      expect(logs()).toContain('request failed');
+      expectNoClientData(logs());
+    } finally {
+      await database.db.execute(sql`drop trigger refuse_marked_body on ledger_bodies`);
+      await database.db.execute(sql`drop function refuse_marked_body()`);
+    }
   });
 });
 

@@ -2,7 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { AppError } from '../errors.js';
 import { safeUrl } from '../logger.js';
 import type { TokenProvider } from './token-provider.js';
-import { withoutNul } from '../json-text.js';
+import { parseStorableJson } from '../json-text.js';
 
 /**
  * The one HTTP client for talking to CRMs: the connectors' list/get/write calls and the token
@@ -317,8 +317,8 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
       const contentType = res.headers.get('content-type') ?? '';
       if (expect === 'json' && text !== '') {
         try {
-          // A NUL in a record is read as U+FFFD: the database cannot store it (see withoutNul).
-          parsed = JSON.parse(withoutNul(text));
+          // A NUL or a lone surrogate in a record is read as U+FFFD: the database cannot store it.
+          parsed = parseStorableJson(text);
         } catch {
           const kind = /html/i.test(contentType) || /^\s*</.test(text) ? 'an HTML page' : `a non-JSON answer (${contentType || 'no content type'})`;
           throw new CrmHttpError(

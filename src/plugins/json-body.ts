@@ -3,7 +3,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import sjson from 'secure-json-parse';
 import { AppError, BadRequestError } from '../errors.js';
-import { withoutNul } from '../json-text.js';
+import { mendStrings, needsMending } from '../json-text.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -15,7 +15,7 @@ declare module 'fastify' {
 /**
  * Bodies are JSON or nothing: text/plain and forms get 415 instead of being taken as strings.
  * Parsing refuses `__proto__` and `constructor.prototype` keys and says so, rather than the
- * generic "not valid JSON" message, and reads a `\u0000` as U+FFFD (see withoutNul).
+ * generic "not valid JSON" message, and reads a NUL or a lone surrogate as U+FFFD (see json-text.ts).
  */
 export default fp(
   async (app: FastifyInstance) => {
@@ -47,8 +47,7 @@ export default fp(
         return;
       }
       try {
-        const text = body.includes('\\u0000') ? withoutNul(body.toString('utf8')) : body;
-        done(null, sjson.parse(text, undefined, { protoAction: 'error', constructorAction: 'error' }));
+        done(null, sjson.parse(body, needsMending(body) ? mendStrings : undefined, { protoAction: 'error', constructorAction: 'error' }));
       } catch (err) {
         const message = (err as Error).message;
         done(
