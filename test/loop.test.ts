@@ -38,6 +38,32 @@ async function startTwoWay(options: { writeBack: boolean; baseUrl?: string; conn
   return { bridge, stub, close: async () => (await bridge.close(), await stub.close()) };
 }
 
+type Sandbox = Awaited<ReturnType<typeof startTwoWay>>['bridge']['sandbox'];
+
+/**
+ * The bridge behind a proxy that lets the first `method` call on matters reach the CRM, waits for
+ * its echo, lets staff act on the record, then drops the connection instead of answering: the
+ * bridge never sees the CRM's answer.
+ */
+async function startWithLostAnswer(method: 'POST' | 'PATCH', staff: (state: Sandbox['state'], id: number) => void) {
+  let sandbox: Sandbox | undefined;
+  let lost = 0;
+  const proxy = await startFaultProxy({
+    answer: async (req, res, text) => {
+      if (req.method !== method || !req.url!.startsWith('/api/v4/matters') || lost++ > 0) return false;
+      await sandbox!.state.automationIdle();
+      staff(sandbox!.state, (JSON.parse(text) as { data: { id: number } }).data.id);
+      await sandbox!.state.automationIdle();
+      res.destroy();
+      return true;
+    },
+  });
+  const twoWay = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+  sandbox = twoWay.bridge.sandbox;
+  proxy.setTarget(sandbox.url);
+  return { ...twoWay, close: async () => (await twoWay.close(), await proxy.close()) };
+}
+
 async function count(table: typeof outbox | typeof outboundWrites, where?: ReturnType<typeof eq>) {
   const [row] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(table).where(where);
   return row!.n;
@@ -150,24 +176,8 @@ describe('the loop guard against the sandbox CRM', () => {
   }, 60_000);
 
   it('does not make a lead twice when the CRM made it but its answer was lost, and delivers a staff edit made meanwhile once', async () => {
-    // The proxy lets the first create reach the CRM, waits for its echo and a staff edit, then
-    // drops the connection instead of answering: the bridge never sees the CRM's answer.
-    let world: { idle(): Promise<void>; edit(id: number): void } | undefined;
-    let lost = 0;
-    const proxy = await startFaultProxy({
-      answer: async (req, res, text) => {
-        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
-        await world!.idle();
-        world!.edit((JSON.parse(text) as { data: { id: number } }).data.id);
-        await world!.idle();
-        res.destroy();
-        return true;
-      },
-    });
-    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+    const { bridge, stub, close } = await startWithLostAnswer('POST', (state, id) => state.updateRecord('matters', id, { location: 'Room 9' }));
     const { app, sandbox } = bridge;
-    proxy.setTarget(sandbox.url);
-    world = { idle: () => sandbox.state.automationIdle(), edit: (id) => sandbox.state.updateRecord('matters', id, { location: 'Room 9' }) };
     try {
       const accepted = await stub.write('lead-lost-answer', lead(3));
       await drainWriter(app);
@@ -185,29 +195,13 @@ describe('the loop guard against the sandbox CRM', () => {
       expect(deliveries[0]).toMatchObject({ fields: { location: 'Room 9' } });
     } finally {
       await close();
-      await proxy.close();
     }
   }, 60_000);
 
   it('does not make a lead again when the CRM made it, its answer was lost and staff deleted the record before the retry', async () => {
-    // The proxy lets the create reach the CRM and waits for its echo, which teaches the bridge
-    // the record's id; staff then delete the record, and the answer is dropped.
-    let world: { idle(): Promise<void>; remove(id: number): void } | undefined;
-    let lost = 0;
-    const proxy = await startFaultProxy({
-      answer: async (req, res, text) => {
-        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
-        await world!.idle();
-        world!.remove((JSON.parse(text) as { data: { id: number } }).data.id);
-        await world!.idle();
-        res.destroy();
-        return true;
-      },
-    });
-    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+    // The create's echo teaches the bridge the record's id before staff delete the record.
+    const { bridge, stub, close } = await startWithLostAnswer('POST', (state, id) => state.deleteRecord('matters', id));
     const { app, sandbox } = bridge;
-    proxy.setTarget(sandbox.url);
-    world = { idle: () => sandbox.state.automationIdle(), remove: (id) => sandbox.state.deleteRecord('matters', id) };
     try {
       const accepted = await stub.write('lead-deleted-before-retry', lead(6));
       await drainWriter(app);
@@ -223,29 +217,12 @@ describe('the loop guard against the sandbox CRM', () => {
       expect(await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, write!.crmId!))).toEqual([{ disposition: 'echo' }]);
     } finally {
       await close();
-      await proxy.close();
     }
   }, 60_000);
 
   it("does not send an update again once its echo has come, though its answer was lost: the staff's later edit stands", async () => {
-    // The proxy lets the update reach the CRM and waits for its echo; staff then edit the same
-    // record, and the update's answer is dropped.
-    let world: { idle(): Promise<void>; edit(id: number): void } | undefined;
-    let lost = 0;
-    const proxy = await startFaultProxy({
-      answer: async (req, res, text) => {
-        if (req.method !== 'PATCH' || lost++ > 0) return false;
-        await world!.idle();
-        world!.edit((JSON.parse(text) as { data: { id: number } }).data.id);
-        await world!.idle();
-        res.destroy();
-        return true;
-      },
-    });
-    const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
+    const { bridge, stub, close } = await startWithLostAnswer('PATCH', (state, id) => state.updateRecord('matters', id, { description: 'Edited by staff' }));
     const { app, sandbox } = bridge;
-    proxy.setTarget(sandbox.url);
-    world = { idle: () => sandbox.state.automationIdle(), edit: (id) => sandbox.state.updateRecord('matters', id, { description: 'Edited by staff' }) };
     try {
       await round(app, stub, sandbox);
       const crmId = String(sandbox.state.store.matters.items[5]!.id);
@@ -263,7 +240,6 @@ describe('the loop guard against the sandbox CRM', () => {
       expect(stub.delivered.slice(deliveredBefore).map((d) => [d.crmId, d.fields.description])).toEqual([[crmId, 'Edited by staff']]);
     } finally {
       await close();
-      await proxy.close();
     }
   }, 60_000);
 
