@@ -64,6 +64,15 @@ async function startWithLostAnswer(method: 'POST' | 'PATCH', staff: (state: Sand
   return { ...twoWay, close: async () => (await twoWay.close(), await proxy.close()) };
 }
 
+/** What a writer does before it dies: claims the one pending write for `owner` and makes its CRM create call, with the marker. */
+async function claimAndCreate(app: FastifyInstance, outboundId: unknown, owner: string, leaseMs: number) {
+  const [row] = await claimOutboundWrites(db, { connectionId: 'firm', owner, limit: 1, leaseMs });
+  expect(row?.id).toBe(outboundId);
+  const connector = app.crm.connector('firm');
+  const raw = await connector.createRecord('matters', connector.toRecord('matters', row!.fields ?? {}), { writeId: row!.id });
+  return { row: row!, raw };
+}
+
 async function count(table: typeof outbox | typeof outboundWrites, where?: ReturnType<typeof eq>) {
   const [row] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(table).where(where);
   return row!.n;
@@ -250,10 +259,7 @@ describe('the loop guard against the sandbox CRM', () => {
       for (const rule of sandbox.state.automation.rules) rule.dropRate = 1;
       const accepted = await stub.write('lead-writer-killed', lead(7));
       // What a writer does up to its SIGKILL: claim (a short lease), make the CRM call, nothing more.
-      const [row] = await claimOutboundWrites(db, { connectionId: 'firm', owner: 'writer-that-is-killed', limit: 1, leaseMs: 1 });
-      expect(row?.id).toBe(accepted.body.outboundId);
-      const connector = app.crm.connector('firm');
-      await connector.createRecord('matters', connector.toRecord('matters', row!.fields ?? {}), { writeId: row!.id });
+      await claimAndCreate(app, accepted.body.outboundId, 'writer-that-is-killed', 1);
       await sleep(10);
 
       // Another writer takes the write over once the lease has run out: it finds the record.
@@ -323,12 +329,9 @@ describe('the loop guard against the sandbox CRM', () => {
       for (const rule of sandbox.state.automation.rules) rule.dropRate = 1;
       const accepted = await stub.write('lead-writer-died', lead(4));
       // What the writer does up to its crash: claim, make the CRM call with the marker, record the answer.
-      const [row] = await claimOutboundWrites(db, { connectionId: 'firm', owner: 'writer-that-dies', limit: 1, leaseMs: 60_000 });
-      expect(row?.id).toBe(accepted.body.outboundId);
-      const connector = app.crm.connector('firm');
-      const raw = await connector.createRecord('matters', connector.toRecord('matters', row!.fields ?? {}), { writeId: row!.id });
+      const { row, raw } = await claimAndCreate(app, accepted.body.outboundId, 'writer-that-dies', 60_000);
       const answer = observeRecord({ connectionId: 'firm', object: 'matters', definition: app.connections.get('firm')!.connector.objects.matters!, raw, source: 'outbound', observedAt: new Date() })!;
-      expect(await markOutboundSent(db, { id: row!.id, owner: 'writer-that-dies', crmId: answer.crmId, crmVersion: answer.version, contentHash: answer.contentHash! })).toBe(true);
+      expect(await markOutboundSent(db, { id: row.id, owner: 'writer-that-dies', crmId: answer.crmId, crmVersion: answer.version, contentHash: answer.contentHash! })).toBe(true);
       await sandbox.state.automationIdle();
 
       // The poll finds the record the bridge wrote: an echo, not a change for the pipeline.

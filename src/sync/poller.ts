@@ -191,7 +191,6 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
           continue;
         }
         const before = previous;
-        const keys = new Set(changes.map((c) => c.crmId));
         // A record on both pages (a time-ordered listing met an edit) waits for the first page:
         // the second must not lock its head while the first still needs it.
         if (before !== undefined && changes.some((c) => previousKeys.has(c.crmId))) await before;
@@ -218,7 +217,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
           .then((passed) => counted([...held, ...passed]));
         committed.catch((err: unknown) => failed.abort(err));
         previous = committed;
-        previousKeys = keys;
+        previousKeys = new Set(changes.map((c) => c.crmId));
         // At most two pages in flight: the next is read while this one's transaction runs.
         await before;
       }
