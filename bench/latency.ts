@@ -5,6 +5,7 @@
 // The figure is the issue's interval, hook received to sink received, with the time from the
 // send beside it; an absolute figure, as the issue asks, with the load average.
 import { Agent, request as httpRequest } from 'node:http';
+import postgres from 'postgres';
 import { availableParallelism, loadavg } from 'node:os';
 import type { BenchContext, CaseResult } from './cases.js';
 import { peersScript, syncScript } from './backfill.js';
@@ -14,6 +15,8 @@ import { BENCH_CONNECTION_ID, BENCH_HOOK_SECRET, benchMatter } from './sync-shar
 const RATE = 200;
 const SECONDS = Number(process.env.BENCH_LATENCY_SECONDS ?? 20);
 const WARMUP_SECONDS = 2;
+/** The bare commit loop's run, before the app and again after it. */
+const COMMIT_SECONDS = 10;
 const TARGET_P99_MS = 50;
 /** How often the sender wakes to send what is due; sends are never held back by earlier answers. */
 const TICK_MS = 5;
@@ -78,6 +81,41 @@ async function sendHooks(url: string, rate: number, seconds: number, firstId: nu
   return { sent, statuses, errors, answerMs };
 }
 
+/**
+ * What durability alone costs at this rate: a bare INSERT of a ~1 KB row and its COMMIT,
+ * open-loop at the same rate on the same Postgres, with nothing else running. Every hook's 202
+ * waits for such a commit.
+ */
+async function bareCommits(url: string, rate: number, seconds: number): Promise<number[]> {
+  const sql = postgres(url, { max: 4, onnotice: () => {} });
+  try {
+    await sql`create table if not exists bench_commit (id bigserial primary key, body text not null)`;
+    const body = 'x'.repeat(1_000);
+    const total = Math.round(rate * seconds);
+    const times: number[] = [];
+    const inFlight: Promise<unknown>[] = [];
+    const started = performance.now();
+    let sent = 0;
+    await new Promise<void>((resolve) => {
+      const timer = setInterval(() => {
+        const due = Math.min(total, Math.floor(((performance.now() - started) / 1000) * rate) + 1);
+        for (; sent < due; sent++) {
+          const at = performance.now();
+          inFlight.push(sql`insert into bench_commit (body) values (${body})`.then(() => times.push(performance.now() - at)));
+        }
+        if (sent >= total) {
+          clearInterval(timer);
+          resolve();
+        }
+      }, TICK_MS);
+    });
+    await Promise.all(inFlight);
+    return times;
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
 export async function runLatencyBench(context: BenchContext): Promise<CaseResult> {
   const sink = await startChild(peersScript, ['sink']);
   const pg = await createBenchDatabase(context.postgresUrl);
@@ -88,6 +126,7 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
       inbound: { secrets: [BENCH_HOOK_SECRET], recordPath: 'data', object: 'matters' },
       downstream: { url: sink.url },
     };
+    const commits = await bareCommits(pg.url, RATE, COMMIT_SECONDS);
     const bridge = await startChild(syncScript, ['bridge'], {
       BENCH_DATABASE_URL: pg.url,
       BENCH_LOG_LEVEL: context.logLevel,
@@ -121,6 +160,9 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
     } finally {
       await bridge.stop();
     }
+    commits.push(...(await bareCommits(pg.url, RATE, COMMIT_SECONDS)));
+    commits.sort((a, b) => a - b);
+    const commitText = `p50 ${fmt(percentile(commits, 50), 1)}, p99 ${fmt(percentile(commits, 99), 1)}`;
     latencies.sort((a, b) => a - b);
     sinceReceived.sort((a, b) => a - b);
     const received99 = percentile(sinceReceived, 99);
@@ -131,7 +173,7 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
     const p99 = percentile(latencies, 99);
     const statusText = [...run.statuses].map(([code, n]) => `${code}×${fmt(n)}`).join(', ') + (run.errors ? `, errors×${run.errors}` : '');
     const loadText = load.map((l) => l.map((x) => x.toFixed(2)).join(' ')).join(' → ');
-    context.log(`  latency p50 ${fmt(p50, 1)} ms, p99 ${fmt(p99, 1)} ms over ${fmt(latencies.length)} deliveries from the send; from the bridge's receipt ${receivedText} ms; hook answered ${answerText} ms (load ${loadText})`);
+    context.log(`  latency p50 ${fmt(p50, 1)} ms, p99 ${fmt(p99, 1)} ms over ${fmt(latencies.length)} deliveries from the send; from the bridge's receipt ${receivedText} ms; hook answered ${answerText} ms; bare commit ${commitText} ms (load ${loadText})`);
     return {
       figures: [
         // The issue's interval: hook received (by the bridge) to sink received. The sender's own
@@ -143,6 +185,12 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
           pass: received99 <= TARGET_P99_MS,
         },
         {
+          name: 'e2e/postgres bare commit p99, same rate',
+          value: `${fmt(percentile(commits, 99), 1)} ms (p50 ${fmt(percentile(commits, 50), 1)}): an INSERT and COMMIT alone, before and after`,
+          target: '—',
+          pass: undefined,
+        },
+        {
           name: 'e2e/postgres every hook delivered',
           value: `${fmt(received)} of ${fmt(run.sent)} (${statusText})`,
           target: 'all',
@@ -152,6 +200,7 @@ export async function runLatencyBench(context: BenchContext): Promise<CaseResult
       details: [
         `${RATE} hooks/s open-loop for ${SECONDS} s (after a ${WARMUP_SECONDS} s warm-up) from the bench process through node:http (kept-alive connections), each a new ~1 KB matter carrying its send time; the app in its own process with daemons started, downstream as shipped (concurrency 4, pollInterval 1 s: a committed hook wakes the worker), on Postgres; the sink in its own process notes receipt − send on the same clock`,
         `hook send to its 202 (ms): ${answerText}; the rest of the latency is the delivery`,
+        `a bare INSERT of a ~1 KB row and its COMMIT, open-loop at ${RATE}/s for ${COMMIT_SECONDS} s before the app and ${COMMIT_SECONDS} s after it, on the same database (ms): ${commitText}, max ${fmt(commits.at(-1) ?? NaN, 1)}: what a durable commit costs at this rate with nothing else running (every hook's 202 waits for one)`,
         `bridge's receipt of the hook (the delivered body's observedAt, taken once the hook is authenticated and parsed) to sink receipt (ms): ${receivedText}, p90 ${fmt(percentile(sinceReceived, 90), 1)}, max ${fmt(sinceReceived.at(-1) ?? NaN, 1)}`,
         `send to sink receipt (ms): p50 ${fmt(p50, 1)}, p90 ${fmt(percentile(latencies, 90), 1)}, p99 ${fmt(p99, 1)}, max ${fmt(latencies.at(-1) ?? NaN, 1)}; hooks answered ${statusText}`,
         `load average (1, 5, 15 min) at start → end: ${loadText} on ${availableParallelism()} CPUs`,

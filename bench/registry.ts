@@ -47,7 +47,7 @@ export const benchCases: BenchCase[] = [
     id: 'delivery',
     title: 'Delivery',
     description:
-      'Outbox rows (5,000 by default, BENCH_DELIVERY_ROWS=50000 for the issue\'s count) delivered by `DeliveryWorker` ticks at the default concurrency 4 to a bare Fastify sink answering 202 (its own process), divided by a bare loop in another process POSTing the same ~1 KB bodies at the same concurrency, before and after (mean).',
+      'Outbox rows (50,000, the issue\'s count; BENCH_DELIVERY_ROWS for a shorter run) delivered by `DeliveryWorker` ticks at the default concurrency 4 to a bare Fastify sink answering 202 (its own process), divided by a bare loop in another process POSTing the same ~1 KB bodies at the same concurrency, before and after (mean).',
     targets: ['delivery ratio ≥ 0.7'],
     run: runDeliveryBench,
   },
@@ -55,7 +55,7 @@ export const benchCases: BenchCase[] = [
     id: 'e2e-latency',
     title: 'End-to-end latency',
     description:
-      'Hooks sent open-loop at 200/s for 20 s from the bench process to the app (own process, daemons started, downstream pollInterval 10 ms, Postgres); the sink (own process) notes receipt − send time carried in each record. Absolute, with the load average beside it.',
+      'Hooks sent open-loop at 200/s for 20 s from the bench process to the app (own process, daemons started, downstream as shipped: a committed hook wakes the worker; Postgres); the sink (own process) notes its receipt − the bridge\'s receipt of the hook (the body\'s observedAt), and − the send time carried in each record. Absolute, with the load average beside it, and beside it too a bare INSERT + COMMIT at the same rate on the same database (10 s before the app, 10 s after): what a durable commit costs at that rate with nothing else running.',
     targets: ['p99 ≤ 50 ms'],
     run: runLatencyBench,
   },
