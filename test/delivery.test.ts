@@ -396,25 +396,6 @@ describe('delivery to the intake pipeline', () => {
     expect((await states()).every((r) => r.state === 'delivered')).toBe(true);
   });
 
-  it('waits in its tick for the marks, serving wake-ups meanwhile: a trickle of changes is marked many to a statement, and a newer version held back by an unmarked one goes out once that is marked', async () => {
-    const { app, worker } = await startApp({ pollInterval: '1h' });
-    // Each change arrives as the one before it reaches the sink: a trickle, one wake-up at a time.
-    const arrivals: Promise<string>[] = [];
-    sink.behave((_r, index) => {
-      if (index === 0) arrivals.push(hook(app, matter(2, 1)));
-      if (index === 1) arrivals.push(hook(app, matter(1, 2)));
-      return { status: 202 };
-    });
-    const first = await hook(app, matter(1, 1));
-    await tickOnce(worker);
-    const [second, newer] = await Promise.all(arrivals);
-    expect(sink.applied.map((b) => b.id)).toEqual([first, second, newer]);
-    const rows = await database.db.select({ state: outbox.state, deliveredAt: outbox.deliveredAt }).from(outbox).orderBy(outbox.id);
-    expect(rows.map((r) => r.state)).toEqual(['delivered', 'delivered', 'delivered']);
-    // One statement (one transaction's now()) marked the first two.
-    expect(rows[0]!.deliveredAt).toEqual(rows[1]!.deliveredAt);
-  });
-
   it('keeps a delivered row pending and leased when marking it delivered fails, and sends it again with the same key once the lease runs out', async () => {
     const { app, worker } = await startApp({ timeout: '300ms', lease: '1s' });
     const eventId = await hook(app, matter(7, 1));

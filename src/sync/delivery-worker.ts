@@ -91,31 +91,19 @@ export class DeliveryWorker extends Daemon {
     const queue: Array<ClaimedDelivery & { sendBy: number }> = [];
     let failure: { error: unknown } | undefined;
     const fail = (error: unknown) => void (failure ??= { error });
-    let drained = false;
-    let woken = false;
-    // A failed mark leaves its rows leased: they are sent again when the lease expires. A mark
-    // may free a newer version of its record (the claim holds it back while the older is
-    // pending), so each one is followed by a claim.
-    const marks = new DeliveredMarks(db, MARKS_PER_STATEMENT, fail, () => {
-      woken = true;
-      claim();
-      finishIfIdle();
-    });
+    // A failed mark leaves its rows leased: they are sent again when the lease expires.
+    const marks = new DeliveredMarks(db, MARKS_PER_STATEMENT, fail);
 
     let slots = 0;
     let claiming = false;
     let done = false;
     let finish!: () => void;
     const finished = new Promise<void>((resolve) => (finish = resolve));
-    // Delivered rows wait up to MARK_DELAY_MS for their mark, and the tick waits with them: a
-    // wake-up meanwhile is served in this tick, so at a steady trickle of hooks the marks go
-    // many to a statement instead of one statement and commit per delivery.
     const finishIfIdle = () => {
-      if (done || slots > 0 || claiming || (marks.gathering && !failure && !signal.aborted)) return;
+      if (slots > 0 || claiming) return;
       done = true;
       finish();
     };
-    signal.addEventListener('abort', finishIfIdle);
 
     const slot = async () => {
       slots++;
@@ -135,6 +123,8 @@ export class DeliveryWorker extends Daemon {
     };
 
     // A short claim means nothing more is due, unless a wake-up came after the claim began.
+    let drained = false;
+    let woken = false;
     const claim = () => {
       if (done || claiming || failure || signal.aborted || queue.length >= batch || (drained && !woken)) return;
       claiming = true;
@@ -161,7 +151,6 @@ export class DeliveryWorker extends Daemon {
     finishIfIdle();
     await finished;
     this.onWake = undefined;
-    signal.removeEventListener('abort', finishIfIdle);
     await marks.flush();
     if (failure) throw failure.error;
     return false;
@@ -308,19 +297,12 @@ class DeliveredMarks {
     private readonly db: Db,
     private readonly batch: number,
     private readonly onError: (error: unknown) => void,
-    /** After each background flush, failed or not. */
-    private readonly onMarked: () => void,
   ) {}
-
-  /** Rows delivered and not yet sent to be marked. */
-  get gathering(): boolean {
-    return this.rows.length > 0;
-  }
 
   add(id: number, status: number): void {
     this.rows.push({ id, status });
-    if (this.rows.length >= this.batch) void this.flush().then(this.onMarked);
-    else this.timer ??= setTimeout(() => void this.flush().then(this.onMarked), MARK_DELAY_MS);
+    if (this.rows.length >= this.batch) void this.flush();
+    else this.timer ??= setTimeout(() => void this.flush(), MARK_DELAY_MS);
   }
 
   /** Marks every row gathered so far; resolves once all marks are done or have failed. */
