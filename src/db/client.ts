@@ -69,7 +69,8 @@ function openPostgres(url: string, max: number): Database {
     // them goes through an index (`headsByKey`).
     connection: { application_name: 'crm-bridge' },
   });
-  const db = drizzlePostgres(prepare ? namedStatements(client) : client, { schema }) as unknown as Db;
+  const wrap = (sql: postgres.Sql) => (prepare ? namedStatements(sql) : sql);
+  const db = drizzlePostgres(pipelinedBegin(wrap(client), wrap), { schema }) as unknown as Db;
   return {
     db,
     driver: 'postgres',
@@ -85,6 +86,67 @@ function openPostgres(url: string, max: number): Database {
     },
     close: () => client.end({ timeout: 5 }),
   };
+}
+
+/**
+ * Transactions whose BEGIN goes out with their first statement. postgres.js's `begin()` waits
+ * for BEGIN's answer before the body runs: a round trip, and a write that wakes the backend, in
+ * every transaction (a hook batch is BEGIN, the heads claim, the writes, COMMIT). Here the body
+ * runs on a reserved connection at once; BEGIN is buffered and written with its first statement,
+ * in order on that connection. Measured on ingest (alternating runs): 7% more new hooks/s, 30%
+ * more duplicates/s.
+ *
+ * The connection goes back to the pool only once a COMMIT or ROLLBACK was answered. One that
+ * failed by closing is left where postgres.js put it (its closed queue, reconnected on demand):
+ * handing it back would put a dead socket in the pool. No ROLLBACK is sent on a closed one.
+ */
+function pipelinedBegin(client: postgres.Sql, wrap: (sql: postgres.Sql) => postgres.Sql): postgres.Sql {
+  return new Proxy(client, {
+    get(target, property) {
+      if (property !== 'begin') return Reflect.get(target, property, target) as unknown;
+      return async (...args: unknown[]) => {
+        const body = args.pop() as (tx: postgres.TransactionSql) => unknown;
+        const options = typeof args[0] === 'string' ? args[0].replace(/[^a-z ]/gi, '') : '';
+        const reserved = await target.reserve();
+        const begin = reserved.unsafe(`begin ${options}`).execute();
+        // A failed BEGIN fails the body's first statement too; it is awaited before COMMIT.
+        begin.catch(() => {});
+        let answered = false;
+        try {
+          const result = await body(wrap(reserved) as unknown as postgres.TransactionSql);
+          await begin;
+          await reserved.unsafe('commit');
+          answered = true;
+          return result;
+        } catch (err) {
+          if (!answered && !isConnectionFailure(err)) {
+            await reserved.unsafe('rollback').then(
+              () => void (answered = true),
+              () => {},
+            );
+          }
+          throw err;
+        } finally {
+          if (answered) reserved.release();
+        }
+      };
+    },
+  });
+}
+
+/**
+ * The connection is gone or going: postgres.js's own errors (`CONNECTION_CLOSED`, …), the
+ * socket's (`ECONNRESET`, …), and a FATAL from the server (a terminated backend, a shutdown),
+ * after which the server closes it.
+ */
+function isConnectionFailure(err: unknown): boolean {
+  // drizzle wraps the driver's error as the cause of its own.
+  for (let e = err; e instanceof Error; e = e.cause) {
+    if (e instanceof postgres.PostgresError) return e.severity === 'FATAL' || e.severity === 'PANIC';
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && (code.startsWith('CONNECT') || 'errno' in e)) return true;
+  }
+  return false;
 }
 
 /**
