@@ -93,8 +93,8 @@ function openPostgres(url: string, max: number): Database {
  * for BEGIN's answer before the body runs: a round trip, and a write that wakes the backend, in
  * every transaction (a hook batch is BEGIN, the heads claim, the writes, COMMIT). Here the body
  * runs on a reserved connection at once; BEGIN is buffered and written with its first statement,
- * in order on that connection. Measured on ingest (alternating runs): 7% more new hooks/s, 30%
- * more duplicates/s.
+ * in order on that connection. Measured on ingest, alternating runs against the code before:
+ * 6-12% more new hooks/s (BENCHMARKS.md).
  *
  * The connection goes back to the pool only once a COMMIT or ROLLBACK was answered. One that
  * failed by closing is left where postgres.js put it (its closed queue, reconnected on demand):
