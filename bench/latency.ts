@@ -40,43 +40,49 @@ function postHook(agent: Agent, url: URL, body: string): Promise<number> {
 }
 
 /**
- * Sends `rate` hooks per second for `seconds`, open-loop; returns the answers' statuses and times.
- * Through node:http with kept-alive connections rather than fetch: the sender shares the
- * machine's two cores with the bridge, and fetch cost it several times the CPU per request.
+ * Calls `send` `rate` times a second for `seconds`, open-loop: a timer sends whatever is due,
+ * never waiting for answers. Resolves with the count once every call has settled.
  */
-async function sendHooks(url: string, rate: number, seconds: number, firstId: number): Promise<{ sent: number; statuses: Map<number, number>; errors: number; answerMs: number[] }> {
+async function openLoop(rate: number, seconds: number, send: (i: number) => Promise<void>): Promise<number> {
   const total = Math.round(rate * seconds);
-  const statuses = new Map<number, number>();
-  const answerMs: number[] = [];
-  const agent = new Agent({ keepAlive: true, maxSockets: 256 });
-  const target = new URL(`${url}/hooks/${BENCH_CONNECTION_ID}`);
-  let errors = 0;
-  let sent = 0;
   const inFlight: Promise<void>[] = [];
   const started = performance.now();
   await new Promise<void>((resolve) => {
     const timer = setInterval(() => {
       const due = Math.min(total, Math.floor(((performance.now() - started) / 1000) * rate) + 1);
-      for (; sent < due; sent++) {
-        const sentAt = now();
-        const body = JSON.stringify({ data: benchMatter(firstId + sent, sentAt), meta: { event: 'updated', object: 'matters' } });
-        inFlight.push(
-          postHook(agent, target, body).then(
-            (status) => {
-              answerMs.push(now() - sentAt);
-              statuses.set(status, (statuses.get(status) ?? 0) + 1);
-            },
-            () => void errors++,
-          ),
-        );
-      }
-      if (sent >= total) {
+      while (inFlight.length < due) inFlight.push(send(inFlight.length));
+      if (inFlight.length >= total) {
         clearInterval(timer);
         resolve();
       }
     }, TICK_MS);
   });
   await Promise.all(inFlight);
+  return total;
+}
+
+/**
+ * Sends `rate` hooks per second for `seconds`, open-loop; returns the answers' statuses and times.
+ * Through node:http with kept-alive connections rather than fetch: the sender shares the
+ * machine's two cores with the bridge, and fetch cost it several times the CPU per request.
+ */
+async function sendHooks(url: string, rate: number, seconds: number, firstId: number): Promise<{ sent: number; statuses: Map<number, number>; errors: number; answerMs: number[] }> {
+  const statuses = new Map<number, number>();
+  const answerMs: number[] = [];
+  const agent = new Agent({ keepAlive: true, maxSockets: 256 });
+  const target = new URL(`${url}/hooks/${BENCH_CONNECTION_ID}`);
+  let errors = 0;
+  const sent = await openLoop(rate, seconds, (i) => {
+    const sentAt = now();
+    const body = JSON.stringify({ data: benchMatter(firstId + i, sentAt), meta: { event: 'updated', object: 'matters' } });
+    return postHook(agent, target, body).then(
+      (status) => {
+        answerMs.push(now() - sentAt);
+        statuses.set(status, (statuses.get(status) ?? 0) + 1);
+      },
+      () => void errors++,
+    );
+  });
   agent.destroy();
   return { sent, statuses, errors, answerMs };
 }
@@ -91,25 +97,12 @@ async function bareCommits(url: string, rate: number, seconds: number): Promise<
   try {
     await sql`create table if not exists bench_commit (id bigserial primary key, body text not null)`;
     const body = 'x'.repeat(1_000);
-    const total = Math.round(rate * seconds);
     const times: number[] = [];
-    const inFlight: Promise<unknown>[] = [];
-    const started = performance.now();
-    let sent = 0;
-    await new Promise<void>((resolve) => {
-      const timer = setInterval(() => {
-        const due = Math.min(total, Math.floor(((performance.now() - started) / 1000) * rate) + 1);
-        for (; sent < due; sent++) {
-          const at = performance.now();
-          inFlight.push(sql`insert into bench_commit (body) values (${body})`.then(() => times.push(performance.now() - at)));
-        }
-        if (sent >= total) {
-          clearInterval(timer);
-          resolve();
-        }
-      }, TICK_MS);
+    await openLoop(rate, seconds, async () => {
+      const at = performance.now();
+      await sql`insert into bench_commit (body) values (${body})`;
+      times.push(performance.now() - at);
     });
-    await Promise.all(inFlight);
     return times;
   } finally {
     await sql.end({ timeout: 5 });

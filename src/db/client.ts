@@ -99,6 +99,8 @@ function openPostgres(url: string, max: number): Database {
  * The connection goes back to the pool only once a COMMIT or ROLLBACK was answered. One that
  * failed by closing is left where postgres.js put it (its closed queue, reconnected on demand):
  * handing it back would put a dead socket in the pool. No ROLLBACK is sent on a closed one.
+ * The transaction's client is the reserved connection (prepared statements too, through `wrap`);
+ * it offers no savepoints, and crm-bridge nests no transactions.
  */
 function pipelinedBegin(client: postgres.Sql, wrap: (sql: postgres.Sql) => postgres.Sql): postgres.Sql {
   return new Proxy(client, {
@@ -159,20 +161,12 @@ function isConnectionFailure(err: unknown): boolean {
  * mode before 1.21) turns preparing off.
  * See drizzle-team/drizzle-orm#5502.
  */
-function namedStatements<T extends postgres.Sql | postgres.TransactionSql>(sql: T): T {
+function namedStatements(sql: postgres.Sql): postgres.Sql {
   return new Proxy(sql, {
     get(target, property) {
       if (property === 'unsafe') {
         return (query: string, params?: postgres.ParameterOrJSON<never>[], options?: postgres.UnsafeQueryOptions) =>
           target.unsafe(query, params, { ...options, prepare: true });
-      }
-      if (property === 'begin' || property === 'savepoint') {
-        // The transaction's own client (and a savepoint's) is wrapped too: most queries run there.
-        return (...args: unknown[]) => {
-          const body = args.pop() as (tx: postgres.TransactionSql) => unknown;
-          const method = Reflect.get(target, property) as (...a: unknown[]) => unknown;
-          return method.call(target, ...args, (tx: postgres.TransactionSql) => body(namedStatements(tx)));
-        };
       }
       return Reflect.get(target, property, target) as unknown;
     },
