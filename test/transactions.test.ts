@@ -1,8 +1,9 @@
+import { execFileSync } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { sql } from 'drizzle-orm';
 import postgres from 'postgres';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
-import { rowsOf } from '../src/db/client.js';
+import { lastStatement, rowsOf } from '../src/db/client.js';
 import { leases } from '../src/db/schema/index.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
@@ -72,7 +73,74 @@ describe('transactions', () => {
   });
 });
 
+describe('a transaction ending with lastStatement', () => {
+  const insertLease = (name: string) => lastStatement(sql`insert into leases (name, owner, expires_at) values (${name}, 'test', now())`);
+
+  it('commits the statements before it and itself', async () => {
+    const result = await db.transaction(async (tx) => {
+      await tx.insert(leases).values(lease('a'));
+      await tx.execute(insertLease('b'));
+      return 'done';
+    });
+    expect(result).toBe('done');
+    expect(await names()).toEqual(['a', 'b']);
+  });
+
+  it('rolls everything back when it fails, also when the body catches the failure, and the connection serves the next transaction', async () => {
+    await expect(
+      db.transaction(async (tx) => {
+        await tx.insert(leases).values(lease('a'));
+        await tx.execute(insertLease('a'));
+      }),
+    ).rejects.toThrow(/duplicate key|Failed query/);
+    await expect(
+      db.transaction(async (tx) => {
+        await tx.insert(leases).values(lease('b'));
+        await tx.execute(insertLease('b')).catch(() => {});
+        return 'swallowed';
+      }),
+    ).rejects.toThrow();
+    expect(await names()).toEqual([]);
+    await db.transaction(async (tx) => {
+      await tx.execute(insertLease('c'));
+    });
+    expect(await names()).toEqual(['c']);
+  });
+});
+
 describe.skipIf(database.url === undefined)('transactions on Postgres', () => {
+  it('sends COMMIT behind a last statement: the transaction commits while this process is not looking', async () => {
+    const count = () => execFileSync('psql', ['-Atc', 'select count(*) from leases', database.url!], { encoding: 'utf8' }).trim();
+    let seenWhileBlocked: string | undefined;
+    await db.transaction(async (tx) => {
+      await tx.insert(leases).values(lease('a'));
+      const last = tx.execute(lastStatement(sql`select pg_sleep(0.05)`));
+      // The statement (and, behind it, COMMIT) is written before this timer fires; the timer then
+      // blocks this process's event loop well past the statement's end, so no COMMIT could be
+      // sent from here meanwhile.
+      setTimeout(() => {
+        execFileSync('sleep', ['0.3']);
+        seenWhileBlocked = count();
+      }, 10);
+      await last;
+    });
+    expect(seenWhileBlocked).toBe('1');
+  });
+
+  it('refuses a statement after the last one: it would run outside the transaction', async () => {
+    const refused = await db
+      .transaction(async (tx) => {
+        await tx.execute(lastStatement(sql`select 1`));
+        await tx.insert(leases).values(lease('outside'));
+      })
+      .catch((err: Error) => err);
+    // drizzle names the query and keeps the reason as the cause.
+    expect(((refused as Error).cause as Error).message).toMatch(/after its transaction's last statement/);
+    expect(await names()).toEqual([]);
+    await db.insert(leases).values(lease('d'));
+    expect(await names()).toEqual(['d']);
+  });
+
   it('fails a transaction whose backend is terminated mid-statement without sending anything more on the dead connection, and the pool goes on', async () => {
     const admin = postgres(database.url!, { max: 1, onnotice: () => {} });
     try {

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { and, eq, sql } from 'drizzle-orm';
-import { rowsOf, type Db } from '../db/client.js';
+import { lastStatement, rowsOf, type Db } from '../db/client.js';
 import { headsByKey } from '../db/queries/heads.js';
 import {
   ledger,
@@ -121,8 +121,11 @@ function jsonOf<T>(value: Json<T>): T {
  * batch left it; and one statement writes the heads, stamps, ledger, body and outbox rows. Each
  * statement carries its rows as JSON parameters. The decisions are those of taking the changes
  * one at a time: a head locked up front stays locked until commit either way.
+ *
+ * `last`: the caller runs nothing after this in its transaction, so the write may go out with
+ * the COMMIT (`lastStatement`).
  */
-export async function passChanges(tx: Db, changes: readonly ObservedChange[]): Promise<GateOutcome[]> {
+export async function passChanges(tx: Db, changes: readonly ObservedChange[], options: { last?: boolean } = {}): Promise<GateOutcome[]> {
   if (changes.length === 0) return [];
   const order = changes.map((_, i) => i).sort((a, b) => compareKeys(changes[a]!, changes[b]!));
   const eventIds = changes.map(() => randomUUID());
@@ -295,7 +298,7 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
   // one snapshot, and the foreign keys (bodies and outbox → ledger) are checked at its end.
   if (ledgerRows.length > 0) {
     const writes = JSON.stringify({ heads: updatedHeads, claims: echoes.claims().map((c) => ({ id: c.id, crm_id: c.crmId })), ledger: ledgerRows, bodies: bodyRows, outbox: outboxRows });
-    await tx.execute(sql`
+    const write = sql`
       with w as (select ${writes}::jsonb as j),
       heads as (
         -- Every one of these heads exists and is locked by this transaction: the insert always
@@ -333,7 +336,8 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[]): P
         select event_id, raw, fields from w, jsonb_to_recordset(w.j->'bodies') as b(event_id uuid, raw jsonb, fields jsonb)
       )
       insert into outbox (event_id, connection_id, object, crm_id)
-      select event_id, connection_id, object, crm_id from w, jsonb_to_recordset(w.j->'outbox') as o(event_id uuid, connection_id text, object text, crm_id text)`);
+      select event_id, connection_id, object, crm_id from w, jsonb_to_recordset(w.j->'outbox') as o(event_id uuid, connection_id text, object text, crm_id text)`;
+    await tx.execute(options.last ? lastStatement(write) : write);
   }
   return outcomes;
 }

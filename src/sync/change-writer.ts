@@ -79,7 +79,8 @@ export class ChangeWriter {
 
 async function run(tx: Db, batch: Job[]): Promise<GateOutcome[]> {
   const changes = batch.flatMap((job) => (job.kind === 'change' ? [job.change] : []));
-  const changeOutcomes = await passChanges(tx, changes);
+  // A batch of changes alone ends with the gate's write, which then goes out with the COMMIT.
+  const changeOutcomes = await passChanges(tx, changes, { last: changes.length === batch.length });
   const outcomes: GateOutcome[] = [];
   let c = 0;
   for (const job of batch) {
