@@ -2,12 +2,14 @@
 // by autocannon from this process in the same run. See the description in registry.ts.
 import { fork, type ChildProcess } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon, { type AutocannonResult } from 'autocannon';
 import type { BenchContext, CaseResult, Figure } from './cases.js';
+import postgres from 'postgres';
 import { compileBench, createBenchDatabase, imageNodeOptions } from './child.js';
 import { HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
+import { processCpuSeconds } from './machine.js';
 
 const CONNECTIONS = 50;
 const WARMUP_SECONDS = 2;
@@ -30,6 +32,7 @@ export function matterBody(id: string): string {
 
 interface Server {
   url: string;
+  pid: number;
   ask(message: ParentMessage): Promise<ServerMessage>;
   stop(): Promise<void>;
 }
@@ -67,6 +70,7 @@ async function startServer(mode: 'bare' | 'bridge', env: Record<string, string>)
   }
   return {
     url: first.url,
+    pid: child.pid!,
     ask: (message) => {
       const answer = next(60_000);
       child.send(message);
@@ -89,6 +93,57 @@ interface Load {
 }
 
 const EVENT_ID = /"eventId":"([0-9a-f-]{36})"/;
+
+/** CPU used during a run, in µs per request: the server process, its Postgres backends, and autocannon (this process). */
+interface CpuPerRequest {
+  server: number;
+  database: number | undefined;
+  loadGenerator: number;
+}
+
+/** The Postgres backends of a database's other sessions (the server's pool), when Postgres runs on this machine. */
+async function backendPids(databaseUrl: string | undefined): Promise<number[]> {
+  if (databaseUrl === undefined) return [];
+  const sql = postgres(databaseUrl, { max: 1, onnotice: () => {} });
+  try {
+    const rows = await sql<{ pid: number }[]>`select pid from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()`;
+    return rows.map((r) => r.pid).filter((pid) => processCpuSeconds(pid, 'postgres') !== undefined);
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
+/**
+ * Runs `run` and says how much CPU each side used per request: where the time goes, and so how
+ * many requests per second these cores could serve at most (see cpuBound). Undefined without /proc.
+ */
+async function metered(server: Server, databaseUrl: string | undefined, run: () => Promise<Load>): Promise<{ load: Load; cpu: CpuPerRequest | undefined }> {
+  const pids = await backendPids(databaseUrl);
+  const used = () => ({ server: processCpuSeconds(server.pid), database: pids.map((pid) => processCpuSeconds(pid, 'postgres') ?? 0).reduce((a, b) => a + b, 0) });
+  const before = used();
+  const self = process.cpuUsage();
+  const result = await run();
+  const own = process.cpuUsage(self);
+  const after = used();
+  if (before.server === undefined || after.server === undefined) return { load: result, cpu: undefined };
+  const perRequest = (seconds: number) => (seconds * 1e6) / Math.max(1, result.result.requests.total);
+  return {
+    load: result,
+    cpu: {
+      server: perRequest(after.server - before.server),
+      database: pids.length > 0 ? perRequest(after.database - before.database) : undefined,
+      loadGenerator: perRequest((own.user + own.system) / 1e6),
+    },
+  };
+}
+
+/** The most requests per second the machine's cores could serve at this CPU per request, every core busy. */
+const cpuBound = (cpu: CpuPerRequest) => (availableParallelism() * 1e6) / (cpu.server + (cpu.database ?? 0) + cpu.loadGenerator);
+
+const describeCpu = (cpu: CpuPerRequest | undefined, server: string) =>
+  cpu === undefined
+    ? 'not measured (no /proc)'
+    : `${server} ${fmt(cpu.server)} µs, ${cpu.database === undefined ? '' : `Postgres ${fmt(cpu.database)} µs, `}autocannon ${fmt(cpu.loadGenerator)} µs per request: at most ${fmt(cpuBound(cpu))} req/s on ${availableParallelism()} cores`;
 
 /** One bounded autocannon run. `ids`: a prefix for a new record per request, or one fixed id. */
 async function load(url: string, seconds: number, ids: { newPrefix: string } | { fixed: string }): Promise<Load> {
@@ -128,6 +183,7 @@ const statusSummary = (r: AutocannonResult) =>
 interface BridgeRuns {
   label: 'postgres' | 'pglite';
   fresh: Load;
+  freshCpu: CpuPerRequest | undefined;
   dup: Load;
   accepted: number;
   durable: boolean;
@@ -140,7 +196,7 @@ async function measureBridge(label: BridgeRuns['label'], env: Record<string, str
   const server = await startServer('bridge', { ...env, BENCH_LOG_LEVEL: context.logLevel });
   try {
     const warm = await load(server.url, WARMUP_SECONDS, { newPrefix: `warm-${label}` });
-    const fresh = await load(server.url, context.seconds, { newPrefix: `new-${label}` });
+    const { load: fresh, cpu: freshCpu } = await metered(server, env.BENCH_DATABASE_URL, () => load(server.url, context.seconds, { newPrefix: `new-${label}` }));
     context.log(`  ${label} new: ${fmt(fresh.reqPerSec)} req/s, p99 ${fresh.result.latency.p99} ms (${statusSummary(fresh.result)})`);
     const dup = await load(server.url, context.seconds, { fixed: `dup-${label}` });
     context.log(`  ${label} duplicate: ${fmt(dup.reqPerSec)} req/s, p99 ${dup.result.latency.p99} ms (${statusSummary(dup.result)})`);
@@ -153,6 +209,7 @@ async function measureBridge(label: BridgeRuns['label'], env: Record<string, str
     return {
       label,
       fresh,
+      freshCpu,
       dup,
       accepted: accepted.length,
       // Every eventId answered (202 or 200 duplicate) has a committed ledger row; every 202 an outbox row.
@@ -160,6 +217,7 @@ async function measureBridge(label: BridgeRuns['label'], env: Record<string, str
       failures: [warm, fresh, dup].reduce((s, l) => s + l.result.non2xx + l.result.errors, 0),
       details: [
         `${label} new: ${fmt(fresh.reqPerSec)} req/s, latency p50 ${fresh.result.latency.p50} ms, p99 ${fresh.result.latency.p99} ms, max ${fresh.result.latency.max} ms; ${statusSummary(fresh.result)}`,
+        `${label} new, CPU: ${describeCpu(freshCpu, 'the app')}`,
         `${label} duplicate: ${fmt(dup.reqPerSec)} req/s, latency p50 ${dup.result.latency.p50} ms, p99 ${dup.result.latency.p99} ms; ${statusSummary(dup.result)}`,
         `${label} after the runs (warm-up included): ledger ${fmt(verified.ledgerRows)} rows, outbox ${fmt(verified.outboxRows)} rows; ${fmt(verified.ledgerMatches)} of ${fmt(answeredIds)} answered eventIds found in the ledger, ${fmt(verified.outboxMatches)} of ${fmt(accepted.length)} 202s in the outbox`,
       ],
@@ -181,6 +239,17 @@ function bridgeFigures(r: BridgeRuns, baseRps: number): Figure[] {
       pass: primary ? ratio >= TARGET_RATIO : undefined,
     },
     { name: `ingest/${r.label} new p99`, value: `${latency.p99} ms (p50 ${latency.p50} ms)`, target: '—', pass: undefined },
+    // Why the ratio is what it is: the CPU each new hook costs, and what that allows on these cores.
+    ...(primary && r.freshCpu?.database !== undefined
+      ? [
+          {
+            name: `ingest/${r.label} CPU per new hook`,
+            value: `app ${fmt(r.freshCpu.server)} + Postgres ${fmt(r.freshCpu.database)} + autocannon ${fmt(r.freshCpu.loadGenerator)} µs: at most ${fmt(cpuBound(r.freshCpu))} hooks/s on ${availableParallelism()} cores (${TARGET_RATIO} is ${fmt(TARGET_RATIO * baseRps)})`,
+            target: '—',
+            pass: undefined,
+          },
+        ]
+      : []),
     {
       name: `ingest/${r.label} duplicate ÷ bare`,
       value: `${(r.dup.reqPerSec / baseRps).toFixed(2)} (${fmt(r.dup.reqPerSec)} req/s, p99 ${r.dup.result.latency.p99} ms)`,
@@ -200,13 +269,15 @@ export async function runIngestBench(context: BenchContext): Promise<CaseResult>
   // The baseline is measured before and after the bridge runs; the ratio uses their mean, so a
   // noisy neighbour that comes or goes mid-run moves both sides.
   const baselines: Load[] = [];
+  const baselineCpu: string[] = [];
   const measureBaseline = async () => {
     const bare = await startServer('bare', {});
     try {
       await load(bare.url, WARMUP_SECONDS, { newPrefix: 'warm-bare' });
-      const run = await load(bare.url, context.seconds, { newPrefix: 'bare' });
+      const { load: run, cpu } = await metered(bare, undefined, () => load(bare.url, context.seconds, { newPrefix: 'bare' }));
       context.log(`  bare baseline: ${fmt(run.reqPerSec)} req/s, p99 ${run.result.latency.p99} ms (${statusSummary(run.result)})`);
       baselines.push(run);
+      baselineCpu.push(describeCpu(cpu, 'the bare server'));
     } finally {
       await bare.stop();
     }
@@ -236,6 +307,7 @@ export async function runIngestBench(context: BenchContext): Promise<CaseResult>
     details: [
       `${CONNECTIONS} connections, ${context.seconds} s per measured run after a ${WARMUP_SECONDS} s warm-up, body ${Buffer.byteLength(matterBody('new-postgres-12345'))} bytes`,
       `bare Fastify baseline (before; after): ${baselines.map((b) => `${fmt(b.reqPerSec)} req/s, p99 ${b.result.latency.p99} ms`).join('; ')}; mean ${fmt(base)} req/s`,
+      `bare Fastify baseline, CPU (before; after): ${baselineCpu.join('; ')}`,
       ...onPostgres.details,
       ...onPglite.details,
     ],

@@ -1,4 +1,5 @@
 import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { availableParallelism, cpus, loadavg, release, totalmem } from 'node:os';
 import postgres from 'postgres';
 
@@ -40,4 +41,23 @@ export async function describeMachine(postgresUrl: string): Promise<Machine> {
       `Commit: ${git(['rev-parse', '--short', 'HEAD'])}${dirty}`,
     ],
   };
+}
+
+let clockTicks: number | undefined;
+
+/**
+ * CPU seconds (user + system) a process on this machine has used so far, from /proc; undefined
+ * without /proc, for a process that is gone, or when `command` is given and the process is not
+ * that command (a remote database's backend pid is some other local process, or none).
+ */
+export function processCpuSeconds(pid: number, command?: string): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    if (command !== undefined && stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== command) return undefined;
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    clockTicks ??= Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+    return (Number(fields[11]) + Number(fields[12])) / clockTicks;
+  } catch {
+    return undefined;
+  }
 }

@@ -96,3 +96,8 @@ export function processLoggerOptions(level: string, format: 'json' | 'pretty' | 
     ...(pretty ? { transport: { target: 'pino-pretty', options: { translateTime: 'HH:MM:ss', ignore: 'pid,hostname,reqId,component,connection,object,crmId,eventId,disposition,report,attempt,status,grant', singleLine: true } } } : {}),
   };
 }
+
+/** Whether a logger writes debug lines: what is built only for them (a redacted field map) is built only then. */
+export function logsDebug(log: { level: string }): boolean {
+  return log.level === 'debug' || log.level === 'trace';
+}

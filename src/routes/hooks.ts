@@ -1,5 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { UnauthorizedError, UnprocessableError } from '../errors.js';
+import { logsDebug } from '../logger.js';
 import type { Connection } from '../plugins/config.js';
 import { redactFields } from '../privacy.js';
 import { bearerToken, matchesAnySecret } from '../security.js';
@@ -92,7 +93,9 @@ export default async function hookRoutes(app: FastifyInstance) {
 
       const { crmId } = change;
       // Mapped fields only, sensitive ones redacted: the raw body never reaches a log line.
-      request.log.debug({ connection: connection.id, object, crmId, version: change.version, fields: redactFields(change.fields, definition) }, 'hook record');
+      if (logsDebug(request.log)) {
+        request.log.debug({ connection: connection.id, object, crmId, version: change.version, fields: redactFields(change.fields, definition) }, 'hook record');
+      }
       const outcome =
         connection.inbound.payload === 'notification'
           ? await app.changeWriter.submitNotification({ connectionId: connection.id, object, crmId, observedAt, raw: body })

@@ -19,6 +19,7 @@ import {
   saveListingResume,
 } from '../db/queries/streams.js';
 import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
+import { logsDebug } from '../logger.js';
 import { errorClass, redactFields } from '../privacy.js';
 import { Daemon } from './daemon.js';
 import { identifyRecord, observeRecord, type RecordIdentity } from './record.js';
@@ -172,7 +173,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         // note where they got to instead, so a stopped listing goes on from there.
         const checkpoint = page.order === 'updatedAt' ? newest : undefined;
         const place = page.order !== 'updatedAt' && page.cursor.next !== undefined && page.cursor.query === 1 ? { next: page.cursor.next, newest: newest ?? null } : undefined;
-        if (ctx.log.level === 'debug' || ctx.log.level === 'trace') {
+        if (logsDebug(ctx.log)) {
           for (const c of changes) ctx.log.debug({ stream, crmId: c.crmId, version: c.version, fields: redactFields(c.fields, definition) }, 'polled record');
         }
         const counted = (outcomes: GateOutcome[]) => {
