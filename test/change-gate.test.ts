@@ -199,6 +199,23 @@ describe('the change gate', () => {
     expect(counted?.n).toBe(1);
   });
 
+  it('commits a batch of changes and notifications in one transaction, each answered once with its own outcome', async () => {
+    const writer = new ChangeWriter(db, { maxBatch: 64, concurrency: 1 });
+    // The first change takes the one transaction slot; the next three queue and share a batch.
+    const outcomes = await Promise.all([
+      writer.submit(change(matter('Open', '2026-11-01T10:00:00Z'))),
+      writer.submit(change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 43 })),
+      writer.submitNotification({ connectionId: 'acme', object: 'matters', crmId: '44', observedAt: new Date(), raw: { id: 44 } }),
+      writer.submit(change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 45 })),
+    ]);
+    // Had the gate's write gone out with the COMMIT in the mixed batch, the notification's
+    // statements would have been refused and the batch retried one by one: 43 and 45, already
+    // committed, would come back as duplicates.
+    expect(outcomes.map((o) => o.disposition)).toEqual(['accepted', 'accepted', 'notified', 'accepted']);
+    const [counted] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(ledger);
+    expect(counted?.n).toBe(4);
+  });
+
   it('keeps arrival order for one record inside a batch and answers each caller with its own outcome', async () => {
     const writer = new ChangeWriter(db, { maxBatch: 64, concurrency: 1 });
     const outcomes = await Promise.all([

@@ -99,7 +99,8 @@ const LAST_STATEMENT = '/* last statement: COMMIT follows */ ';
  * statement fails, the server answers the COMMIT with a rollback and the transaction fails.
  * Nothing may run in the transaction after it (a statement is refused) and nothing may fail
  * after it: the commit is already on its way. On PGlite, or outside a transaction, it is an
- * ordinary statement.
+ * ordinary statement. The hook path's batches end this way: end-to-end p99 27.6 and 26.5 ms
+ * before, 23.1 and 24.3 ms after, in alternating runs (BENCHMARKS.md).
  */
 export function lastStatement(query: SQL): SQL {
   return sql`${sql.raw(LAST_STATEMENT)}${query}`;
