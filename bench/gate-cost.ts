@@ -1,10 +1,10 @@
 // What the change gate costs Postgres per transaction and per change: passChanges in sequential
 // transactions of 1 to 100 new ~1 KB records (as the hook path commits them, its write with the
 // COMMIT), the backend's CPU read from /proc, the client's from process.cpuUsage().
-// Run: npx tsx bench/gate-cost.ts [--batches 1,12,25,50] [--changes 3000] [--pglz]
+// Run: npx tsx bench/gate-cost.ts [--batches 1,12,25,50] [--changes 3000] [--lz4]
 // Postgres at DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres), on this
 // machine (the backend's CPU is read from /proc); a throwaway database is created and dropped.
-// --pglz compresses the body columns with pglz, as before migration 0007 (lz4 where the server has it).
+// --lz4 compresses the body columns with lz4 instead of pglz (the server must have it).
 import { randomBytes } from 'node:crypto';
 import { sql } from 'drizzle-orm';
 import postgres from 'postgres';
@@ -40,7 +40,7 @@ const database = openDatabase({ url: url.toString(), max: 1 });
 try {
   await database.migrate();
   const { db } = database;
-  if (process.argv.includes('--pglz')) await db.execute(sql`alter table ledger_bodies alter column raw set compression pglz, alter column fields set compression pglz`);
+  if (process.argv.includes('--lz4')) await db.execute(sql`alter table ledger_bodies alter column raw set compression lz4, alter column fields set compression lz4`);
   const [backend] = await rowsOf<{ pid: number }>(db.execute(sql`select pg_backend_pid() as pid`));
   if (processCpuSeconds(backend!.pid, 'postgres') === undefined) throw new Error('The Postgres backend is not a process on this machine: its CPU cannot be read.');
 
