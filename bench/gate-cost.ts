@@ -13,6 +13,7 @@ import type { ObjectDefinition } from '../src/config/schema.js';
 import { passChanges } from '../src/sync/change-gate.js';
 import { observeRecord } from '../src/sync/record.js';
 import { matterBody } from './ingest.js';
+import { BENCH_MATTERS } from './ingest-protocol.js';
 import { processCpuSeconds } from './machine.js';
 
 const arg = (name: string): string | undefined => {
@@ -23,12 +24,7 @@ const BATCHES = (arg('batches') ?? '1,4,12,25,50,100').split(',').map(Number);
 const CHANGES = Number(arg('changes') ?? 3000);
 const WARMUP_TRANSACTIONS = 10;
 
-const definition: ObjectDefinition = {
-  idPath: 'id',
-  updatedAtPath: 'updated_at',
-  fields: { name: 'display_number', status: 'status', practiceArea: 'practice_area.name', description: 'description' },
-  volatile: [],
-};
+const definition: ObjectDefinition = { ...BENCH_MATTERS, volatile: [] };
 
 const server = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 const name = `crm_bridge_gate_cost_${randomBytes(6).toString('hex')}`;

@@ -9,7 +9,7 @@ import { buildApp } from '../src/app.js';
 import { loadConfig } from '../src/config/load.js';
 import { openDatabase, type Database } from '../src/db/client.js';
 import { ledger, outbox } from '../src/db/schema/index.js';
-import { HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
+import { BENCH_MATTERS, HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
 
 /** Hard stop, so a stuck child can never outlive a bench run. */
 const MAX_LIFETIME_MS = 5 * 60_000;
@@ -36,13 +36,7 @@ if (mode === 'bare') {
         {
           id: 'bench',
           connector: {
-            objects: {
-              matters: {
-                idPath: 'id',
-                updatedAtPath: 'updated_at',
-                fields: { name: 'display_number', status: 'status', practiceArea: 'practice_area.name', description: 'description' },
-              },
-            },
+            objects: { matters: BENCH_MATTERS },
           },
           inbound: { secrets: [HOOK_SECRET] },
         },

@@ -5,8 +5,8 @@
 // The figure is the issue's interval, hook received to sink received, with the time from the
 // send beside it; an absolute figure, as the issue asks, with the load average.
 import { Agent, request as httpRequest } from 'node:http';
-import postgres from 'postgres';
 import { availableParallelism, loadavg } from 'node:os';
+import postgres from 'postgres';
 import type { BenchContext, CaseResult } from './cases.js';
 import { peersScript, syncScript } from './backfill.js';
 import { createBenchDatabase, fmt, percentile, startChild } from './child.js';

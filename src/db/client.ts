@@ -132,36 +132,21 @@ function pipelinedBegin(client: postgres.Sql, wrap: (sql: postgres.Sql) => postg
         const begin = reserved.unsafe(`begin ${options}`).execute();
         // A failed BEGIN fails the body's first statement too; it is awaited before COMMIT.
         begin.catch(() => {});
-        let commit: Promise<postgres.RowList<postgres.Row[]>> | undefined;
-        const statements = wrap(reserved);
-        const tx = new Proxy(statements, {
-          get(inner, property) {
-            if (property !== 'unsafe') return Reflect.get(inner, property, inner) as unknown;
-            return (query: string, ...rest: [postgres.ParameterOrJSON<never>[]?, postgres.UnsafeQueryOptions?]) => {
-              if (commit) throw new Error('A statement after its transaction\'s last statement would run outside the transaction.');
-              const pending = inner.unsafe(query, ...rest);
-              if (query.startsWith(LAST_STATEMENT)) {
-                pending.execute();
-                commit = reserved.unsafe('commit').execute();
-                commit.catch(() => {});
-              }
-              return pending;
-            };
-          },
-        });
+        const { tx, commit } = commitsAfterLast(wrap(reserved), reserved);
         let answered = false;
         try {
           const result = await body(tx as unknown as postgres.TransactionSql);
           await begin;
-          const ended = await (commit ?? reserved.unsafe('commit'));
+          const ended = await (commit() ?? reserved.unsafe('commit'));
           answered = true;
           // A failed last statement turns its COMMIT into a rollback, even if the body caught the error.
           if (ended.command !== 'COMMIT') throw new Error(`The transaction was rolled back (its COMMIT answered ${ended.command}).`);
           return result;
         } catch (err) {
-          if (commit) {
+          const sent = commit();
+          if (sent) {
             // COMMIT went out behind the last statement: its answer ended the transaction either way.
-            await commit.then(
+            await sent.then(
               () => void (answered = true),
               (failure: unknown) => void (answered = !isConnectionFailure(failure)),
             );
@@ -178,6 +163,31 @@ function pipelinedBegin(client: postgres.Sql, wrap: (sql: postgres.Sql) => postg
       };
     },
   });
+}
+
+/**
+ * A transaction's client that queues COMMIT right behind a statement marked by `lastStatement`
+ * (on the same connection, so it goes out in the same write) and refuses any statement after it.
+ * `commit()` is that COMMIT once queued.
+ */
+function commitsAfterLast(statements: postgres.Sql, connection: postgres.ReservedSql) {
+  let commit: Promise<postgres.RowList<postgres.Row[]>> | undefined;
+  const tx = new Proxy(statements, {
+    get(target, property) {
+      if (property !== 'unsafe') return Reflect.get(target, property, target) as unknown;
+      return (query: string, ...rest: [postgres.ParameterOrJSON<never>[]?, postgres.UnsafeQueryOptions?]) => {
+        if (commit) throw new Error("A statement after its transaction's last statement would run outside the transaction.");
+        const pending = target.unsafe(query, ...rest);
+        if (query.startsWith(LAST_STATEMENT)) {
+          pending.execute();
+          commit = connection.unsafe('commit').execute();
+          commit.catch(() => {});
+        }
+        return pending;
+      };
+    },
+  });
+  return { tx, commit: () => commit };
 }
 
 /**
