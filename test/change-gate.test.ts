@@ -187,6 +187,17 @@ describe('the change gate', () => {
     expect((body?.raw as { practice_area: unknown }).practice_area).toEqual({ id: 7, name: 'Personal Injury' });
   });
 
+  // The ledger, its bodies and the outbox are unique on the event id: ids made in order keep
+  // those indexes growing at one end instead of touching a random page per change.
+  it('makes event ids in time order, so later changes sort after earlier ones', async () => {
+    const made: string[] = [];
+    for (let id = 1; id <= 20; id++) made.push((await pass(change({ ...matter('Open', '2026-11-01T10:00:00Z'), id }))).eventId);
+    const rows = await db.select({ eventId: ledger.eventId }).from(ledger).orderBy(asc(ledger.seq));
+    expect(rows.map((r) => r.eventId)).toEqual(made);
+    expect([...made].sort()).toEqual(made);
+    expect(made.every((id) => id[14] === '7')).toBe(true);
+  });
+
   it('gives one delivery for the same change racing through many batches and paths', async () => {
     const writer = new ChangeWriter(db, { maxBatch: 8, concurrency: 4 });
     const same = matter('Open', '2026-11-01T10:00:00Z');

@@ -1,5 +1,5 @@
-import { randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { v7 as uuidv7 } from 'uuid';
 import { getDeliveredState, getOutboundWrite, insertOutboundWrite, type OutboundWrite } from '../db/queries/outbound.js';
 import { BadRequestError, ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../errors.js';
 import type { Connection } from '../plugins/config.js';
@@ -131,7 +131,8 @@ export default async function outboundRoutes(app: FastifyInstance) {
         throw new UnprocessableError(`Connection ${connection.id} cannot ${operation} "${object}" (it can ${operation}: ${writable.join(', ') || 'nothing'}).`, 'UNKNOWN_OBJECT');
       }
       const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
-      const id = randomUUID();
+      // Time-ordered, as the ledger's event ids are (see passChanges): the writes' primary key.
+      const id = uuidv7();
       const echo = expectedEcho(definition, operation, fields, id);
       // The loop guard's other direction: the pipeline handing back a CRM-born record as the
       // bridge delivered it would only make the CRM write it again and fire the automation.
