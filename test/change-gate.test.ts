@@ -212,7 +212,7 @@ describe('the change gate', () => {
 
   it('commits a batch of changes and notifications in one transaction, each answered once with its own outcome', async () => {
     const writer = new ChangeWriter(db, { maxBatch: 64, concurrency: 1 });
-    // The first change takes the one transaction slot; the next three queue and share a batch.
+    // Submitted in one turn of the event loop, the four share one batch.
     const outcomes = await Promise.all([
       writer.submit(change(matter('Open', '2026-11-01T10:00:00Z'))),
       writer.submit(change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 43 })),

@@ -23,6 +23,7 @@ export class ChangeWriter {
   private inFlight = 0;
   private readonly maxBatch: number;
   private readonly concurrency: number;
+  private gathering = false;
 
   constructor(
     private readonly db: Db,
@@ -40,9 +41,20 @@ export class ChangeWriter {
     return new Promise((resolve, reject) => this.enqueue({ kind: 'notification', note, resolve, reject }));
   }
 
+  /**
+   * A change waits for the end of the event loop's I/O phase before its batch starts, so requests
+   * that arrived together share a transaction. Starting at once would send the first request
+   * alone; and on PGlite, whose statements run in the event loop itself, the whole transaction
+   * would run before the next request is read, so every batch would hold one change.
+   */
   private enqueue(job: Job): void {
     this.queue.push(job);
-    this.pump();
+    if (this.gathering) return;
+    this.gathering = true;
+    setImmediate(() => {
+      this.gathering = false;
+      this.pump();
+    });
   }
 
   private pump(): void {
