@@ -79,6 +79,30 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(await server.exited).toBe(0);
   });
 
+  // A 202 is given after the commit, and PGlite has written the commit to its files by then: a
+  // process killed outright (the OOM killer, kill -9) loses nothing it answered.
+  it('keeps every hook it answered when the process is killed with SIGKILL, and starts again on the same data', async () => {
+    const post = (base: string, secret: string, id: number) =>
+      fetch(`${base}/hooks/demo`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ data: { id, updated_at: '2026-11-27T10:00:00Z', status: 'Open' } }),
+      }).then(async (r) => ({ status: r.status, body: (await r.json()) as { status: string; eventId: string } }));
+    const secret = readFileSync(join(dataDir, 'demo-hook-secret'), 'utf8').trim();
+    const first = serve({});
+    const answered = await Promise.all([3001, 3002, 3003].map(async (id) => post(await first.ready, secret, id)));
+    expect(answered.map((a) => a.status)).toEqual([202, 202, 202]);
+    first.child.kill('SIGKILL');
+    await first.exited;
+
+    const second = serve({});
+    const base = await second.ready;
+    const again = await Promise.all([3001, 3002, 3003].map((id) => post(base, secret, id)));
+    expect(again.map((a) => a.body)).toEqual(answered.map((a) => ({ status: 'duplicate', eventId: a.body.eventId })));
+    second.child.kill('SIGTERM');
+    expect(await second.exited).toBe(0);
+  });
+
   it('fails at start with one error naming every bad value, exit status 2', async () => {
     const server = serve({ PORT: 'eighty', LOG_LEVEL: 'chatty' });
     await expect(server.ready).rejects.toThrow();
