@@ -45,6 +45,9 @@ export async function serve(): Promise<void> {
     `  status page:  ${base}/${config.env.ADMIN_TOKEN ? '  (log in with any user and ADMIN_TOKEN as the password)' : ''}`,
     `  health:       curl ${base}/health`,
   ];
+  if (!demo && app.database.driver === 'pglite') {
+    lines.push('  embedded database: safe from a killed process, not from a power cut, and one process only; set DATABASE_URL for those (docs/operations.md)');
+  }
   if (demo) {
     await demo.start(app, base);
     const secret = demo.hookSecret;

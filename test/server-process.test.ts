@@ -1,8 +1,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { connection } from './helpers/app.js';
 
 const dataDir = mkdtempSync(join(tmpdir(), 'crm-bridge-serve-'));
 const children: ChildProcess[] = [];
@@ -101,6 +102,18 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(again.map((a) => a.body)).toEqual(answered.map((a) => ({ status: 'duplicate', eventId: a.body.eventId })));
     second.child.kill('SIGTERM');
     expect(await second.exited).toBe(0);
+  });
+
+  it('says what the embedded database does not survive when it serves a real connections file', async () => {
+    const config = join(dataDir, 'connections.json');
+    writeFileSync(config, JSON.stringify({ connections: [connection()] }));
+    const server = serve({ CRM_BRIDGE_CONFIG: config });
+    await server.ready;
+    await waitFor(() => /embedded database:/.test(server.output()));
+    expect(server.output()).toMatch(/embedded database: safe from a killed process, not from a power cut.*set DATABASE_URL/);
+    expect(server.output()).not.toMatch(/this is the demo/);
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
   });
 
   it('fails at start with one error naming every bad value, exit status 2', async () => {
