@@ -7,13 +7,12 @@
 // --prefill N first writes N changes' rows (ledger, small bodies, delivered outbox rows), as a
 // ledger in service for a while holds: the event-id indexes then outgrow shared_buffers.
 // --lz4 compresses the body columns with lz4 instead of pglz (the server must have it).
-import { randomBytes } from 'node:crypto';
 import { sql } from 'drizzle-orm';
-import postgres from 'postgres';
 import { openDatabase, rowsOf } from '../src/db/client.js';
 import type { ObjectDefinition } from '../src/config/schema.js';
 import { passChanges } from '../src/sync/change-gate.js';
 import { observeRecord } from '../src/sync/record.js';
+import { createBenchDatabase } from './child.js';
 import { matterBody } from './ingest.js';
 import { BENCH_MATTERS } from './ingest-protocol.js';
 import { processCpuSeconds } from './machine.js';
@@ -29,13 +28,8 @@ const PREFILL = Number(arg('prefill') ?? 0);
 
 const definition: ObjectDefinition = { ...BENCH_MATTERS, volatile: [] };
 
-const server = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
-const name = `crm_bridge_gate_cost_${randomBytes(6).toString('hex')}`;
-const admin = postgres(server, { max: 1, onnotice: () => {} });
-await admin.unsafe(`create database ${name}`);
-const url = new URL(server);
-url.pathname = `/${name}`;
-const database = openDatabase({ url: url.toString(), max: 1 });
+const throwaway = await createBenchDatabase(process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres');
+const database = openDatabase({ url: throwaway.url, max: 1 });
 try {
   await database.migrate();
   const { db } = database;
@@ -86,6 +80,5 @@ try {
   console.log(`ledger_bodies: ${Math.round(Number(size!.bytes) / Number(size!.rows))} bytes a row on disk (${size!.rows} rows, indexes included)`);
 } finally {
   await database.close();
-  await admin.unsafe(`drop database if exists ${name} with (force)`);
-  await admin.end();
+  await throwaway.drop();
 }
