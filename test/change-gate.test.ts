@@ -4,6 +4,7 @@ import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledger, ledgerBodies, outbox, outboundWrites, recordHeads } from '../src/db/schema/index.js';
 import { passChanges, type ObservedChange } from '../src/sync/change-gate.js';
 import { headsByKey } from '../src/db/queries/heads.js';
+import { claimDeliveries } from '../src/db/queries/outbox.js';
 import { ChangeWriter } from '../src/sync/change-writer.js';
 import type { ObjectDefinition } from '../src/config/schema.js';
 import { contentHash, observeRecord } from '../src/sync/record.js';
@@ -310,6 +311,67 @@ describe('the change gate for changes already seen', () => {
     await holder;
     expect(outcome).not.toBe('blocked');
     expect((outcome as Awaited<typeof duplicate>)[0]!.disposition).toBe('duplicate');
+  });
+});
+
+describe('the change gate writing outbox rows leased to a worker', () => {
+  const other = (id: number, status: string, updatedAt: string) => change({ ...matter(status, updatedAt), id, display_number: `000${id}-Roe` });
+  const leaseRows = () =>
+    db.select({ eventId: outbox.eventId, crmId: outbox.crmId, attempts: outbox.attempts, leaseOwner: outbox.leaseOwner, leased: sql<boolean>`${outbox.leaseExpiresAt} > now()` }).from(outbox).orderBy(outbox.id);
+
+  it('leases the first row of each record up to the offer, written in the same transaction, with the content a claim reads', async () => {
+    const offer = { owner: 'worker-a', ms: 60_000, max: 2 };
+    const outcomes = await db.transaction((tx) =>
+      passChanges(
+        tx,
+        [change(matter('Open', '2026-11-01T10:00:00Z')), change(matter('Pending', '2026-11-01T11:00:00Z')), other(43, 'Open', '2026-11-01T10:00:00Z'), other(44, 'Open', '2026-11-01T10:00:00Z')],
+        { leases: new Map([['acme', offer]]) },
+      ),
+    );
+    expect(outcomes.map((o) => o.disposition)).toEqual(['accepted', 'accepted', 'accepted', 'accepted']);
+    // 42's second version waits for its first; 44 is past the offer's two.
+    expect(outcomes.map((o) => o.leased !== undefined)).toEqual([true, false, true, false]);
+    expect(await leaseRows()).toEqual([
+      { eventId: outcomes[0]!.eventId, crmId: '42', attempts: 1, leaseOwner: 'worker-a', leased: true },
+      { eventId: outcomes[1]!.eventId, crmId: '42', attempts: 0, leaseOwner: null, leased: null },
+      { eventId: outcomes[2]!.eventId, crmId: '43', attempts: 1, leaseOwner: 'worker-a', leased: true },
+      { eventId: outcomes[3]!.eventId, crmId: '44', attempts: 0, leaseOwner: null, leased: null },
+    ]);
+    // The lease went in with the row: one tuple version, written by the change's transaction.
+    const [versions] = await rowsOf<{ same: boolean }>(db.execute(sql`select bool_and(o.xmin::text = l.xmin::text) as same from outbox o join ledger l using (event_id)`));
+    expect(versions!.same).toBe(true);
+
+    // A lease of 0 ms is over at once: a claim then reads what the gate handed back, attempt aside.
+    await resetDatabase(database);
+    const [handed] = await db.transaction((tx) => passChanges(tx, [change(matter('Open', '2026-11-01T10:00:00Z', { notes: 'a "quoted" ünïcode note', nested: { b: 1, a: [1.50, null] } }))], { leases: new Map([['acme', { ...offer, ms: 0 }]]) }));
+    const [claimed] = await claimDeliveries(db, { connectionId: 'acme', owner: 'worker-b', limit: 10, leaseMs: 60_000 });
+    expect(claimed).toEqual({ ...handed!.leased!, attempts: 2 });
+  });
+
+  it('leases no row of a record that already has one pending: per-record order holds', async () => {
+    const offer = { owner: 'worker-a', ms: 60_000, max: 10 };
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    const [second] = await db.transaction((tx) => passChanges(tx, [change(matter('Pending', '2026-11-01T11:00:00Z'))], { leases: new Map([['acme', offer]]) }));
+    expect(second!.disposition).toBe('accepted');
+    expect(second!.leased).toBeUndefined();
+    expect((await leaseRows()).map((r) => r.leaseOwner)).toEqual([null, null]);
+
+    // Once the first is delivered, the next version is leased.
+    await db.update(outbox).set({ state: 'delivered' });
+    const [third] = await db.transaction((tx) => passChanges(tx, [change(matter('Closed', '2026-11-01T12:00:00Z'))], { leases: new Map([['acme', offer]]) }));
+    expect(third!.leased?.eventId).toBe(third!.eventId);
+  });
+
+  it('leases nothing for a connection without an offer, and nothing when the transaction rolls back', async () => {
+    const failed = db.transaction(async (tx) => {
+      await passChanges(tx, [change(matter('Open', '2026-11-01T10:00:00Z'))], { leases: new Map([['acme', { owner: 'worker-a', ms: 60_000, max: 1 }]]) });
+      throw new Error('rolled back');
+    });
+    await expect(failed).rejects.toThrow('rolled back');
+    expect(await leaseRows()).toEqual([]);
+    const [plain] = await db.transaction((tx) => passChanges(tx, [change(matter('Open', '2026-11-01T10:00:00Z'))], { leases: new Map([['other', { owner: 'worker-a', ms: 60_000, max: 1 }]]) }));
+    expect(plain!.leased).toBeUndefined();
+    expect((await leaseRows()).map((r) => [r.attempts, r.leaseOwner])).toEqual([[0, null]]);
   });
 });
 

@@ -1,4 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
@@ -86,9 +89,9 @@ async function undelivered(): Promise<number> {
  * The row of a killed worker: still pending under its lease, not sent by anyone while the lease
  * holds, then sent again by `worker` with the same key and marked delivered.
  */
-async function expectSentAgainOnceTheLeaseRunsOut(worker: DeliveryWorker, eventId: string): Promise<void> {
+async function expectSentAgainOnceTheLeaseRunsOut(worker: DeliveryWorker, eventId: string, owner = 'doomed'): Promise<void> {
   const [leased] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
-  expect(leased).toMatchObject({ state: 'pending', leaseOwner: 'doomed', attempts: 1 });
+  expect(leased).toMatchObject({ state: 'pending', leaseOwner: owner, attempts: 1 });
 
   // While the dead worker's lease holds, nobody else may send the row.
   sink.behave(() => ({ status: 200 }));
@@ -101,9 +104,17 @@ async function expectSentAgainOnceTheLeaseRunsOut(worker: DeliveryWorker, eventI
     await sleep(50);
   }
   expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
+  expect(sink.requests[1]!.text).toBe(sink.requests[0]!.text);
   expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
   const [delivered] = await database!.db.select().from(outbox).where(eq(outbox.eventId, eventId));
   expect(delivered).toMatchObject({ state: 'delivered', leaseOwner: null, attempts: 2 });
+}
+
+/** The outbox row of `eventId`: its lease owner, and whether it is still the tuple its change's transaction wrote. */
+async function rowsOfHandover(eventId: string) {
+  return (await database!.db.execute(
+    sql`select o.lease_owner as owner, o.xmin::text = l.xmin::text as untouched from outbox o join ledger l using (event_id) where o.event_id = ${eventId}`,
+  )) as unknown as Array<{ owner: string; untouched: boolean }>;
 }
 
 describe('delivery workers in separate processes on one Postgres', () => {
@@ -132,6 +143,44 @@ describe('delivery workers in separate processes on one Postgres', () => {
     await killGroup(child);
 
     await expectSentAgainOnceTheLeaseRunsOut(worker, eventId);
+  });
+
+  it.skipIf(!onPostgres)('loses nothing when a bridge is killed with SIGKILL while sending a hook it leased in the hook\'s own transaction: the row is sent again, same key and body, once the lease runs out', async () => {
+    const { worker } = await startApp();
+    const config = join(mkdtempSync(join(tmpdir(), 'crm-bridge-handover-')), 'connections.json');
+    writeFileSync(config, JSON.stringify({ connections: [connection({ downstream: { url: sink.url, timeout: '1500ms', lease: '2500ms', pollInterval: '1h' } })] }));
+    sink.behave(() => 'hold');
+    // crm-bridge serve, as a replica runs it: hooks, daemons and this test's Postgres.
+    const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'serve'], {
+      env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATABASE_URL: database!.url!, CRM_BRIDGE_CONFIG: config },
+      detached: true,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    children.push(child);
+    let output = '';
+    const base = await new Promise<string>((resolve, reject) => {
+      child.stdout!.on('data', (d: Buffer) => {
+        output += d.toString();
+        const match = /listening on (http:\/\/[\d.:]+)/.exec(output);
+        if (match) resolve(match[1]!);
+      });
+      child.once('exit', (code) => reject(new Error(`crm-bridge serve exited ${code}: ${output}`)));
+    });
+    const answer = await fetch(`${base}/hooks/acme`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ id: 1, display_number: '0001-Doe', status: 'Open', updated_at: '2026-11-20T10:00:00Z' }),
+    });
+    expect(answer.status).toBe(202);
+    const { eventId } = (await answer.json()) as { eventId: string };
+    await sink.until(() => sink.heldCount === 1, 'the serving bridge to send the hook', 60_000);
+
+    // Leased in the hook's transaction (the row is the tuple it wrote), to the serving process.
+    const [row] = await rowsOfHandover(eventId);
+    expect(row).toMatchObject({ untouched: true });
+    await killGroup(child);
+
+    await expectSentAgainOnceTheLeaseRunsOut(worker, eventId, row!.owner);
   });
 
   it.skipIf(!onPostgres)('delivers a row again with the same key when its worker is killed after the answer but before the row is marked delivered', async () => {

@@ -7,6 +7,7 @@ import { claimDeliveries, claimStatement } from '../src/db/queries/outbox.js';
 import { rowsOf } from '../src/db/client.js';
 import { outbox } from '../src/db/schema/index.js';
 import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
+import { passChanges } from '../src/sync/change-gate.js';
 import { printDeadLetters, replayFromCli } from '../src/sync/dead-letters.js';
 import { buildTestApp, captureLogs, connection, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
@@ -446,6 +447,103 @@ describe('delivery to the intake pipeline', () => {
     const drained = await app.inject({ method: 'GET', url: '/health' });
     expect(drained.statusCode).toBe(200);
     expect(drained.json().connections[0].delivery).toEqual({ pending: 0, oldestPendingAgeSeconds: null, deadLetters: 1, degraded: false });
+  });
+});
+
+describe('a hook handed to the delivery worker as it commits', () => {
+  /** Whether each outbox row is still the tuple its change's transaction wrote (no claim updated it since). */
+  const untouchedSinceInsert = async () =>
+    (await rowsOf<{ same: boolean }>(database.db.execute(sql`select o.xmin::text = l.xmin::text as same from outbox o join ledger l using (event_id) order by o.id`))).map((r) => r.same);
+
+  it('is sent under the lease its own transaction wrote, with no claim between the commit and the POST', async () => {
+    // An hour between ticks, and the first tick over: nothing but the hand-over can send it.
+    const { app, worker } = await startApp({ pollInterval: '1h' });
+    sink.behave(() => 'hold');
+    worker.start();
+    await sleep(200);
+    const eventId = await hook(app, matter(1, 1));
+    await sink.until(() => sink.heldCount === 1, 'the hook to be sent');
+    expect(sink.requests.map((r) => r.key)).toEqual([eventId]);
+    expect(await states()).toMatchObject([{ eventId, state: 'pending', attempts: 1, leaseOwner: worker.owner }]);
+    expect(await untouchedSinceInsert()).toEqual([true]);
+
+    sink.release({ status: 202 });
+    for (let i = 0; i < 200 && (await pendingCount()) > 0; i++) await sleep(10);
+    expect(await states()).toMatchObject([{ eventId, state: 'delivered', attempts: 1, leaseOwner: null, lastStatus: 202 }]);
+    await worker.stop();
+  });
+
+  it('sends a retry byte for byte as the first attempt, which the hand-over built without reading the row', async () => {
+    const { app, worker } = await startApp({ pollInterval: '50ms' });
+    sink.behave((_r, index) => (index === 0 ? { status: 503 } : { status: 202 }));
+    worker.start();
+    await sleep(200);
+    const eventId = await hook(app, matter(7, 1, { notes: 'a "quoted" ünïcode note', nested: { z: 1, a: [1.5, null, 1e3] } }));
+    await sink.until(() => sink.applied.length === 1, 'the retry to be delivered');
+    await worker.stop();
+    expect(sink.requests.map((r) => [r.key, r.status])).toEqual([
+      [eventId, 503],
+      [eventId, 202],
+    ]);
+    expect(sink.requests[1]!.text).toBe(sink.requests[0]!.text);
+    expect(sink.requests[0]!.body).toMatchObject({ id: eventId, crmId: '7', record: { notes: 'a "quoted" ünïcode note', nested: { z: 1, a: [1.5, null, 1000] } } });
+  });
+
+  it('leaves a newer version of a record unleased while an older one waits for its retry, and sends it after', async () => {
+    const { app, worker } = await startApp({ pollInterval: '100ms', backoff: { base: '600ms', max: '600ms' } });
+    sink.behave((_r, index) => (index === 0 ? { status: 503 } : { status: 202 }));
+    worker.start();
+    await sleep(200);
+    const v1 = await hook(app, matter(5, 1));
+    await sink.until(() => sink.requests.length === 1, 'the first version to be tried');
+    for (let i = 0; i < 200 && (await states())[0]?.leaseOwner !== null; i++) await sleep(10);
+    const v2 = await hook(app, matter(5, 2));
+    const rows = await states();
+    expect(rows.map((r) => [r.eventId, r.state, r.attempts, r.leaseOwner])).toEqual([
+      [v1, 'pending', 1, null],
+      [v2, 'pending', 0, null],
+    ]);
+    // v2's hook woke the worker, and it claims every 100 ms, but not v2 before v1: nothing is
+    // sent until v1's retry comes due, 600 ms after its failure.
+    await sleep(200);
+    expect(sink.requests.map((r) => r.key)).toEqual([v1]);
+    await sink.until(() => sink.applied.length === 2, 'both versions, in order');
+    await worker.stop();
+    expect(sink.applied.map((b) => b.id)).toEqual([v1, v2]);
+  });
+
+  it('gives rows back untried when they are handed over after the worker stopped', async () => {
+    const { worker } = await startApp({ pollInterval: '1h' });
+    worker.start();
+    const offer = worker.offerLeases(5)!;
+    expect(offer).toMatchObject({ owner: worker.owner, max: 5 });
+    const raw = matter(9, 1);
+    const outcomes = await database.db.transaction((tx) =>
+      passChanges(
+        tx,
+        [{ connectionId: 'acme', object: 'matters', crmId: '9', source: 'hook', change: 'upsert', version: raw.updated_at, raw, fields: { status: raw.status }, contentHash: 'h9', observedAt: new Date() }],
+        { leases: new Map([['acme', offer]]) },
+      ),
+    );
+    expect(await states()).toMatchObject([{ attempts: 1, leaseOwner: worker.owner }]);
+    await worker.stop();
+    expect(worker.offerLeases(5)).toBeUndefined();
+    worker.takeLeased(offer, [outcomes[0]!.leased!]);
+    for (let i = 0; i < 200 && (await states())[0]!.leaseOwner !== null; i++) await sleep(10);
+    expect(await states()).toMatchObject([{ state: 'pending', attempts: 0, leaseOwner: null }]);
+    expect(sink.requests).toEqual([]);
+  });
+
+  it('offers no more leases than one claim holds, counting rows promised to transactions still in flight', async () => {
+    const { worker } = await startApp({ concurrency: 2 });
+    expect(worker.offerLeases(1)).toBeUndefined();
+    worker.start();
+    const first = worker.offerLeases(50)!;
+    const second = worker.offerLeases(50)!;
+    expect([first.max, second.max, worker.offerLeases(50)]).toEqual([50, 14, undefined]);
+    worker.takeLeased(first, []);
+    expect(worker.offerLeases(100)!.max).toBe(50);
+    await worker.stop();
   });
 });
 

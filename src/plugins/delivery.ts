@@ -34,6 +34,8 @@ export default fp(
       app.daemons.push(worker);
     }
     app.decorate('deliveryWorkers', workers);
+    // A hook's delivered change is written leased to this process's worker and sent as it commits.
+    app.changeWriter.deliverThrough((connectionId) => workers.get(connectionId));
   },
   { name: 'delivery', dependencies: ['config', 'db', 'daemons', 'metrics'] },
 );

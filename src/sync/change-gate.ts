@@ -2,6 +2,7 @@ import { and, eq, sql } from 'drizzle-orm';
 import { v7 as uuidv7 } from 'uuid';
 import { lastStatement, rowsOf, type Db } from '../db/client.js';
 import { headsByKey } from '../db/queries/heads.js';
+import type { ClaimedDelivery } from '../db/queries/outbox.js';
 import {
   ledger,
   ledgerBodies,
@@ -52,6 +53,23 @@ export interface GateOutcome {
   eventId: string;
   /** An outbox row was written: the change goes downstream. */
   delivered: boolean;
+  /** That outbox row, written already leased to the worker named in `options.leases` (see there). */
+  leased?: ClaimedDelivery;
+}
+
+/**
+ * Outbox rows a batch may write already leased to a delivery worker of this process, so that the
+ * worker sends them as soon as the transaction commits instead of claiming them first. A claim is
+ * a statement and a commit of its own, and on the hook path it came between every committed hook
+ * and its delivery.
+ */
+export interface LeaseOffer {
+  /** The worker's lease owner (outbox.lease_owner). */
+  owner: string;
+  /** The lease, from the transaction's start on the database's clock. */
+  ms: number;
+  /** Most rows of this connection the batch may lease. */
+  max: number;
 }
 
 type Head = typeof recordHeads.$inferSelect;
@@ -124,8 +142,21 @@ function jsonOf<T>(value: Json<T>): T {
  *
  * `last`: the caller runs nothing after this in its transaction, so the write may go out with
  * the COMMIT (`lastStatement`).
+ *
+ * `leases`: per connection, an offer of a delivery worker in this process. A delivered change's
+ * outbox row is written leased to it (its first attempt counted, as a claim counts it) when the
+ * offer has room left and the row is the only pending one of its record: per-record order holds,
+ * since a worker may send a row only when no older one of its record is pending. The leased row
+ * comes back as `leased`, with the content a claim would read (the record and fields rendered by
+ * the database, so a retry's body is byte for byte the first attempt's). The caller hands it to
+ * the worker once the transaction committed; if it never does, the lease runs out and any worker
+ * claims the row as usual.
  */
-export async function passChanges(tx: Db, changes: readonly ObservedChange[], options: { last?: boolean } = {}): Promise<GateOutcome[]> {
+export async function passChanges(
+  tx: Db,
+  changes: readonly ObservedChange[],
+  options: { last?: boolean; leases?: ReadonlyMap<string, LeaseOffer> } = {},
+): Promise<GateOutcome[]> {
   if (changes.length === 0) return [];
   const order = changes.map((_, i) => i).sort((a, b) => compareKeys(changes[a]!, changes[b]!));
   // Time-ordered (UUIDv7): the ledger, its bodies and the outbox are each unique on the event id,
@@ -221,6 +252,10 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[], op
   const ledgerRows: Record<string, unknown>[] = [];
   const bodyRows: Record<string, unknown>[] = [];
   const outboxRows: Record<string, unknown>[] = [];
+  // Leases offered and still unused, per connection; records with an outbox row in this batch.
+  const leaseRoom = new Map([...(options.leases ?? [])].map(([id, offer]) => [id, offer.max]));
+  const queued = new Set<string>();
+  const leasedAt = new Map<string, number>();
 
   for (const i of order) {
     if (outcomes[i] !== undefined) continue;
@@ -276,7 +311,17 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[], op
       observed_at: change.observedAt.toISOString(),
     });
     bodyRows.push({ event_id: eventId, raw: change.raw ?? null, fields: change.fields });
-    if (delivered) outboxRows.push({ event_id: eventId, ...keyRow(change) });
+    if (delivered) {
+      // A second row of one record in the batch waits for the first, so only the first may be leased.
+      const room = leaseRoom.get(change.connectionId) ?? 0;
+      const offer = room > 0 && !queued.has(key) ? options.leases!.get(change.connectionId)! : undefined;
+      if (offer) {
+        leaseRoom.set(change.connectionId, room - 1);
+        leasedAt.set(eventId, i);
+      }
+      queued.add(key);
+      outboxRows.push({ event_id: eventId, ...keyRow(change), lease_owner: offer?.owner ?? null, lease_ms: offer?.ms ?? null });
+    }
     outcomes[i] = { disposition, eventId, delivered };
   }
 
@@ -337,13 +382,69 @@ export async function passChanges(tx: Db, changes: readonly ObservedChange[], op
       bodies as (
         insert into ledger_bodies (event_id, raw, fields)
         select event_id, raw, fields from w, jsonb_to_recordset(w.j->'bodies') as b(event_id uuid, raw jsonb, fields jsonb)
+        ${leasedAt.size === 0 ? sql`` : sql`returning event_id, raw, fields`}
       )
-      insert into outbox (event_id, connection_id, object, crm_id)
-      select event_id, connection_id, object, crm_id from w, jsonb_to_recordset(w.j->'outbox') as o(event_id uuid, connection_id text, object text, crm_id text)`;
-    await tx.execute(options.last ? lastStatement(write) : write);
+      ${leasedAt.size === 0 ? PLAIN_OUTBOX : LEASED_OUTBOX}`;
+    const query = options.last ? lastStatement(write) : write;
+    if (leasedAt.size === 0) {
+      await tx.execute(query);
+      return outcomes;
+    }
+    const leased = await rowsOf<LeasedRow>(tx.execute(query));
+    for (const row of leased) {
+      const i = leasedAt.get(row.event_id)!;
+      const change = changes[i]!;
+      outcomes[i]!.leased = {
+        id: Number(row.id),
+        eventId: row.event_id,
+        ...keyOf(change),
+        attempts: row.attempts,
+        queuedAt: new Date(row.queued_at),
+        content: {
+          change: change.change,
+          version: change.version,
+          origin: 'crm',
+          source: change.source,
+          observedAt: change.observedAt,
+          rawJson: row.raw_json,
+          fieldsJson: row.fields_json,
+        },
+      };
+    }
   }
   return outcomes;
 }
+
+/** The outbox rows of a batch that leases none: the write statement's last part. */
+const PLAIN_OUTBOX = sql`
+      insert into outbox (event_id, connection_id, object, crm_id)
+      select event_id, connection_id, object, crm_id from w, jsonb_to_recordset(w.j->'outbox') as o(event_id uuid, connection_id text, object text, crm_id text)`;
+
+type LeasedRow = { id: number | string; event_id: string; attempts: number; queued_at: string | Date; raw_json: string | null; fields_json: string | null };
+
+/**
+ * The outbox rows of a batch that leases some: a row offered a lease takes it only if no other
+ * row of its record is pending (committed, so ordered before it: every outbox row of a record is
+ * written under its head's lock). The leased rows come back with their body as a claim renders it.
+ */
+const LEASED_OUTBOX = sql`
+      , outbox_rows as (
+        insert into outbox (event_id, connection_id, object, crm_id, attempts, lease_owner, lease_expires_at)
+        select event_id, connection_id, object, crm_id, case when owner is null then 0 else 1 end, owner,
+          case when owner is null then null else now() + lease_ms * interval '1 millisecond' end
+        from (
+          select o.event_id, o.connection_id, o.object, o.crm_id, o.lease_ms,
+            case when o.lease_owner is not null and not exists (
+              select 1 from outbox p
+              where p.connection_id = o.connection_id and p.object = o.object and p.crm_id = o.crm_id and p.state = 'pending' offset 0)
+            then o.lease_owner end as owner
+          from w, jsonb_to_recordset(w.j->'outbox') as o(event_id uuid, connection_id text, object text, crm_id text, lease_owner text, lease_ms float8)
+        ) o
+        returning id, event_id, attempts, queued_at, lease_owner
+      )
+      select r.id, r.event_id, r.attempts, r.queued_at, b.raw::text as raw_json, b.fields::text as fields_json
+      from outbox_rows r join bodies b on b.event_id = r.event_id
+      where r.lease_owner is not null`;
 
 function compareKeys(a: ObservedChange, b: ObservedChange): number {
   return a.connectionId.localeCompare(b.connectionId) || a.object.localeCompare(b.object) || a.crmId.localeCompare(b.crmId);

@@ -1,5 +1,6 @@
 import type { Db } from '../db/client.js';
-import { passChanges, recordNotification, type GateOutcome, type ObservedChange } from './change-gate.js';
+import type { ClaimedDelivery } from '../db/queries/outbox.js';
+import { passChanges, recordNotification, type GateOutcome, type LeaseOffer, type ObservedChange } from './change-gate.js';
 
 type Job =
   | { kind: 'change'; change: ObservedChange; resolve: (o: GateOutcome) => void; reject: (e: unknown) => void }
@@ -10,6 +11,13 @@ export interface ChangeWriterOptions {
   maxBatch?: number;
   /** Transactions in flight at once (Postgres pool permitting; PGlite serialises anyway). */
   concurrency?: number;
+}
+
+/** A delivery worker of this process, as the writer sees it (`DeliveryWorker`). */
+export interface LeaseTaker {
+  offerLeases(want: number): LeaseOffer | undefined;
+  /** Settles an offer: the rows leased under it, once their transaction committed (none if it failed). */
+  takeLeased(offer: LeaseOffer, rows: readonly ClaimedDelivery[]): void;
 }
 
 /**
@@ -24,6 +32,7 @@ export class ChangeWriter {
   private readonly maxBatch: number;
   private readonly concurrency: number;
   private gathering = false;
+  private workers: ((connectionId: string) => LeaseTaker | undefined) | undefined;
 
   constructor(
     private readonly db: Db,
@@ -31,6 +40,15 @@ export class ChangeWriter {
   ) {
     this.maxBatch = options.maxBatch ?? 64;
     this.concurrency = options.concurrency ?? 4;
+  }
+
+  /**
+   * The delivery workers of this process: a batch then writes its delivered changes' outbox rows
+   * leased to them and hands them over once it committed, so a hook's change is sent without
+   * waiting for a claim (see `passChanges`).
+   */
+  deliverThrough(workers: (connectionId: string) => LeaseTaker | undefined): void {
+    this.workers = workers;
   }
 
   submit(change: ObservedChange): Promise<GateOutcome> {
@@ -69,10 +87,15 @@ export class ChangeWriter {
   }
 
   private async commit(batch: Job[]): Promise<void> {
+    const offers = this.offerLeases(batch);
     try {
-      const outcomes = await this.db.transaction((tx) => run(tx, batch));
+      const outcomes = await this.db.transaction((tx) => run(tx, batch, offers));
+      for (const [connectionId, { worker, offer }] of offers) {
+        worker.takeLeased(offer, outcomes.flatMap((o) => (o.leased?.connectionId === connectionId ? [o.leased] : [])));
+      }
       batch.forEach((job, i) => job.resolve(outcomes[i]!));
     } catch (err) {
+      for (const { worker, offer } of offers.values()) worker.takeLeased(offer, []);
       if (batch.length === 1) {
         batch[0]!.reject(err);
         return;
@@ -87,12 +110,27 @@ export class ChangeWriter {
       }
     }
   }
+
+  /** Per connection in the batch, its worker's offer of leases for the batch's changes. */
+  private offerLeases(batch: Job[]): Map<string, { worker: LeaseTaker; offer: LeaseOffer }> {
+    const offers = new Map<string, { worker: LeaseTaker; offer: LeaseOffer }>();
+    if (this.workers === undefined) return offers;
+    const wanted = new Map<string, number>();
+    for (const job of batch) if (job.kind === 'change') wanted.set(job.change.connectionId, (wanted.get(job.change.connectionId) ?? 0) + 1);
+    for (const [connectionId, want] of wanted) {
+      const worker = this.workers(connectionId);
+      const offer = worker?.offerLeases(want);
+      if (worker && offer) offers.set(connectionId, { worker, offer });
+    }
+    return offers;
+  }
 }
 
-async function run(tx: Db, batch: Job[]): Promise<GateOutcome[]> {
+async function run(tx: Db, batch: Job[], offers: ReadonlyMap<string, { offer: LeaseOffer }> = new Map()): Promise<GateOutcome[]> {
   const changes = batch.flatMap((job) => (job.kind === 'change' ? [job.change] : []));
+  const leases = new Map([...offers].map(([connectionId, { offer }]) => [connectionId, offer]));
   // A batch of changes alone ends with the gate's write, which then goes out with the COMMIT.
-  const changeOutcomes = await passChanges(tx, changes, { last: changes.length === batch.length });
+  const changeOutcomes = await passChanges(tx, changes, { last: changes.length === batch.length, leases });
   const outcomes: GateOutcome[] = [];
   let c = 0;
   for (const job of batch) {

@@ -26,6 +26,11 @@ export abstract class Daemon {
     return this.options.name;
   }
 
+  /** Started and not asked to stop. */
+  get running(): boolean {
+    return this.controller !== undefined && !this.controller.signal.aborted;
+  }
+
   /** One unit of work. Returns true when there is more to do right away (skip the pause). */
   abstract tick(signal: AbortSignal): Promise<boolean | void>;
 

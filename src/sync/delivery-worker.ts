@@ -10,6 +10,7 @@ import {
   type ClaimedDelivery,
   type DeliveryContent,
 } from '../db/queries/outbox.js';
+import type { LeaseOffer } from './change-gate.js';
 import { Daemon } from './daemon.js';
 
 /** A claimed row must outlive its request by this much, or a slow answer could be claimed twice. */
@@ -40,6 +41,14 @@ export interface DeliveryWorkerOptions {
   onOutcome?: ((outcome: 'delivered' | 'retry' | 'dead') => void) | undefined;
 }
 
+/** A lease offered to a hook transaction (see `offerLeases`). */
+export interface WorkerLeaseOffer extends LeaseOffer {
+  /** When a row leased under this offer is too late to send (its lease could end mid-request). */
+  sendBy: number;
+}
+
+type Queued = ClaimedDelivery & { sendBy: number };
+
 /** What one POST came to. `retry` covers 5xx, 408, 429, timeouts and network errors. */
 type Attempt =
   | { kind: 'delivered'; status: number }
@@ -67,12 +76,67 @@ export class DeliveryWorker extends Daemon {
     return this.deps.owner;
   }
 
+  /** Rows waiting for a slot: claimed, or leased to this worker by a hook transaction. */
+  private readonly queue: Queued[] = [];
+  /** Rows promised to hook transactions in flight (`offerLeases`), not yet handed over. */
+  private promised = 0;
+  /** A wake-up or the schedule asked for a claim: rows may be due that nobody handed over. */
+  private claimWanted = true;
+  private lastClaimedAll = 0;
   /** Set while a tick runs: a wake-up claims at once instead of after the tick. */
   private onWake: (() => void) | undefined;
+  /** Set while a tick runs and takes more rows: sends rows handed over without a claim. */
+  private onHanded: (() => boolean) | undefined;
 
   override wake(): void {
+    this.claimWanted = true;
     super.wake();
     this.onWake?.();
+  }
+
+  /**
+   * How many outbox rows a hook transaction may write already leased to this worker (up to
+   * `want`), so that they are sent the moment it commits, without a claim: a statement and a
+   * commit of its own between every hook and its delivery. None while the worker is not running,
+   * and none beyond one claim's worth of rows waiting here. Every offer is settled by
+   * `takeLeased`, with the rows leased under it (none if the transaction failed).
+   */
+  offerLeases(want: number): WorkerLeaseOffer | undefined {
+    if (!this.running) return undefined;
+    const max = Math.min(want, this.batchSize - this.queue.length - this.promised);
+    if (max <= 0) return undefined;
+    this.promised += max;
+    return { owner: this.deps.owner, ms: this.leaseMs, max, sendBy: Date.now() + this.leaseMs - this.deps.downstream.timeout };
+  }
+
+  /** The rows a committed transaction leased under `offer`: sent now, or given back if the worker has stopped. */
+  takeLeased(offer: WorkerLeaseOffer, rows: readonly ClaimedDelivery[]): void {
+    this.promised -= offer.max;
+    if (rows.length === 0) return;
+    if (!this.running) {
+      this.release(rows);
+      return;
+    }
+    for (const row of rows) this.queue.push({ ...row, sendBy: offer.sendBy });
+    // A tick that is still taking rows sends them; otherwise the next one, started now, does.
+    if (!this.onHanded?.()) super.wake();
+  }
+
+  override async stop(): Promise<void> {
+    await super.stop();
+    // Rows handed over as the worker stopped: another replica may take them at once.
+    this.release(this.queue.splice(0));
+  }
+
+  private release(rows: readonly ClaimedDelivery[]): void {
+    if (rows.length === 0) return;
+    releaseClaims(this.deps.db, { ids: rows.map((r) => r.id), owner: this.deps.owner }).catch((err: unknown) =>
+      this.deps.log.warn({ err, connection: this.deps.connectionId }, `delivery:${this.deps.connectionId}: leased rows not given back; they are claimed again when their lease runs out`),
+    );
+  }
+
+  private get batchSize(): number {
+    return this.deps.downstream.concurrency * CLAIMS_PER_SLOT;
   }
 
   /**
@@ -87,8 +151,8 @@ export class DeliveryWorker extends Daemon {
    */
   async tick(signal: AbortSignal): Promise<boolean> {
     const { db, connectionId, downstream, owner } = this.deps;
-    const batch = downstream.concurrency * CLAIMS_PER_SLOT;
-    const queue: Array<ClaimedDelivery & { sendBy: number }> = [];
+    const batch = this.batchSize;
+    const queue = this.queue;
     let failure: { error: unknown } | undefined;
     const fail = (error: unknown) => void (failure ??= { error });
     // A failed mark leaves its rows leased: they are sent again when the lease expires.
@@ -99,8 +163,19 @@ export class DeliveryWorker extends Daemon {
     let done = false;
     let finish!: () => void;
     const finished = new Promise<void>((resolve) => (finish = resolve));
+    // While the worker runs, a tick with delivered rows still to mark stays open for rows that
+    // hooks hand over, until the marks go out: a trickle of hooks is sent by one tick and marked
+    // many rows a statement, not a mark per hook.
+    let lingering: NodeJS.Timeout | undefined;
     const finishIfIdle = () => {
-      if (slots > 0 || claiming) return;
+      if (done || slots > 0 || claiming) return;
+      if (marks.waiting && this.running && !signal.aborted && !failure) {
+        lingering ??= setTimeout(() => {
+          lingering = undefined;
+          void marks.flush().then(finishIfIdle);
+        }, MARK_DELAY_MS);
+        return;
+      }
       done = true;
       finish();
     };
@@ -122,22 +197,30 @@ export class DeliveryWorker extends Daemon {
       finishIfIdle();
     };
 
-    // A short claim means nothing more is due, unless a wake-up came after the claim began.
-    let drained = false;
+    // A short claim means nothing more is due, unless a wake-up came after the claim began. A
+    // tick started only to send rows handed over by hooks claims nothing until the schedule's
+    // interval has passed since the last claim that found everything due.
+    let drained = !this.claimWanted && queue.length > 0;
     let woken = false;
+    this.claimWanted = false;
+    const startSlots = () => {
+      while (slots < downstream.concurrency && queue.length > 0) void slot();
+    };
     const claim = () => {
-      if (done || claiming || failure || signal.aborted || queue.length >= batch || (drained && !woken)) return;
+      if (done || claiming || failure || signal.aborted || queue.length >= batch) return;
+      if (drained && !woken && Date.now() - this.lastClaimedAll < downstream.pollInterval) return;
       claiming = true;
       woken = false;
       const sendBy = Date.now() + this.leaseMs - downstream.timeout;
       claimDeliveries(db, { connectionId, owner, limit: batch, leaseMs: this.leaseMs })
         .then((claimed) => {
           drained = claimed.length < batch;
+          if (drained) this.lastClaimedAll = Date.now();
           for (const row of claimed) queue.push({ ...row, sendBy });
         }, fail)
         .finally(() => {
           claiming = false;
-          while (slots < downstream.concurrency && queue.length > 0) void slot();
+          startSlots();
           claim();
           finishIfIdle();
         });
@@ -147,10 +230,17 @@ export class DeliveryWorker extends Daemon {
       woken = true;
       claim();
     };
+    this.onHanded = () => {
+      if (done) return false;
+      startSlots();
+      return true;
+    };
+    startSlots();
     claim();
     finishIfIdle();
     await finished;
     this.onWake = undefined;
+    this.onHanded = undefined;
     await marks.flush();
     if (failure) throw failure.error;
     return false;
@@ -298,6 +388,11 @@ class DeliveredMarks {
     private readonly batch: number,
     private readonly onError: (error: unknown) => void,
   ) {}
+
+  /** Rows gathered and not yet sent to be marked. */
+  get waiting(): boolean {
+    return this.rows.length > 0;
+  }
 
   add(id: number, status: number): void {
     this.rows.push({ id, status });
