@@ -5,7 +5,7 @@
 // message, and exits on `stop`, when the parent goes away, or after a hard lifetime.
 import { execFile, fork, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, openSync, readFileSync, symlinkSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, realpathSync, rmSync, symlinkSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -41,7 +41,12 @@ export function compileBench(): Promise<string> {
     await promisify(execFile)(process.execPath, [tsc, '-p', 'tsconfig.bench.json'], { cwd: ROOT });
     const out = join(ROOT, 'node_modules/.cache/crm-bridge-bench');
     // The compiled src/db/client.js applies migrations from ../../drizzle, as dist/db/client.js does.
-    if (!existsSync(join(out, 'drizzle'))) symlinkSync(join(ROOT, 'drizzle'), join(out, 'drizzle'));
+    // A link left by a run from another checkout (node_modules shared) points elsewhere, or nowhere.
+    const link = join(out, 'drizzle');
+    if (!existsSync(link) || realpathSync(link) !== realpathSync(join(ROOT, 'drizzle'))) {
+      rmSync(link, { force: true });
+      symlinkSync(join(ROOT, 'drizzle'), link);
+    }
     return out;
   })();
   return compiled;
