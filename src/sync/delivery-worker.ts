@@ -163,19 +163,11 @@ export class DeliveryWorker extends Daemon {
     let done = false;
     let finish!: () => void;
     const finished = new Promise<void>((resolve) => (finish = resolve));
-    // While the worker runs, a tick with delivered rows still to mark stays open for rows that
-    // hooks hand over, until the marks go out: a trickle of hooks is sent by one tick and marked
-    // many rows a statement, not a mark per hook.
-    let lingering: NodeJS.Timeout | undefined;
+    // An idle tick ends and marks what it delivered at once, even a single hook's row: holding
+    // marks open for more hand-overs would leave more rows delivered but unmarked, each sent
+    // again if the process died then (BENCHMARKS.md, the seventh round).
     const finishIfIdle = () => {
       if (done || slots > 0 || claiming) return;
-      if (marks.waiting && this.running && !signal.aborted && !failure) {
-        lingering ??= setTimeout(() => {
-          lingering = undefined;
-          void marks.flush().then(finishIfIdle);
-        }, MARK_DELAY_MS);
-        return;
-      }
       done = true;
       finish();
     };
@@ -388,11 +380,6 @@ class DeliveredMarks {
     private readonly batch: number,
     private readonly onError: (error: unknown) => void,
   ) {}
-
-  /** Rows gathered and not yet sent to be marked. */
-  get waiting(): boolean {
-    return this.rows.length > 0;
-  }
 
   add(id: number, status: number): void {
     this.rows.push({ id, status });
