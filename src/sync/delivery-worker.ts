@@ -142,7 +142,9 @@ export class DeliveryWorker extends Daemon {
   /**
    * Delivers through up to `concurrency` slots until nothing more is due. Rows are claimed in
    * batches, the next while the last is still queued, so slots do not wait for claims, and a
-   * wake-up claims again at once. Delivered rows are marked in the background, many per
+   * wake-up claims again at once. Rows a hook's transaction leased to this worker (`takeLeased`)
+   * join the queue without a claim; a tick started only for them claims nothing until the
+   * schedule's interval has passed since the last claim that found everything due. Delivered rows are marked in the background, many per
    * statement, while sending goes on: a crash before a row is marked re-sends it with the same
    * key once its lease runs out, which the pipeline dedups (at least once, never lost), and until
    * then the row, still pending, holds back newer versions of its record. A row whose lease could
