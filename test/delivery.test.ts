@@ -301,15 +301,19 @@ describe('delivery to the intake pipeline', () => {
     expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
   });
 
-  it('delivers a hook at once instead of at the next tick: the hook wakes the worker', async () => {
+  it('delivers a hook at once instead of at the next tick: a hook it could not lease to the worker wakes it', async () => {
     // An hour between ticks: only the wake-up can deliver within the test.
     const { app, worker } = await startApp({ pollInterval: '1h' });
     sink.behave(() => ({ status: 202 }));
     worker.start();
     // Let the first, empty tick pass, so the worker is in its hour-long pause.
     await new Promise((resolve) => setTimeout(resolve, 200));
+    // Every lease it can offer is promised elsewhere, so the hook's row is written unleased.
+    const held = worker.offerLeases(10_000)!;
     const eventId = await hook(app, matter(41, 1));
     await sink.until(() => sink.requests.some((r) => r.key === eventId), 'the hook to be delivered without waiting an hour');
+    expect(await states()).toMatchObject([{ eventId, attempts: 1 }]);
+    worker.takeLeased(held, []);
     await worker.stop();
   });
 

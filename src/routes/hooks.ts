@@ -103,9 +103,6 @@ export default async function hookRoutes(app: FastifyInstance) {
 
       request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `${HOOK_STORY[outcome.disposition]}: ${connection.id} ${object} ${crmId}`);
       app.metrics.changes.inc({ connection: connection.id, object, source: 'hook', disposition: outcome.disposition });
-      // The change is in the outbox: deliver it now rather than at the worker's next tick (a row
-      // leased to the worker in the hook's transaction was handed to it already).
-      if (outcome.delivered && outcome.leased === undefined) app.deliveryWorkers.get(connection.id)?.wake();
       if (outcome.disposition === 'accepted' || outcome.disposition === 'notified') {
         return reply.code(202).send({ status: 'accepted', eventId: outcome.eventId });
       }

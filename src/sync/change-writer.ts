@@ -18,6 +18,8 @@ export interface LeaseTaker {
   offerLeases(want: number): LeaseOffer | undefined;
   /** Settles an offer: the rows leased under it, once their transaction committed (none if it failed). */
   takeLeased(offer: LeaseOffer, rows: readonly ClaimedDelivery[]): void;
+  /** Rows are due that it must claim. */
+  wake(): void;
 }
 
 /**
@@ -45,7 +47,8 @@ export class ChangeWriter {
   /**
    * The delivery workers of this process: a batch then writes its delivered changes' outbox rows
    * leased to them and hands them over once it committed, so a hook's change is sent without
-   * waiting for a claim (see `passChanges`).
+   * waiting for a claim (see `passChanges`); a worker with a delivered row it could not lease is
+   * woken to claim it rather than wait for its next tick.
    */
   deliverThrough(workers: (connectionId: string) => LeaseTaker | undefined): void {
     this.workers = workers;
@@ -90,9 +93,7 @@ export class ChangeWriter {
     const offers = this.offerLeases(batch);
     try {
       const outcomes = await this.db.transaction((tx) => run(tx, batch, offers));
-      for (const [connectionId, { worker, offer }] of offers) {
-        worker.takeLeased(offer, outcomes.flatMap((o) => (o.leased?.connectionId === connectionId ? [o.leased] : [])));
-      }
+      this.handOver(batch, outcomes, offers);
       batch.forEach((job, i) => job.resolve(outcomes[i]!));
     } catch (err) {
       for (const { worker, offer } of offers.values()) worker.takeLeased(offer, []);
@@ -102,13 +103,28 @@ export class ChangeWriter {
       }
       for (const job of batch) {
         try {
-          const [outcome] = await this.db.transaction((tx) => run(tx, [job]));
-          job.resolve(outcome!);
+          const outcomes = await this.db.transaction((tx) => run(tx, [job]));
+          this.handOver([job], outcomes, new Map());
+          job.resolve(outcomes[0]!);
         } catch (single) {
           job.reject(single);
         }
       }
     }
+  }
+
+  /** Committed: each worker gets the rows leased to it, and is woken for delivered rows it did not. */
+  private handOver(batch: Job[], outcomes: GateOutcome[], offers: Map<string, { worker: LeaseTaker; offer: LeaseOffer }>): void {
+    const leased = new Map<string, ClaimedDelivery[]>();
+    const unleased = new Set<string>();
+    batch.forEach((job, i) => {
+      const outcome = outcomes[i]!;
+      if (job.kind !== 'change' || !outcome.delivered) return;
+      if (outcome.leased) leased.set(job.change.connectionId, [...(leased.get(job.change.connectionId) ?? []), outcome.leased]);
+      else unleased.add(job.change.connectionId);
+    });
+    for (const [connectionId, { worker, offer }] of offers) worker.takeLeased(offer, leased.get(connectionId) ?? []);
+    for (const connectionId of unleased) this.workers?.(connectionId)?.wake();
   }
 
   /** Per connection in the batch, its worker's offer of leases for the batch's changes. */

@@ -144,12 +144,12 @@ export class DeliveryWorker extends Daemon {
    * batches, the next while the last is still queued, so slots do not wait for claims, and a
    * wake-up claims again at once. Rows a hook's transaction leased to this worker (`takeLeased`)
    * join the queue without a claim; a tick started only for them claims nothing until the
-   * schedule's interval has passed since the last claim that found everything due. Delivered rows are marked in the background, many per
-   * statement, while sending goes on: a crash before a row is marked re-sends it with the same
-   * key once its lease runs out, which the pipeline dedups (at least once, never lost), and until
-   * then the row, still pending, holds back newer versions of its record. A row whose lease could
-   * run out before its request would end is handed back untried instead of being sent late, as
-   * is every row not yet sent after a stop or a failure.
+   * schedule's interval has passed since the last claim that found everything due. Delivered rows
+   * are marked in the background, many per statement, while sending goes on: a crash before a row
+   * is marked re-sends it with the same key once its lease runs out, which the pipeline dedups
+   * (at least once, never lost), and until then the row, still pending, holds back newer versions
+   * of its record. A row whose lease could run out before its request would end is handed back
+   * untried instead of being sent late, as is every row not yet sent after a stop or a failure.
    */
   async tick(signal: AbortSignal): Promise<boolean> {
     const { db, connectionId, downstream, owner } = this.deps;
@@ -165,11 +165,8 @@ export class DeliveryWorker extends Daemon {
     let done = false;
     let finish!: () => void;
     const finished = new Promise<void>((resolve) => (finish = resolve));
-    // An idle tick ends and marks what it delivered at once, even a single hook's row: holding
-    // marks open for more hand-overs would leave more rows delivered but unmarked, each sent
-    // again if the process died then (BENCHMARKS.md, the seventh round).
     const finishIfIdle = () => {
-      if (done || slots > 0 || claiming) return;
+      if (slots > 0 || claiming) return;
       done = true;
       finish();
     };
