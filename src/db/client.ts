@@ -117,7 +117,10 @@ export function lastStatement(query: SQL): SQL {
  *
  * The connection goes back to the pool only once a COMMIT or ROLLBACK was answered. One that
  * failed by closing is left where postgres.js put it (its closed queue, reconnected on demand):
- * handing it back would put a dead socket in the pool. No ROLLBACK is sent on a closed one.
+ * handing it back would put a dead socket in the pool. No ROLLBACK is sent on a closed one, and
+ * a statement sent after the connection closed (the backend died between statements) fails with
+ * CONNECTION_CLOSED instead of being written to the next session or a dead socket
+ * (patches/postgres+3.4.9.patch, docs/operations.md).
  * The transaction's client is the reserved connection (prepared statements too, through `wrap`);
  * it offers no savepoints, and crm-bridge nests no transactions.
  */
