@@ -232,3 +232,10 @@ describe.skipIf(database.url === undefined)('transactions on Postgres', () => {
     }
   }, 30_000);
 });
+
+describe.skipIf(database.url !== undefined)('the embedded database', () => {
+  it('starts with 32 MB of shared buffers and the settings of its postgresql.conf', async () => {
+    const [row] = await rowsOf<{ buffers: string; zone: string }>(db.execute(sql`select current_setting('shared_buffers') as buffers, current_setting('TimeZone') as zone`));
+    expect(row).toEqual({ buffers: '32MB', zone: 'UTC' });
+  });
+});
