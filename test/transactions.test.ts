@@ -194,11 +194,14 @@ describe.skipIf(database.url === undefined)('transactions on Postgres', () => {
           if (row!.n === 0) break;
           await sleep(5);
         }
+        // Time for this process to read the close (on a busy machine the statement may still
+        // meet the socket closing, and fail with the socket's error instead).
         await sleep(20);
         await tx.insert(leases).values(lease('too late'));
       });
       await expect(failed).rejects.toThrow(/insert into "leases"/);
-      expect(((await failed.catch((err: Error) => err)) as Error).cause).toMatchObject({ code: 'CONNECTION_CLOSED' });
+      const cause = ((await failed.catch((err: Error) => err)) as Error).cause as { code?: string };
+      expect(cause.code).toMatch(/^(CONNECTION_CLOSED|ECONNRESET|EPIPE|57P01)$/);
       expect(await names()).toEqual([]);
       await db.transaction(async (tx) => {
         await tx.insert(leases).values(lease('after'));
