@@ -97,8 +97,9 @@ const LAST_STATEMENT = '/* last statement: COMMIT follows */ ';
 
 /**
  * Marks `query` as the last statement of its transaction. On Postgres, COMMIT is queued right
- * behind it and goes out in the same write, so the backend commits without waiting for the
- * client: one round trip fewer, and the transaction's locks are held that much less. When the
+ * behind it and written without waiting for its answer (in the same write when the statement is
+ * under postgres.js's 1 KB threshold, in the next write of the same tick when it is larger), so
+ * the backend commits without waiting for the client: one round trip fewer, and the transaction's locks are held that much less. When the
  * statement fails, the server answers the COMMIT with a rollback and the transaction fails.
  * Nothing may run in the transaction after it (a statement is refused) and nothing may fail
  * after it: the commit is already on its way. On PGlite, or outside a transaction, it is an
@@ -173,7 +174,7 @@ function pipelinedBegin(client: postgres.Sql, wrap: (sql: postgres.Sql) => postg
 
 /**
  * A transaction's client that queues COMMIT right behind a statement marked by `lastStatement`
- * (on the same connection, so it goes out in the same write) and refuses any statement after it.
+ * (on the same connection, so it is written right after it) and refuses any statement after it.
  * `commit()` is that COMMIT once queued.
  */
 function commitsAfterLast(statements: postgres.Sql, connection: postgres.ReservedSql) {
