@@ -98,9 +98,10 @@ const LAST_STATEMENT = '/* last statement: COMMIT follows */ ';
 /**
  * Marks `query` as the last statement of its transaction. On Postgres, COMMIT is queued right
  * behind it and written without waiting for its answer (in the same write when the statement is
- * under postgres.js's 1 KB threshold, in a write of its own just after it when larger), so
- * the backend commits without waiting for the client: one round trip fewer, and the transaction's locks are held that much less. When the
- * statement fails, the server answers the COMMIT with a rollback and the transaction fails.
+ * under postgres.js's 1 KB threshold, in a write of its own just after it when larger), so the
+ * backend commits without waiting for the client: one round trip fewer, and the transaction's
+ * locks are held that much less. When the statement fails, the server answers the COMMIT with a
+ * rollback and the transaction fails.
  * Nothing may run in the transaction after it (a statement is refused) and nothing may fail
  * after it: the commit is already on its way. On PGlite, or outside a transaction, it is an
  * ordinary statement. The hook path's batches end this way: end-to-end p99 27.6 and 26.5 ms
