@@ -142,49 +142,57 @@ describe.skipIf(database.url === undefined)('transactions on Postgres', () => {
   });
 
   // postgres.js 3.4.9 is patched for these (patches/postgres+3.4.9.patch, porsager/postgres#1208).
-  // A drizzle query starts only when awaited, so each test starts its statement explicitly and
-  // waits until Postgres shows it running.
-  const backendOf = async (tx: Parameters<Parameters<typeof db.transaction>[0]>[0]) =>
-    (await rowsOf<{ pid: number }>(tx.execute(sql`select pg_backend_pid() as pid`)))[0]!.pid;
-  const running = async (admin: postgres.Sql, pid: number) => {
+  type Tx = Parameters<Parameters<typeof db.transaction>[0]>[0];
+  const backendOf = async (tx: Tx) => (await rowsOf<{ pid: number }>(tx.execute(sql`select pg_backend_pid() as pid`)))[0]!.pid;
+  /** Runs a long statement in the transaction and terminates its backend while Postgres shows it running; answers its failure. */
+  const terminateMidStatement = async (tx: Tx, admin: postgres.Sql) => {
+    const pid = await backendOf(tx);
+    // A drizzle query starts only when awaited: start it now, or it would be sent after the termination.
+    const slow = Promise.resolve(tx.execute(sql`select pg_sleep(5)`));
+    slow.catch(() => {});
     for (;;) {
       const [row] = await admin<{ state: string | null }[]>`select state from pg_stat_activity where pid = ${pid} and query like '%pg_sleep%'`;
-      if (row?.state === 'active') return;
+      if (row?.state === 'active') break;
       await sleep(5);
     }
+    await admin`select pg_terminate_backend(${pid})`;
+    await slow;
   };
-
-  it('fails a transaction whose backend is terminated mid-statement without sending anything more on the dead connection, and the pool goes on', async () => {
+  /** A connection of its own for terminating backends, ended afterwards. */
+  const asAdmin = async (body: (admin: postgres.Sql) => Promise<void>) => {
     const admin = postgres(database.url!, { max: 1, onnotice: () => {} });
     try {
-      const failed = db.transaction(async (tx) => {
-        await tx.insert(leases).values(lease('lost'));
-        const pid = await backendOf(tx);
-        const slow = Promise.resolve(tx.execute(sql`select pg_sleep(5)`));
-        slow.catch(() => {});
-        await running(admin, pid);
-        await admin`select pg_terminate_backend(${pid})`;
-        await slow;
-      });
-      await expect(failed).rejects.toThrow(/select pg_sleep/);
-      // The next query gets a new session: not the dead one's error, and no wait.
-      expect(await names()).toEqual([]);
-      await db.transaction(async (tx) => {
-        await tx.insert(leases).values(lease('after'));
-      });
-      expect(await names()).toEqual(['after']);
+      await body(admin);
     } finally {
       await admin.end();
     }
-  });
+  };
+  /** Nothing of the failed transaction was kept, and the one connection serves the next transaction. */
+  const poolGoesOn = async () => {
+    expect(await names()).toEqual([]);
+    await db.transaction(async (tx) => {
+      await tx.insert(leases).values(lease('after'));
+    });
+    expect(await names()).toEqual(['after']);
+  };
+
+  it('fails a transaction whose backend is terminated mid-statement without sending anything more on the dead connection, and the pool goes on', () =>
+    asAdmin(async (admin) => {
+      const failed = db.transaction(async (tx) => {
+        await tx.insert(leases).values(lease('lost'));
+        await terminateMidStatement(tx, admin);
+      });
+      await expect(failed).rejects.toThrow(/select pg_sleep/);
+      // The next query gets a new session: not the dead one's error, and no wait.
+      await poolGoesOn();
+    }));
 
   it('fails the next statement of a transaction whose backend died between statements, without crashing the process, and the pool goes on', async () => {
     // A page of the poller waits, inside its transaction, for the page before it to commit; a
     // Postgres restart then closes its connection while it is idle. Its next statement used to
     // be written to the closed socket from a timer: an uncaught TypeError, and a query that
     // never settled.
-    const admin = postgres(database.url!, { max: 1, onnotice: () => {} });
-    try {
+    await asAdmin(async (admin) => {
       const failed = db.transaction(async (tx) => {
         await tx.insert(leases).values(lease('lost'));
         const pid = await backendOf(tx);
@@ -202,37 +210,21 @@ describe.skipIf(database.url === undefined)('transactions on Postgres', () => {
       await expect(failed).rejects.toThrow(/insert into "leases"/);
       const cause = ((await failed.catch((err: Error) => err)) as Error).cause as { code?: string };
       expect(cause.code).toMatch(/^(CONNECTION_CLOSED|ECONNRESET|EPIPE|57P01)$/);
-      expect(await names()).toEqual([]);
-      await db.transaction(async (tx) => {
-        await tx.insert(leases).values(lease('after'));
-      });
-      expect(await names()).toEqual(['after']);
-    } finally {
-      await admin.end();
-    }
+      await poolGoesOn();
+    });
   });
 
   it('reconnects at once after every one of many terminated backends: the backoff starts again after each new session', async () => {
     // Left unpatched, the first query of each new session failed with the dead session's error,
     // and the reconnect backoff never reset: 3^n/100 s, 7-20 s a reconnect by the seventh.
-    const admin = postgres(database.url!, { max: 1, onnotice: () => {} });
-    try {
+    await asAdmin(async (admin) => {
       for (let round = 0; round < 8; round++) {
-        const failed = db.transaction(async (tx) => {
-          const pid = await backendOf(tx);
-          const slow = Promise.resolve(tx.execute(sql`select pg_sleep(5)`));
-          slow.catch(() => {});
-          await running(admin, pid);
-          await admin`select pg_terminate_backend(${pid})`;
-          await slow;
-        });
+        const failed = db.transaction((tx) => terminateMidStatement(tx, admin));
         await expect(failed).rejects.toThrow(/select pg_sleep/);
         await db.insert(leases).values(lease(`round ${round}`));
       }
       expect(await names()).toHaveLength(8);
-    } finally {
-      await admin.end();
-    }
+    });
   }, 30_000);
 });
 
