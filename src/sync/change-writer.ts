@@ -22,6 +22,9 @@ export interface LeaseTaker {
   wake(): void;
 }
 
+/** Per connection of a batch, its worker and the leases it offered for the batch. */
+type Offers = Map<string, { worker: LeaseTaker; offer: LeaseOffer }>;
+
 /**
  * Group commit for the hook path: concurrent requests that arrive while a commit is in flight
  * share the next transaction. Each change still goes through the same gate, in arrival order,
@@ -114,22 +117,24 @@ export class ChangeWriter {
   }
 
   /** Committed: each worker gets the rows leased to it, and is woken for delivered rows it did not. */
-  private handOver(batch: Job[], outcomes: GateOutcome[], offers: Map<string, { worker: LeaseTaker; offer: LeaseOffer }>): void {
+  private handOver(batch: Job[], outcomes: GateOutcome[], offers: Offers): void {
     const leased = new Map<string, ClaimedDelivery[]>();
     const unleased = new Set<string>();
     batch.forEach((job, i) => {
       const outcome = outcomes[i]!;
       if (job.kind !== 'change' || !outcome.delivered) return;
-      if (outcome.leased) leased.set(job.change.connectionId, [...(leased.get(job.change.connectionId) ?? []), outcome.leased]);
-      else unleased.add(job.change.connectionId);
+      const { connectionId } = job.change;
+      if (outcome.leased === undefined) unleased.add(connectionId);
+      else if (leased.has(connectionId)) leased.get(connectionId)!.push(outcome.leased);
+      else leased.set(connectionId, [outcome.leased]);
     });
     for (const [connectionId, { worker, offer }] of offers) worker.takeLeased(offer, leased.get(connectionId) ?? []);
     for (const connectionId of unleased) this.workers?.(connectionId)?.wake();
   }
 
   /** Per connection in the batch, its worker's offer of leases for the batch's changes. */
-  private offerLeases(batch: Job[]): Map<string, { worker: LeaseTaker; offer: LeaseOffer }> {
-    const offers = new Map<string, { worker: LeaseTaker; offer: LeaseOffer }>();
+  private offerLeases(batch: Job[]): Offers {
+    const offers: Offers = new Map();
     if (this.workers === undefined) return offers;
     const wanted = new Map<string, number>();
     for (const job of batch) if (job.kind === 'change') wanted.set(job.change.connectionId, (wanted.get(job.change.connectionId) ?? 0) + 1);
@@ -142,7 +147,7 @@ export class ChangeWriter {
   }
 }
 
-async function run(tx: Db, batch: Job[], offers: ReadonlyMap<string, { offer: LeaseOffer }> = new Map()): Promise<GateOutcome[]> {
+async function run(tx: Db, batch: Job[], offers: Offers = new Map()): Promise<GateOutcome[]> {
   const changes = batch.flatMap((job) => (job.kind === 'change' ? [job.change] : []));
   const leases = new Map([...offers].map(([connectionId, { offer }]) => [connectionId, offer]));
   // A batch of changes alone ends with the gate's write, which then goes out with the COMMIT.
