@@ -46,7 +46,7 @@ export async function serve(): Promise<void> {
     `  health:       curl ${base}/health`,
   ];
   if (!demo && app.database.driver === 'pglite') {
-    lines.push('  embedded database: safe from a killed process, not from a power cut, and one process only; set DATABASE_URL for those (docs/operations.md)');
+    lines.push('  embedded database: one process only; set DATABASE_URL to run replicas (docs/operations.md)');
   }
   if (demo) {
     await demo.start(app, base);

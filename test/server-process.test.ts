@@ -104,13 +104,13 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(await second.exited).toBe(0);
   });
 
-  it('says what the embedded database does not survive when it serves a real connections file', async () => {
+  it('says what the embedded database cannot do when it serves a real connections file', async () => {
     const config = join(dataDir, 'connections.json');
     writeFileSync(config, JSON.stringify({ connections: [connection()] }));
     const server = serve({ CRM_BRIDGE_CONFIG: config });
     await server.ready;
     await waitFor(() => /embedded database:/.test(server.output()));
-    expect(server.output()).toMatch(/embedded database: safe from a killed process, not from a power cut.*set DATABASE_URL/);
+    expect(server.output()).toMatch(/embedded database: one process only; set DATABASE_URL to run replicas/);
     expect(server.output()).not.toMatch(/this is the demo/);
     server.child.kill('SIGTERM');
     expect(await server.exited).toBe(0);

@@ -1,0 +1,110 @@
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative } from 'node:path';
+import { promisify } from 'node:util';
+import { sql } from 'drizzle-orm';
+import { afterAll, describe, expect, it } from 'vitest';
+import { openDatabase, rowsOf, type Database } from '../src/db/client.js';
+
+// The embedded database on disk (`npm start`'s). Only PGlite: the suite's own database is not used.
+const skip = process.env.DATABASE_URL !== undefined && process.env.DATABASE_URL !== '';
+const dataDir = fs.mkdtempSync(join(tmpdir(), 'crm-bridge-durable-'));
+afterAll(() => fs.rmSync(dataDir, { recursive: true, force: true }));
+
+/** Every file fsync()ed by this process from now on, relative to the data directory, in order. */
+function watchSyncs() {
+  const synced: string[] = [];
+  const fsyncSync = fs.fsyncSync;
+  fs.fsyncSync = (fd: number) => {
+    synced.push(relative(dataDir, fs.readlinkSync(`/proc/self/fd/${fd}`)) || '.');
+    return fsyncSync(fd);
+  };
+  return { synced, stop: () => void (fs.fsyncSync = fsyncSync) };
+}
+
+/** Every file and directory under the data directory, relative to it. */
+function tree(path = dataDir): string[] {
+  return fs.readdirSync(path, { withFileTypes: true }).flatMap((entry) => {
+    const full = join(path, entry.name);
+    return [relative(dataDir, full), ...(entry.isDirectory() ? tree(full) : [])];
+  });
+}
+
+const show = async (database: Database, setting: string) =>
+  (await rowsOf<Record<string, string>>(database.db.execute(sql.raw(`show ${setting}`))))[0]![setting];
+
+describe.skipIf(skip)('the embedded database on disk survives a power cut', () => {
+  it('syncs a new data directory whole before Postgres starts on it, commits before they are answered, and data files at a checkpoint', async () => {
+    const watch = watchSyncs();
+    const database = openDatabase({ dataDir });
+    try {
+      await database.db.execute(sql`select 1`);
+      // initdb's files, written without a sync, were synced before Postgres started on them.
+      // Not counted: what Postgres itself wrote since it started (the WAL, its lock file, and the
+      // relation cache's pg_internal.init, rebuilt whenever it is missing or stale).
+      const created = tree().filter((path) => !path.startsWith('pg_wal') && path !== 'postmaster.pid' && !path.endsWith('pg_internal.init'));
+      await database.migrate();
+      expect(created.length).toBeGreaterThan(500);
+      expect(created.filter((path) => !watch.synced.includes(path))).toEqual([]);
+      expect(watch.synced).toContain('.');
+
+      expect(await show(database, 'fsync')).toBe('on');
+      expect(await show(database, 'wal_sync_method')).toBe('fsync');
+      expect(await show(database, 'shared_buffers')).toBe('32MB');
+
+      await database.db.execute(sql`create table kept (note text)`);
+      watch.synced.length = 0;
+      await database.db.execute(sql`insert into kept values ('answered')`);
+      // By the time the commit is answered, its WAL segment was synced.
+      expect(watch.synced.filter((path) => path.startsWith('pg_wal/'))).not.toEqual([]);
+
+      const [{ file }] = (await rowsOf<{ file: string }>(database.db.execute(sql`select pg_relation_filepath('kept') as file`))) as [{ file: string }];
+      expect(watch.synced).not.toContain(file);
+      await database.db.execute(sql`checkpoint`);
+      expect(watch.synced).toContain(file);
+      expect(watch.synced).toContain('global/pg_control');
+    } finally {
+      watch.stop();
+      await database.close();
+    }
+  });
+
+  it('starts again on its data without syncing it whole', async () => {
+    const watch = watchSyncs();
+    const database = openDatabase({ dataDir });
+    try {
+      await database.migrate();
+      expect(await rowsOf(database.db.execute(sql`select note from kept`))).toEqual([{ note: 'answered' }]);
+      expect(watch.synced.length).toBeLessThan(50);
+    } finally {
+      watch.stop();
+      await database.close();
+    }
+  });
+
+  it('stops the process before answering a commit whose sync failed, and recovers from its WAL on the next start', async () => {
+    const failing = fs.mkdtempSync(join(tmpdir(), 'crm-bridge-eio-'));
+    try {
+      const run = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'test/fixtures/embedded-fsync-fails.ts', failing], { timeout: 50_000 }).then(
+        () => ({ code: 0, stdout: '', stderr: '' }),
+        (err: { code: number | string; stdout: string; stderr: string }) => err,
+      );
+      expect(run.code).toBe(1);
+      expect(run.stdout).toContain('answered: before the disk failed');
+      expect(run.stdout).not.toContain('answered: after the disk failed');
+      expect(run.stderr).toContain('the embedded database could not fsync its files (EIO); stopping, to recover from its WAL on the next start');
+      expect(run.stderr).not.toMatch(/\n\s+at /);
+
+      const again = openDatabase({ dataDir: failing });
+      try {
+        const notes = await rowsOf<{ note: string }>(again.db.execute(sql`select note from kept`));
+        expect(notes.map((row) => row.note)).toContain('before the disk failed');
+      } finally {
+        await again.close();
+      }
+    } finally {
+      fs.rmSync(failing, { recursive: true, force: true });
+    }
+  });
+});
