@@ -96,18 +96,15 @@ class SyncedNodeFS extends NodeFS {
     const preRun = [
       ...(emscriptenOpts.preRun ?? []),
       (mod: { NODEFS: unknown }) => {
-        const nodefs = mod.NODEFS as NodeFsInternals;
-        nodefs.stream_ops.fsync = (stream) =>
-          nodefs.tryFSOperation(() => {
-            try {
-              fs.fsyncSync(stream.nfd);
-            } catch (err) {
-              // Some file systems cannot sync a directory; Postgres goes on without it, as here.
-              const code = (err as NodeJS.ErrnoException).code;
-              if ((code === 'EINVAL' || code === 'EBADF') && fs.fstatSync(stream.nfd).isDirectory()) throw err;
-              stopAfterFailedSync(code);
-            }
-          });
+        const nodefs = mod.NODEFS as NodeFsInternals | undefined;
+        if (!nodefs?.stream_ops) throw new Error('This PGlite has no NODEFS file system to give an fsync(): the embedded database cannot promise durable commits.');
+        nodefs.stream_ops.fsync = (stream) => {
+          try {
+            syncOpen(stream.nfd);
+          } catch (err) {
+            stopAfterFailedSync((err as NodeJS.ErrnoException).code);
+          }
+        };
       },
     ];
     return { emscriptenOpts: { ...emscriptenOpts, preRun } };
@@ -144,17 +141,26 @@ function syncTree(path: string) {
 function syncFile(path: string) {
   const fd = fs.openSync(path, 'r');
   try {
-    fs.fsyncSync(fd);
+    syncOpen(fd);
   } finally {
     fs.closeSync(fd);
+  }
+}
+
+/** fsync() of an open file. A directory its file system cannot sync is let be, as Postgres does. */
+function syncOpen(fd: number) {
+  try {
+    fs.fsyncSync(fd);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if ((code === 'EINVAL' || code === 'EBADF') && fs.fstatSync(fd).isDirectory()) return;
+    throw err;
   }
 }
 
 /** What `SyncedNodeFS` uses of Emscripten's NODEFS (its JavaScript, not typed by PGlite). */
 interface NodeFsInternals {
   stream_ops: { fsync?: (stream: { nfd: number }) => void };
-  /** Runs a host file operation, turning a Node.js error into the errno Postgres sees. */
-  tryFSOperation<T>(operation: () => T): T;
 }
 
 function openPostgres(url: string, max: number): Database {
