@@ -217,6 +217,9 @@ try {
     process.stderr.write(`crm-bridge: ${err.message}\n`);
     process.exit(2);
   }
-  process.stderr.write(`crm-bridge: ${(err as Error).message}\n`);
+  // A wrapped failure (drizzle's "Failed query") says why in its causes.
+  const reasons = [(err as Error).message];
+  for (let cause = (err as Error).cause; cause instanceof Error && reasons.length < 4; cause = cause.cause) reasons.push(cause.message);
+  process.stderr.write(`crm-bridge: ${reasons.join('\n  because: ')}\n`);
   process.exit(1);
 }

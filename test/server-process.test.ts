@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -123,5 +123,17 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(server.output()).toMatch(/PORT/);
     expect(server.output()).toMatch(/LOG_LEVEL/);
     expect(server.output()).not.toMatch(/\n\s+at .*\.ts:\d+/);
+  });
+
+  it('fails at start saying why when the embedded database cannot be created in its directory, exit status 1', async () => {
+    const blocked = mkdtempSync(join(tmpdir(), 'crm-bridge-blocked-'));
+    // A file where the new database needs a directory: the half-written leftovers of something else.
+    mkdirSync(join(blocked, 'pgdata'));
+    writeFileSync(join(blocked, 'pgdata', 'base'), '');
+    const server = serve({ DATA_DIR: blocked });
+    await expect(server.ready).rejects.toThrow();
+    expect(await server.exited).toBe(1);
+    expect(server.output()).toContain(`because: Could not create the embedded database in ${join(blocked, 'pgdata')}: PGlite's file system failed (errno 54); the directory must be empty or not exist yet`);
+    expect(server.output()).not.toMatch(/\n\s+at /);
   });
 });

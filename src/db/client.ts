@@ -1,8 +1,4 @@
-import fs, { mkdirSync } from 'node:fs';
-import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { PGlite } from '@electric-sql/pglite';
-import { NodeFS } from '@electric-sql/pglite/nodefs';
 import { drizzle as drizzlePglite } from 'drizzle-orm/pglite';
 import { migrate as migratePglite } from 'drizzle-orm/pglite/migrator';
 import { drizzle as drizzlePostgres } from 'drizzle-orm/postgres-js';
@@ -10,6 +6,7 @@ import { migrate as migratePostgres } from 'drizzle-orm/postgres-js/migrator';
 import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { sql, type SQL } from 'drizzle-orm';
 import postgres from 'postgres';
+import { openEmbedded } from './embedded.js';
 import * as schema from './schema/index.js';
 
 export type Schema = typeof schema;
@@ -47,15 +44,7 @@ export interface DatabaseOptions {
 export function openDatabase(options: DatabaseOptions): Database {
   if (options.url) return openPostgres(options.url, options.max ?? 10);
   const dataDir = options.dataDir ?? 'memory://';
-  if (!dataDir.startsWith('memory://')) mkdirSync(dataDir, { recursive: true });
-  // 32 MB of shared buffers instead of Postgres's 128 MB: about 130 MB less resident memory once
-  // running, about 450 MB less on the first start (PGlite's are in this process's heap). A miss
-  // reads the data directory's file through the operating system's page cache. On the command
-  // line, so postgresql.conf is left as it is. On disk, commits and checkpoints are synced.
-  const buffers = ['-c', 'shared_buffers=32MB'];
-  const client = dataDir.startsWith('memory://')
-    ? new PGlite(dataDir, { startParams: [...PGlite.defaultStartParams, ...buffers] })
-    : new PGlite({ fs: new SyncedNodeFS(dataDir), startParams: [...durableStartParams, ...buffers] });
+  const client = openEmbedded(dataDir);
   const db = drizzlePglite(client, { schema }) as unknown as Db;
   return {
     db,
@@ -66,101 +55,6 @@ export function openDatabase(options: DatabaseOptions): Database {
       if (!client.closed) await client.close();
     },
   };
-}
-
-/**
- * PGlite's start parameters for a data directory on disk. PGlite starts Postgres with `-F` (fsync
- * off), and in its WebAssembly runtime fdatasync() does nothing and fsync() does nothing on files
- * of the host's disk. With these and `SyncedNodeFS`, a commit is on the disk before it is
- * answered (so before the hook it holds is), and a checkpoint's data files before the checkpoint
- * that relies on them: what Postgres itself promises after a power cut.
- */
-const durableStartParams = [
-  ...PGlite.defaultStartParams.filter((param) => param !== '-F'),
-  '-c', 'fsync=on',
-  // fdatasync() does nothing in PGlite's WebAssembly runtime; fsync() reaches SyncedNodeFS.
-  '-c', 'wal_sync_method=fsync',
-];
-
-/**
- * PGlite's file system for a data directory on the host's disk, whose fsync() reaches the disk.
- * PGlite mounts the directory through Emscripten's NODEFS, whose files have no fsync operation:
- * Postgres's fsync() of a WAL segment or a data file returned at once with nothing synced.
- */
-class SyncedNodeFS extends NodeFS {
-  /** No database yet: PGlite's initdb writes one, unsynced, before Postgres starts on it. */
-  #created = !fs.existsSync(join(this.rootDir, 'PG_VERSION'));
-
-  override async init(pg: PGlite, opts: Parameters<NodeFS['init']>[1]) {
-    const { emscriptenOpts } = await super.init(pg, opts);
-    const preRun = [
-      ...(emscriptenOpts.preRun ?? []),
-      (mod: { NODEFS: unknown }) => {
-        const nodefs = mod.NODEFS as NodeFsInternals | undefined;
-        if (!nodefs?.stream_ops) throw new Error('This PGlite has no NODEFS file system to give an fsync(): the embedded database cannot promise durable commits.');
-        nodefs.stream_ops.fsync = (stream) => {
-          try {
-            syncOpen(stream.nfd);
-          } catch (err) {
-            stopAfterFailedSync((err as NodeJS.ErrnoException).code);
-          }
-        };
-      },
-    ];
-    return { emscriptenOpts: { ...emscriptenOpts, preRun } };
-  }
-
-  /** PGlite calls this after initdb has written the new database, and after every query. */
-  override async syncToFs() {
-    if (!this.#created) return;
-    this.#created = false;
-    syncTree(this.rootDir);
-  }
-}
-
-/**
- * A failed fsync() may have dropped written pages that the kernel will not write again. Postgres
- * answers it with a PANIC and a restart from its WAL; PGlite cannot go on after a PANIC (its next
- * statement never returns), so the process stops here, before the statement that needed the sync
- * is answered, and recovers from the WAL when it starts again.
- */
-function stopAfterFailedSync(code = 'unknown error'): never {
-  fs.writeSync(2, `crm-bridge: the embedded database could not fsync its files (${code}); stopping, to recover from its WAL on the next start\n`);
-  process.exit(1);
-}
-
-/** fsync()s every file and directory under `path`, each directory after what it holds (as initdb does). */
-function syncTree(path: string) {
-  for (const entry of fs.readdirSync(path, { withFileTypes: true })) {
-    if (entry.isDirectory()) syncTree(join(path, entry.name));
-    else if (entry.isFile()) syncFile(join(path, entry.name));
-  }
-  syncFile(path);
-}
-
-function syncFile(path: string) {
-  const fd = fs.openSync(path, 'r');
-  try {
-    syncOpen(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** fsync() of an open file. A directory its file system cannot sync is let be, as Postgres does. */
-function syncOpen(fd: number) {
-  try {
-    fs.fsyncSync(fd);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if ((code === 'EINVAL' || code === 'EBADF') && fs.fstatSync(fd).isDirectory()) return;
-    throw err;
-  }
-}
-
-/** What `SyncedNodeFS` uses of Emscripten's NODEFS (its JavaScript, not typed by PGlite). */
-interface NodeFsInternals {
-  stream_ops: { fsync?: (stream: { nfd: number }) => void };
 }
 
 function openPostgres(url: string, max: number): Database {

@@ -1,0 +1,16 @@
+/**
+ * `node create-embedded.js <data dir>`: creates the embedded database there and exits. Run by
+ * `openDatabase` when the bridge starts on a data directory with no database yet, so that the
+ * memory PGlite's initdb takes is handed back when this process ends (`createEmbeddedDatabase`).
+ * A failure is one line on stderr, which `openDatabase` passes on, and exit status 1.
+ */
+import { createEmbeddedDatabase } from './embedded.js';
+
+try {
+  await createEmbeddedDatabase(process.argv[2]!);
+} catch (err) {
+  // PGlite's file system fails with an errno and no message (WASI's numbering, not Linux's).
+  const { message, errno } = err as { message?: string; errno?: number };
+  process.stderr.write(`${message || `PGlite's file system failed (errno ${errno ?? 'unknown'})`}; the directory must be empty or not exist yet\n`);
+  process.exitCode = 1;
+}

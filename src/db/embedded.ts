@@ -1,0 +1,161 @@
+import { execFile } from 'node:child_process';
+import fs, { mkdirSync } from 'node:fs';
+import { dirname, extname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { PGlite } from '@electric-sql/pglite';
+import { NodeFS } from '@electric-sql/pglite/nodefs';
+
+/**
+ * The embedded database: PGlite in this process, in memory (`memory://`, for tests) or in a data
+ * directory on disk, where it is as durable as Postgres (`SyncedNodeFS`).
+ */
+export function openEmbedded(dataDir: string): PGlite {
+  if (dataDir.startsWith('memory://')) return new PGlite(dataDir, { startParams: [...PGlite.defaultStartParams, ...sharedBuffers] });
+  mkdirSync(dataDir, { recursive: true });
+  return embeddedOnDisk(dataDir);
+}
+
+/**
+ * 32 MB of shared buffers instead of Postgres's 128 MB: about 130 MB less resident memory
+ * (PGlite's are in this process's heap). A miss reads the data directory's file through the
+ * operating system's page cache. On the command line, so postgresql.conf is left as it is.
+ */
+const sharedBuffers = ['-c', 'shared_buffers=32MB'];
+
+/** The embedded database in `dataDir`, durable (below); `initdbHere` is for `createEmbeddedDatabase` only. */
+function embeddedOnDisk(dataDir: string, initdbHere = false): PGlite {
+  return new PGlite({ fs: new SyncedNodeFS(dataDir, initdbHere), startParams: [...durableStartParams, ...sharedBuffers] });
+}
+
+/**
+ * Creates the embedded database in `dataDir` and closes it: what `create-embedded.ts` runs, in a
+ * process of its own, when the bridge starts on a data directory that has no database yet.
+ * PGlite creates one through a second, temporary Postgres and initdb in the same process; their
+ * WebAssembly memory (about 450 MB) is freed only by a full garbage collection, which a bridge
+ * with little to do may put off indefinitely (`crm-bridge serve` still held it 20 s after ready).
+ */
+export async function createEmbeddedDatabase(dataDir: string): Promise<void> {
+  const client = embeddedOnDisk(dataDir, true);
+  await client.waitReady;
+  await client.close();
+}
+
+/** Runs `createEmbeddedDatabase` in a child process (a script beside this module, run as this one is). */
+async function createInProcessOfItsOwn(dataDir: string): Promise<void> {
+  const self = fileURLToPath(import.meta.url);
+  const script = join(dirname(self), `create-embedded${extname(self)}`);
+  const loader = script.endsWith('.ts') ? ['--import', 'tsx'] : [];
+  try {
+    await promisify(execFile)(process.execPath, [...loader, script, dataDir], { timeout: 180_000 });
+  } catch (err) {
+    const { stderr, message } = err as { stderr?: string; message: string };
+    throw new Error(`Could not create the embedded database in ${dataDir}: ${stderr?.trim() || message}`);
+  }
+}
+
+/**
+ * PGlite's start parameters for a data directory on disk. PGlite starts Postgres with `-F` (fsync
+ * off), and in its WebAssembly runtime fdatasync() does nothing and fsync() does nothing on files
+ * of the host's disk. With these and `SyncedNodeFS`, a commit is on the disk before it is
+ * answered (so before the hook it holds is), and a checkpoint's data files before the checkpoint
+ * that relies on them: what Postgres itself promises after a power cut.
+ */
+const durableStartParams = [
+  ...PGlite.defaultStartParams.filter((param) => param !== '-F'),
+  '-c', 'fsync=on',
+  // fdatasync() does nothing in PGlite's WebAssembly runtime; fsync() reaches SyncedNodeFS.
+  '-c', 'wal_sync_method=fsync',
+];
+
+/**
+ * PGlite's file system for a data directory on the host's disk, whose fsync() reaches the disk.
+ * PGlite mounts the directory through Emscripten's NODEFS, whose files have no fsync operation:
+ * Postgres's fsync() of a WAL segment or a data file returned at once with nothing synced.
+ */
+class SyncedNodeFS extends NodeFS {
+  /** PGlite runs initdb here: it writes the new database unsynced, before Postgres starts on it. */
+  #created = false;
+
+  constructor(
+    dataDir: string,
+    /** Create a missing database in this process, not in a process of its own. */
+    private readonly initdbHere: boolean,
+  ) {
+    super(dataDir);
+  }
+
+  override async init(pg: PGlite, opts: Parameters<NodeFS['init']>[1]) {
+    const missing = () => !fs.existsSync(join(this.rootDir, 'PG_VERSION'));
+    if (!this.initdbHere && missing()) await createInProcessOfItsOwn(this.rootDir);
+    this.#created = missing();
+    const { emscriptenOpts } = await super.init(pg, opts);
+    const preRun = [
+      ...(emscriptenOpts.preRun ?? []),
+      (mod: { NODEFS: unknown }) => {
+        const nodefs = mod.NODEFS as NodeFsInternals | undefined;
+        if (!nodefs?.stream_ops) throw new Error('This PGlite has no NODEFS file system to give an fsync(): the embedded database cannot promise durable commits.');
+        nodefs.stream_ops.fsync = (stream) => {
+          try {
+            syncOpen(stream.nfd);
+          } catch (err) {
+            stopAfterFailedSync((err as NodeJS.ErrnoException).code);
+          }
+        };
+      },
+    ];
+    return { emscriptenOpts: { ...emscriptenOpts, preRun } };
+  }
+
+  /** PGlite calls this after initdb has written the new database, and after every query. */
+  override async syncToFs() {
+    if (!this.#created) return;
+    this.#created = false;
+    syncTree(this.rootDir);
+  }
+}
+
+/**
+ * A failed fsync() may have dropped written pages that the kernel will not write again. Postgres
+ * answers it with a PANIC and a restart from its WAL; PGlite cannot go on after a PANIC (its next
+ * statement never returns), so the process stops here, before the statement that needed the sync
+ * is answered, and recovers from the WAL when it starts again.
+ */
+function stopAfterFailedSync(code = 'unknown error'): never {
+  fs.writeSync(2, `crm-bridge: the embedded database could not fsync its files (${code}); stopping, to recover from its WAL on the next start\n`);
+  process.exit(1);
+}
+
+/** fsync()s every file and directory under `path`, each directory after what it holds (as initdb does). */
+function syncTree(path: string) {
+  for (const entry of fs.readdirSync(path, { withFileTypes: true })) {
+    if (entry.isDirectory()) syncTree(join(path, entry.name));
+    else if (entry.isFile()) syncFile(join(path, entry.name));
+  }
+  syncFile(path);
+}
+
+function syncFile(path: string) {
+  const fd = fs.openSync(path, 'r');
+  try {
+    syncOpen(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** fsync() of an open file. A directory its file system cannot sync is let be, as Postgres does. */
+function syncOpen(fd: number) {
+  try {
+    fs.fsyncSync(fd);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if ((code === 'EINVAL' || code === 'EBADF') && fs.fstatSync(fd).isDirectory()) return;
+    throw err;
+  }
+}
+
+/** What `SyncedNodeFS` uses of Emscripten's NODEFS (its JavaScript, not typed by PGlite). */
+interface NodeFsInternals {
+  stream_ops: { fsync?: (stream: { nfd: number }) => void };
+}
