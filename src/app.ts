@@ -44,6 +44,10 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
+    // Starting may take longer than Fastify's default 10 s: the first start on the embedded
+    // database creates it (5-15 s on two busy cores), and a replica's migration on Postgres waits
+    // for another replica's.
+    pluginTimeout: 120_000,
     // Access lines go out at debug from onResponse below; info is for what happened to changes.
     logController: new LogController({ disableRequestLogging: true }),
     // The router refuses a URL it cannot decode, or an over-long path parameter, before any hook
