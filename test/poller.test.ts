@@ -307,6 +307,37 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 
+  it("dates a sweep from when its listing began: a record deleted while it ran is not vouched for, and the next sweep finds it", async () => {
+    const bridge = await startBridge({ database, sandbox: { records: 1000 }, connection: { poll: { pageSize: 200 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      await pollStream(stream);
+      const first = Math.min(...matterIds(bridge.sandbox));
+      const began = Date.now();
+      let deletedAt = 0;
+      // Deleted once the listing has passed it: this sweep cannot see it go.
+      const swept = await sweepStream(stream, {
+        onPage: (report) => {
+          if (report.pages !== 1) return;
+          deletedAt = Date.now();
+          bridge.sandbox.state.deleteRecord('matters', first);
+        },
+      });
+      expect(swept).toMatchObject({ status: 'ok', deleted: 0 });
+      expect(deletedAt).toBeGreaterThan(began);
+      const [cursor] = await db.select().from(streamCursors).where(eq(streamCursors.object, 'matters'));
+      // lastSweepAt says every delete made before it was found: so not later than the delete.
+      expect(cursor!.lastSweepAt!.getTime()).toBeGreaterThanOrEqual(began);
+      expect(cursor!.lastSweepAt!.getTime()).toBeLessThan(deletedAt);
+
+      expect(await sweepStream(stream)).toMatchObject({ status: 'ok', deleted: 1 });
+      const [after] = await db.select().from(streamCursors).where(eq(streamCursors.object, 'matters'));
+      expect(after!.lastSweepAt!.getTime()).toBeGreaterThan(deletedAt);
+    } finally {
+      await bridge.close();
+    }
+  });
+
   it('fetches the records of notification hooks, and keeps them waiting while the grant is revoked', async () => {
     const bridge = await startBridge({
       database,

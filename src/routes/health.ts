@@ -152,7 +152,7 @@ const streamSchema = {
     lastSuccessAt: nullableTime,
     lastAttemptAt: nullableTime,
     lastError: nullableString,
-    lastSweepAt: nullableTime,
+    lastSweepAt: { ...nullableTime, description: 'When the listing of the last completed sweep began: records deleted in the CRM before it have been found.' },
     cursor: nullableString,
     caughtByPoll: { type: 'integer' },
     stale: { type: 'boolean' },

@@ -115,7 +115,8 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   if (!(await acquireLease(ctx.db, lease, ctx.owner, settings.lease))) return { ...report, status: 'busy' };
 
   const started = performance.now();
-  await markStreamAttempt(ctx.db, stream, new Date());
+  const startedAt = new Date();
+  await markStreamAttempt(ctx.db, stream, startedAt);
   const cursor = await getStreamCursor(ctx.db, stream);
   // A stream that never completed a run is a backfill: its changes are not "missed hooks".
   const hadCursor = cursor?.cursorRank !== null && cursor?.cursorRank !== undefined;
@@ -262,7 +263,9 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         await advanceStreamCursor(tx, stream, finalCursor);
       });
     }
-    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: report.caught, ...(listsEverything ? { sweptAt: new Date() } : {}) });
+    // A listing of everything counts as a sweep from when it began (in an earlier run, when it went on from there).
+    const sweptAt = listsEverything ? (resumeStartedAt ?? startedAt) : undefined;
+    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: report.caught, ...(sweptAt ? { sweptAt } : {}) });
     return report;
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
@@ -359,7 +362,10 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
   const lease = leaseName(stream.connectionId, stream.object);
   const report = emptyReport(ctx, 'sweep');
   if (!(await acquireLease(ctx.db, lease, ctx.owner, settings.lease))) return { ...report, status: 'busy' };
-  await markStreamAttempt(ctx.db, stream, new Date());
+  // The sweep finds the deletes made before its listing began, not those made while it ran: that
+  // is the time it vouches for (`lastSweepAt`).
+  const listingFrom = new Date();
+  await markStreamAttempt(ctx.db, stream, listingFrom);
 
   try {
     const listed = new Map<string, string | null>();
@@ -393,7 +399,7 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
     }
     await commitGuarded(ctx, lease, settings.lease, deletes, report);
     report.deleted = deletes.length;
-    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: 0, sweptAt: new Date() });
+    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: 0, sweptAt: listingFrom });
     return report;
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
