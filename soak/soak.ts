@@ -515,13 +515,14 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       else expected.set(`${h.object}/${h.crmId}/${h.version}`, expected.get(`${h.object}/${h.crmId}/${h.version}`) ?? 'accepted hook');
     }
     let expectedDeletes = 0;
-    let lostDeletes = 0;
+    const lostDeleteRecords: string[] = [];
     for (const d of tracker.deleted) {
       const record = `${d.object}/${d.id}`;
       if (!knownRecords.has(record)) continue;
       expectedDeletes++;
-      if (!deliveredDeletes.has(record)) lostDeletes++;
+      if (!deliveredDeletes.has(record)) lostDeleteRecords.push(record);
     }
+    const lostDeletes = lostDeleteRecords.length;
     const lostVersions = [...expected.keys()].filter((k) => !deliveredVersions.has(k));
     const lost = lostVersions.length + lostDeletes;
     const looped = summary.keys.filter(([, , object, crmId, version]) => ownVersions.has(`${object}/${crmId}/${version}`));
@@ -535,6 +536,11 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     const hook5xx = relay.hooks.filter((h) => h.status >= 500).length;
     const unreachable = relay.hooks.filter((h) => h.status === 0).length;
     if (lostVersions.length > 0) log(`lost, first 10: ${lostVersions.slice(0, 10).map((k) => `${k} (${expected.get(k)})`).join(', ')}`);
+    for (const record of lostDeleteRecords.slice(0, 10)) {
+      const [object, crmId] = record.split('/') as [string, string];
+      const rows = await sql`select source, change, disposition, version, observed_at from ledger where object = ${object} and crm_id = ${crmId} order by seq`;
+      log(`lost delete: ${record}; ledger ${JSON.stringify(rows)}`);
+    }
 
     const requests = sandbox.state.requestLog.list({});
     const faults = { error: 0, tokens401: 0 };
