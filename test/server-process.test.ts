@@ -1,7 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { connection } from './helpers/app.js';
 
@@ -10,11 +11,14 @@ const children: ChildProcess[] = [];
 afterAll(() => children.forEach((c) => c.kill('SIGKILL')));
 
 /** Starts `crm-bridge serve` as `npm start` does and resolves with its address and output. */
-function serve(env: Record<string, string>) {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'serve'], {
+function serve(env: Record<string, string>, options: { cwd?: string } = {}) {
+  // From another working directory, by absolute paths (a service manager's unit, say).
+  const args = options.cwd ? ['--import', pathToFileURL(resolve('node_modules/tsx/dist/loader.mjs')).href, resolve('src/cli.ts'), 'serve'] : ['--import', 'tsx', 'src/cli.ts', 'serve'];
+  const child = spawn(process.execPath, args, {
     // npm start on a fresh machine: the embedded database, whatever the test run uses.
     env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', DATABASE_URL: '', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
+    ...(options.cwd ? { cwd: options.cwd } : {}),
   });
   children.push(child);
   let output = '';
@@ -123,6 +127,15 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(server.output()).toMatch(/PORT/);
     expect(server.output()).toMatch(/LOG_LEVEL/);
     expect(server.output()).not.toMatch(/\n\s+at .*\.ts:\d+/);
+  });
+
+  it('creates its embedded database when started from another working directory', async () => {
+    const elsewhere = mkdtempSync(join(tmpdir(), 'crm-bridge-elsewhere-'));
+    const server = serve({ DATA_DIR: join(elsewhere, 'data') }, { cwd: elsewhere });
+    const base = await server.ready;
+    expect((await fetch(`${base}/health/live`)).status).toBe(200);
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
   });
 
   it('fails at start saying why when the embedded database cannot be created in its directory, exit status 1', async () => {

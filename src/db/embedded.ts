@@ -1,7 +1,8 @@
 import { execFile } from 'node:child_process';
 import fs, { mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { dirname, extname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { PGlite } from '@electric-sql/pglite';
 import { NodeFS } from '@electric-sql/pglite/nodefs';
@@ -45,7 +46,8 @@ export async function createEmbeddedDatabase(dataDir: string): Promise<void> {
 async function createInProcessOfItsOwn(dataDir: string): Promise<void> {
   const self = fileURLToPath(import.meta.url);
   const script = join(dirname(self), `create-embedded${extname(self)}`);
-  const loader = script.endsWith('.ts') ? ['--import', 'tsx'] : [];
+  // Run from source, the script needs tsx, found from here whatever the working directory.
+  const loader = script.endsWith('.ts') ? ['--import', pathToFileURL(createRequire(import.meta.url).resolve('tsx')).href] : [];
   try {
     await promisify(execFile)(process.execPath, [...loader, script, dataDir], { timeout: 180_000 });
   } catch (err) {
