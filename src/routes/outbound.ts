@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import { v7 as uuidv7 } from 'uuid';
 import { getDeliveredState, getOutboundWrite, insertOutboundWrite, type OutboundWrite } from '../db/queries/outbound.js';
+import { timeOrderedId } from '../ids.js';
 import { BadRequestError, ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../errors.js';
 import type { Connection } from '../plugins/config.js';
 import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
@@ -132,7 +132,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
       }
       const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
       // Time-ordered, as the ledger's event ids are (see passChanges): the writes' primary key.
-      const id = uuidv7();
+      const id = timeOrderedId();
       const echo = expectedEcho(definition, operation, fields, id);
       // The loop guard's other direction: the pipeline handing back a CRM-born record as the
       // bridge delivered it would only make the CRM write it again and fire the automation.

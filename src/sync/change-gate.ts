@@ -1,5 +1,5 @@
 import { and, eq, sql } from 'drizzle-orm';
-import { v7 as uuidv7 } from 'uuid';
+import { timeOrderedId } from '../ids.js';
 import { lastStatement, rowsOf, type Db } from '../db/client.js';
 import { headsByKey } from '../db/queries/heads.js';
 import type { ClaimedDelivery } from '../db/queries/outbox.js';
@@ -159,10 +159,9 @@ export async function passChanges(
 ): Promise<GateOutcome[]> {
   if (changes.length === 0) return [];
   const order = changes.map((_, i) => i).sort((a, b) => compareKeys(changes[a]!, changes[b]!));
-  // Time-ordered (UUIDv7): the ledger, its bodies and the outbox are each unique on the event id,
-  // and random ids would land every insert on a random leaf of those indexes; on a ledger of
-  // millions of rows that is a page read and a dirtied page per change in each of them.
-  const eventIds = changes.map(() => uuidv7());
+  // Time-ordered: on a ledger of millions of rows a random id would be a page read and a dirtied
+  // page per change in each of the indexes unique on it.
+  const eventIds = changes.map(() => timeOrderedId());
 
   // Rule 6: head rows are claimed through a constraint, never check-then-insert. A losing
   // concurrent insert waits for the winner's commit; its row is then read under lock below.
@@ -607,7 +606,7 @@ export async function recordNotification(
   tx: Db,
   note: { connectionId: string; object: string; crmId: string; observedAt: Date; raw: unknown },
 ): Promise<GateOutcome> {
-  const eventId = uuidv7();
+  const eventId = timeOrderedId();
   const key = { connectionId: note.connectionId, object: note.object, crmId: note.crmId };
   const inserted = await tx.insert(pendingFetches).values({ ...key, eventId }).onConflictDoNothing().returning();
   if (inserted.length === 0) {
