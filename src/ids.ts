@@ -6,11 +6,12 @@ import { v7 } from 'uuid';
  * outbox and the outbound writes are each unique on such an id, and random ids would put every
  * insert on a random leaf of those indexes.
  *
- * `uuid`'s own v7 draws 16 random bytes from `crypto.getRandomValues` for every id, a call into
- * OpenSSL that cost 3-5% of the bridge's CPU at backfill and hook ingest. Here the bytes come
- * from a pool refilled 256 ids at a time, as Node's `crypto.randomUUID()` pools its own; the
- * millisecond and the counter within it are kept as `uuid` keeps them (RFC 9562, method 1), so
- * ids made later in this process sort after earlier ones.
+ * `uuid`'s own v7 draws 16 random bytes from `crypto.getRandomValues` for every id: a call into
+ * OpenSSL with a system call each time (`getpid`, its check for a fork), 5 µs an id here and 3-5%
+ * of the bridge's CPU at backfill and hook ingest. Here the bytes come from a pool refilled 256
+ * ids at a time, as Node's `crypto.randomUUID()` pools its own; the millisecond and the counter
+ * within it are kept as `uuid` keeps them (RFC 9562, method 1), so ids made later in this process
+ * sort after earlier ones.
  */
 export function timeOrderedId(): string {
   if (offset === pool.length) {
