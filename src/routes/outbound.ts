@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { getDeliveredState, getOutboundWrite, insertOutboundWrite, type OutboundWrite } from '../db/queries/outbound.js';
-import { timeOrderedId } from '../ids.js';
 import { BadRequestError, ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../errors.js';
+import { timeOrderedId } from '../ids.js';
 import type { Connection } from '../plugins/config.js';
 import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
 import { expectedEcho } from '../sync/outbound-writer.js';

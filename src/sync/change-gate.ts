@@ -1,5 +1,4 @@
 import { and, eq, sql } from 'drizzle-orm';
-import { timeOrderedId } from '../ids.js';
 import { lastStatement, rowsOf, type Db } from '../db/client.js';
 import { headsByKey } from '../db/queries/heads.js';
 import type { ClaimedDelivery } from '../db/queries/outbox.js';
@@ -12,6 +11,7 @@ import {
   type ChangeSource,
   type Disposition,
 } from '../db/schema/index.js';
+import { timeOrderedId } from '../ids.js';
 import { canonicalJson, versionRank } from './record.js';
 
 /** One observed change of one CRM record, from any path (hook, poll, sweep, fetched notification). */
