@@ -131,7 +131,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
         throw new UnprocessableError(`Connection ${connection.id} cannot ${operation} "${object}" (it can ${operation}: ${writable.join(', ') || 'nothing'}).`, 'UNKNOWN_OBJECT');
       }
       const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
-      // Time-ordered, as the ledger's event ids are (see passChanges): the writes' primary key.
+      // The writes' primary key, time-ordered as the ledger's event ids are (see timeOrderedId).
       const id = timeOrderedId();
       const echo = expectedEcho(definition, operation, fields, id);
       // The loop guard's other direction: the pipeline handing back a CRM-born record as the

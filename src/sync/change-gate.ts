@@ -159,8 +159,6 @@ export async function passChanges(
 ): Promise<GateOutcome[]> {
   if (changes.length === 0) return [];
   const order = changes.map((_, i) => i).sort((a, b) => compareKeys(changes[a]!, changes[b]!));
-  // Time-ordered: on a ledger of millions of rows a random id would be a page read and a dirtied
-  // page per change in each of the indexes unique on it.
   const eventIds = changes.map(() => timeOrderedId());
 
   // Rule 6: head rows are claimed through a constraint, never check-then-insert. A losing
