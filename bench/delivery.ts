@@ -72,7 +72,7 @@ export async function runDeliveryBench(context: BenchContext): Promise<CaseResul
       ],
       details: [
         `${fmt(ROWS)} outbox rows (~1 KB matters, seeded through the gate before timing) on Postgres; DeliveryWorker ticks back to back (its daemon loop without the pause), concurrency ${CONCURRENCY} (the default); sink: bare Fastify answering 202 in its own process`,
-        `bare loop (${CONCURRENCY} concurrent fetch POSTs of bodies built in memory; before and after): ${[before, after].map((b) => `${fmt(b.ms / 1000, 1)} s`).join('; ')}`,
+        `bare loop (${CONCURRENCY} concurrent POSTs with undici, the bridge's client, of bodies built in memory; before and after): ${[before, after].map((b) => `${fmt(b.ms / 1000, 1)} s`).join('; ')}`,
         `DeliveryWorker: ${fmt(bridgeRun.ms / 1000, 1)} s, ${fmt(ROWS / (bridgeRun.ms / 1000))} deliveries/s, peak RSS ${fmt(bridgeRun.maxRssMb)} MB`,
       ],
     };

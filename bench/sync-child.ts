@@ -3,12 +3,13 @@
 //                          (BENCH_PGLITE_DIR), with the connection in BENCH_CONNECTION (JSON);
 //                          listens on 127.0.0.1 for hooks; daemons start when BENCH_START_DAEMONS=1
 //   sync-child.ts bare     the baselines: fetch the same pages and discard them; POST the same
-//                          bodies at the same concurrency
+//                          bodies at the same concurrency with the bridge's delivery client
 // Timings are taken here, around the work only (process start, migrations and token fetch
 // excluded on both sides).
 import { setTimeout as sleep } from 'node:timers/promises';
 import { count, eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
+import { request as undiciRequest } from 'undici';
 import { buildApp } from '../src/app.js';
 import { loadConfig } from '../src/config/load.js';
 import { clio } from '../src/crm/presets/clio.js';
@@ -168,14 +169,15 @@ async function bareRequest(request: Request): Promise<Record<string, unknown>> {
       await Promise.all(
         Array.from({ length: concurrency }, async () => {
           for (let i = nextIndex++; i < n; i = nextIndex++) {
-            const res = await fetch(sinkUrl, {
+            // The bridge's own HTTP client for deliveries (undici's request), so the ratio is
+            // what the bridge adds to the POSTs, not a difference between clients.
+            const res = await undiciRequest(sinkUrl, {
               method: 'POST',
               headers: { 'content-type': 'application/json', 'idempotency-key': String(i) },
               body: bodies[i]!,
-              redirect: 'manual',
             });
-            await res.body?.cancel();
-            if (res.status !== 202) throw new Error(`POST ${i}: HTTP ${res.status}`);
+            await res.body.dump();
+            if (res.statusCode !== 202) throw new Error(`POST ${i}: HTTP ${res.statusCode}`);
           }
         }),
       );

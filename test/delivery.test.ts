@@ -189,6 +189,38 @@ describe('delivery to the intake pipeline', () => {
     expect(again.statusCode).toBe(409);
   });
 
+  it('dead-letters a redirect without following it, so the pipeline key never goes where it points', async () => {
+    const elsewhere = await startSink();
+    try {
+      const { app, worker } = await startApp();
+      sink.behave(() => ({ status: 307, headers: { location: elsewhere.url } }));
+      await hook(app, matter(8, 1));
+
+      await tickOnce(worker);
+      expect((await states())[0]).toMatchObject({ state: 'dead', attempts: 1, lastStatus: 307 });
+      expect(sink.requests).toHaveLength(1);
+      expect(elsewhere.requests).toHaveLength(0);
+    } finally {
+      await elsewhere.close();
+    }
+  });
+
+  it('keeps only the start of a long error answer, and delivers on the same connection pool after it', async () => {
+    const { app, worker } = await startApp();
+    sink.behave((_r, index) => (index === 0 ? { status: 503, body: `busy ${'x'.repeat(4 * 1024 * 1024)}` } : { status: 200 }));
+    await hook(app, matter(9, 1));
+
+    await tickOnce(worker);
+    const [retrying] = await states();
+    expect(retrying).toMatchObject({ state: 'pending', attempts: 1, lastStatus: 503 });
+    expect(retrying!.lastError).toMatch(/^HTTP 503: busy x+$/);
+    expect(retrying!.lastError!.length).toBeLessThanOrEqual('HTTP 503: '.length + 300);
+
+    await drain(worker);
+    expect((await states())[0]).toMatchObject({ state: 'delivered', attempts: 2 });
+    expect(sink.requests.map((r) => r.status)).toEqual([503, 200]);
+  });
+
   it('lists and replays dead letters through the CLI functions', async () => {
     const { app, worker } = await startApp();
     sink.behave(() => ({ status: 422, body: '{"error":"missing email"}' }));
