@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { and, eq, sql } from 'drizzle-orm';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledger, ledgerBodies, outbox, pendingFetches, recordHeads, streamCursors } from '../src/db/schema/index.js';
@@ -590,7 +591,8 @@ describe('the poller fetching a page ahead and answering held records before the
       // to do its gate work, then fail the first page's (cancel its waiting statement).
       for (let i = 0; i < 400 && listed < 3; i++) await new Promise((r) => setTimeout(r, 10));
       await new Promise((r) => setTimeout(r, 300));
-      await db.execute(sql`select pg_cancel_backend(pid) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`);
+      // The first page's wait for the blocker's row, not the second page's for the first page.
+      await db.execute(sql`select pg_cancel_backend(pid) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and wait_event <> 'advisory'`);
       const failed = await run;
       release();
       await blocker;
@@ -603,6 +605,71 @@ describe('the poller fetching a page ahead and answering held records before the
     } finally {
       release();
       await proxy.close();
+      await bridge.close();
+    }
+  });
+
+  it.skipIf(!process.env.DATABASE_URL)('waits for the page before where Postgres sees it: a transaction between two pages in flight ends in a deadlock error, not a hang', async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
+    const stream = bridge.app.poller.stream('firm', 'matters');
+    let third: Promise<string> | undefined;
+    try {
+      expect((await pollStream(stream)).status).toBe('ok');
+      // Twenty edits: the next run's first page holds the first ten, its second page the next ten.
+      const ids = matterIds(bridge.sandbox).slice(0, 20);
+      for (const id of ids) bridge.sandbox.state.updateRecord('matters', id, { description: 'edited since' });
+      const [first, eleventh] = [String(ids[0]), String(ids[10])];
+      const lockHead = (tx: Pick<typeof db, 'execute'>, crmId: string, mode = sql``) =>
+        tx.execute(sql`select crm_id from record_heads where connection_id = 'firm' and object = 'matters' and crm_id = ${crmId} for update ${mode}`);
+
+      // A third transaction (another replica's hook batch) holds the first page's first record,
+      // and once the second page holds its records, asks for the eleventh: the first page waits
+      // for it, it waits for the second page, and the second page waits for the first.
+      let holding!: () => void;
+      const held = new Promise<void>((resolve) => (holding = resolve));
+      let askNow!: () => void;
+      const ask = new Promise<void>((resolve) => (askNow = resolve));
+      third = db
+        .transaction(async (tx) => {
+          await lockHead(tx, first);
+          holding();
+          await ask;
+          await lockHead(tx, eleventh);
+        })
+        .then(
+          () => 'committed',
+          (err: { code?: string; cause?: { code?: string } }) => err.cause?.code ?? err.code ?? String(err),
+        );
+      await held;
+      const run = pollStream(stream);
+      for (let i = 0; i < 2_000; i++) {
+        // The second page holds the eleventh record once it cannot be locked without waiting.
+        const taken = await db
+          .transaction((tx) => lockHead(tx, eleventh, sql`nowait`))
+          .then(
+            () => false,
+            (err: { cause?: { code?: string } }) => err.cause?.code === '55P03',
+          );
+        if (taken) break;
+        await sleep(10);
+      }
+      askNow();
+
+      const settled = await Promise.race([run.then((r) => r.status), sleep(20_000).then(() => 'stuck')]);
+      expect(settled).not.toBe('stuck');
+      // Postgres ended one of the three (whichever found the cycle); the third either committed
+      // after it or was the one ended.
+      expect(['committed', '40P01']).toContain(await third);
+      // Nothing is lost whichever it was: the next run writes what this one did not.
+      expect((await pollStream(stream)).status).toBe('ok');
+      const heads = await headsByCrmId();
+      for (const id of ids) expect(heads.get(String(id))?.version).toBe(String(bridge.sandbox.state.renderFull('matters', id)!.etag));
+      const delivered = await outboxVersions();
+      for (const id of ids) expect(delivered.filter((d) => d.crmId === String(id))).toHaveLength(2);
+    } finally {
+      // A hang (the cycle unseen) is broken so the bridge can close: every waiting lock is cancelled.
+      await db.execute(sql`select pg_cancel_backend(pid) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() and wait_event_type = 'Lock'`);
+      await third;
       await bridge.close();
     }
   });

@@ -1,10 +1,11 @@
+import { randomUUID } from 'node:crypto';
 import type { FastifyBaseLogger } from 'fastify';
 import type { ConnectionConfig } from '../config/schema.js';
 import type { Connector } from '../crm/connector.js';
 import { CrmHttpError } from '../crm/http-client.js';
 import { NeedsReauthError } from '../crm/token-provider.js';
 import type { Db } from '../db/client.js';
-import { acquireLease, releaseLease, renewLease } from '../db/queries/leases.js';
+import { acquireLease, holdUntilTransactionEnds, releaseLease, renewLease } from '../db/queries/leases.js';
 import {
   advanceStreamCursor,
   databaseNow,
@@ -116,6 +117,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
 
   const started = performance.now();
   const startedAt = new Date();
+  const runId = randomUUID();
   await markStreamAttempt(ctx.db, stream, startedAt);
   const cursor = await getStreamCursor(ctx.db, stream);
   // A stream that never completed a run is a backfill: its changes are not "missed hooks".
@@ -154,6 +156,16 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
     // runs beside it and commits after it (see below), so at most two are open.
     let previous: Promise<void> | undefined;
     let previousKeys = new Set<string>();
+    // Page order is kept by advisory locks as well as in the client. A page holds the lock
+    // named for its number from its start, and after its gate work waits for the one before
+    // it: in Postgres, where the deadlock detector sees it. Waiting only in the client, a page
+    // holding record heads could wait for the page before it while that one waited for a third
+    // transaction (a hook batch or another replica) that waited for those heads: a cycle
+    // Postgres cannot see, which held every transaction in it until a process died (the soak's).
+    // Three names in turn, so a page never asks for a name the page two before it still holds.
+    const orderKey = (page: number) => `poll-order:${runId}:${page % 3}`;
+    let pageNumber = 0;
+    let previousStarted: Promise<void> = Promise.resolve();
     try {
       for await (const page of pages) {
         const seen: SeenRecord[] = [];
@@ -197,13 +209,26 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         // the second must not lock its head while the first still needs it.
         if (before !== undefined && changes.some((c) => previousKeys.has(c.crmId))) await before;
         renewedAt = performance.now();
+        const number = pageNumber++;
+        // The page before must hold its lock before this one asks for it (below). Waiting for
+        // that holds nothing: this page's transaction has not begun.
+        await previousStarted;
+        let markStarted!: () => void;
+        previousStarted = new Promise<void>((resolve) => (markStarted = resolve));
         const committed = ctx.db
           .transaction(async (tx) => {
+            try {
+              await holdUntilTransactionEnds(tx, orderKey(number));
+            } finally {
+              markStarted();
+            }
             const result = await passChanges(tx, changes);
             // Pages commit in order: this one only after the one before it, and not at all if
-            // that one failed. The lease and the stream's cursor are written here, after it,
-            // because both pages write those rows; written first, they would hold this page
-            // back behind the other's whole transaction.
+            // that one failed. The wait is in Postgres first (see orderKey), then here for the
+            // outcome, once the page before has ended. The lease and the stream's cursor are
+            // written after it, because both pages write those rows; written first, they would
+            // hold this page back behind the other's whole transaction.
+            if (number > 0) await holdUntilTransactionEnds(tx, orderKey(number - 1));
             await before;
             // A run stopped meanwhile writes nothing more.
             options.signal?.throwIfAborted();
@@ -217,7 +242,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
             return result;
           })
           .then((passed) => counted([...held, ...passed]));
-        committed.catch((err: unknown) => failed.abort(err));
+        committed.catch((err: unknown) => failed.abort(err)).finally(() => markStarted());
         previous = committed;
         previousKeys = new Set(changes.map((c) => c.crmId));
         // At most two pages in flight: the next is read while this one's transaction runs.

@@ -49,3 +49,12 @@ export async function releaseLease(db: Db, name: string, owner: string): Promise
     .returning({ owner: leases.owner });
   return rows.length === 1;
 }
+
+/**
+ * A transaction-scoped advisory lock on `key` (text, hashed into Postgres's lock space), held
+ * until the transaction ends. Waiting for it is waiting inside Postgres, where the deadlock
+ * detector sees the wait; a wait in the client for another transaction to end is invisible to it.
+ */
+export async function holdUntilTransactionEnds(db: Db, key: string): Promise<void> {
+  await db.execute(sql`select pg_advisory_xact_lock(hashtextextended(${key}, 0))`);
+}
