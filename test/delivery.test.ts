@@ -205,7 +205,7 @@ describe('delivery to the intake pipeline', () => {
     }
   });
 
-  it('keeps only the start of a long error answer, and delivers on the same connection pool after it', async () => {
+  it('keeps only the start of a long error answer, then delivers the row', async () => {
     const { app, worker } = await startApp();
     sink.behave((_r, index) => (index === 0 ? { status: 503, body: `busy ${'x'.repeat(4 * 1024 * 1024)}` } : { status: 200 }));
     await hook(app, matter(9, 1));

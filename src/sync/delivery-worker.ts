@@ -336,7 +336,7 @@ export class DeliveryWorker extends Daemon {
       const excerpt = await this.readExcerpt(response.body);
       const error = `HTTP ${status}${excerpt ? `: ${excerpt}` : ''}`;
       if (status === 408 || status === 429 || status >= 500) {
-        return { kind: 'retry', status, error, retryAfterMs: parseRetryAfter(firstHeader(response.headers['retry-after'])) };
+        return { kind: 'retry', status, error, retryAfterMs: parseRetryAfter(response.headers['retry-after']) };
       }
       return { kind: 'rejected', status, error };
     } finally {
@@ -409,8 +409,9 @@ export function backoffDelay(attempt: number, backoff: { base: number; max: numb
 }
 
 /** `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3); null when absent or unreadable. */
-export function parseRetryAfter(value: string | null, now = Date.now()): number | null {
-  if (value === null) return null;
+export function parseRetryAfter(header: string | string[] | undefined, now = Date.now()): number | null {
+  const value = Array.isArray(header) ? header[0] : header;
+  if (value === undefined) return null;
   const trimmed = value.trim();
   if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
   const at = Date.parse(trimmed);
@@ -423,8 +424,4 @@ function networkReason(err: unknown): string {
   if (typeof code === 'string') return code;
   if (typeof cause?.code === 'string') return cause.code;
   return typeof message === 'string' ? message : String(err);
-}
-
-function firstHeader(value: string | string[] | undefined): string | null {
-  return (Array.isArray(value) ? value[0] : value) ?? null;
 }

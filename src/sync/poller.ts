@@ -217,11 +217,8 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
         previousStarted = new Promise<void>((resolve) => (markStarted = resolve));
         const committed = ctx.db
           .transaction(async (tx) => {
-            try {
-              await holdUntilTransactionEnds(tx, orderKey(number));
-            } finally {
-              markStarted();
-            }
+            await holdUntilTransactionEnds(tx, orderKey(number));
+            markStarted();
             const result = await passChanges(tx, changes);
             // Pages commit in order: this one only after the one before it, and not at all if
             // that one failed. The wait is in Postgres first (see orderKey), then here for the
@@ -242,6 +239,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
             return result;
           })
           .then((passed) => counted([...held, ...passed]));
+        // A transaction that failed before it held its lock holds nothing the next page waits for.
         committed.catch((err: unknown) => failed.abort(err)).finally(() => markStarted());
         previous = committed;
         previousKeys = new Set(changes.map((c) => c.crmId));
