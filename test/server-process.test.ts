@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -11,7 +11,7 @@ const children: ChildProcess[] = [];
 afterAll(() => children.forEach((c) => c.kill('SIGKILL')));
 
 /** Starts `crm-bridge serve` as `npm start` does and resolves with its address and output. */
-function serve(env: Record<string, string>, options: { cwd?: string } = {}) {
+function serve(env: Record<string, string>, options: { cwd?: string; detached?: boolean } = {}) {
   // From another working directory, by absolute paths (a service manager's unit, say).
   const args = options.cwd ? ['--import', pathToFileURL(resolve('node_modules/tsx/dist/loader.mjs')).href, resolve('src/cli.ts'), 'serve'] : ['--import', 'tsx', 'src/cli.ts', 'serve'];
   const child = spawn(process.execPath, args, {
@@ -19,6 +19,8 @@ function serve(env: Record<string, string>, options: { cwd?: string } = {}) {
     env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', DATABASE_URL: '', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
     ...(options.cwd ? { cwd: options.cwd } : {}),
+    // Its own process group, so a kill can take the processes it started with it.
+    detached: options.detached ?? false,
   });
   children.push(child);
   let output = '';
@@ -136,6 +138,33 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect((await fetch(`${base}/health/live`)).status).toBe(200);
     server.child.kill('SIGTERM');
     expect(await server.exited).toBe(0);
+  });
+
+  // A first start killed while it creates the database (an orchestrator's start timeout, the OOM
+  // killer) leaves half a database behind; the next start must create it again, not fail on it
+  // or take it for a whole one.
+  it('starts on a new data directory after a first start was killed with SIGKILL while creating its database', async () => {
+    const fresh = mkdtempSync(join(tmpdir(), 'crm-bridge-cut-'));
+    const first = serve({ DATA_DIR: fresh }, { detached: true });
+    first.ready.catch(() => {});
+    // initdb has written a good part of the database (it writes about 1,000 files).
+    const written = () => readdirSync(fresh, { recursive: true }).length;
+    await waitFor(() => written() > 300, 60_000);
+    process.kill(-first.child.pid!, 'SIGKILL');
+    await first.exited;
+
+    const second = serve({ DATA_DIR: fresh });
+    const base = await second.ready;
+    expect((await fetch(`${base}/health/live`)).status).toBe(200);
+    const secret = readFileSync(join(fresh, 'demo-hook-secret'), 'utf8').trim();
+    const hook = await fetch(`${base}/hooks/demo`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ data: { id: 4001, updated_at: '2026-11-28T10:00:00Z', status: 'Open' } }),
+    });
+    expect(hook.status).toBe(202);
+    second.child.kill('SIGTERM');
+    expect(await second.exited).toBe(0);
   });
 
   it('fails at start saying why when the embedded database cannot be created in its directory, exit status 1', async () => {
