@@ -308,6 +308,49 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 
+  it('never takes a record for deleted when its head appeared or changed while the listing ran', async () => {
+    // 500 matters: the id listing takes three pages of 200.
+    // The automation fires no hook by itself: the test sends each when it is due.
+    const bridge = await startBridge({ database, sandbox: { records: 1000 }, automation: { dropRate: 1 }, connection: { poll: { pageSize: 200 } } });
+    const hook = (record: unknown) =>
+      fetch(`${bridge.base}/hooks/firm?object=matters`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ data: record }),
+      }).then((r) => r.status);
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      await pollStream(stream);
+      // Deleted in the CRM before the sweep; an edit made just before the delete reaches the
+      // bridge late, by its hook, while the listing runs.
+      const gone = matterIds(bridge.sandbox)[0]!;
+      bridge.sandbox.state.updateRecord('matters', gone, { description: 'Closing letter sent' });
+      const lastEdit = bridge.sandbox.state.renderFull('matters', gone);
+      bridge.sandbox.state.deleteRecord('matters', gone);
+      let created = 0;
+      const swept = await sweepStream(stream, {
+        onPage: async (report) => {
+          if (report.pages !== 3) return;
+          // The last page is in: a matter created now, and hooked, is one the listing never saw.
+          const client = { id: bridge.sandbox.state.store.contacts.items[0]!.id };
+          created = bridge.sandbox.state.createRecord('matters', { description: 'Intake call: slip and fall', status: 'open', client }).id;
+          expect(await hook(bridge.sandbox.state.renderFull('matters', created))).toBe(202);
+          expect(await hook(lastEdit)).toBe(202);
+        },
+      });
+      expect(swept).toMatchObject({ status: 'ok', deleted: 0 });
+      const deleted = async () => (await db.select().from(ledger).where(eq(ledger.change, 'delete'))).map((r) => r.crmId);
+      expect(await deleted()).toEqual([]);
+      expect((await headsByCrmId()).get(String(created))).toMatchObject({ deleted: false });
+
+      // The next sweep vouches for both: the new matter lives, the deleted one is deleted.
+      expect(await sweepStream(stream)).toMatchObject({ status: 'ok', deleted: 1 });
+      expect(await deleted()).toEqual([String(gone)]);
+    } finally {
+      await bridge.close();
+    }
+  });
+
   it("dates a sweep from when its listing began: a record deleted while it ran is not vouched for, and the next sweep finds it", async () => {
     const bridge = await startBridge({ database, sandbox: { records: 1000 }, connection: { poll: { pageSize: 200 } } });
     try {

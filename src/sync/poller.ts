@@ -391,6 +391,10 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
   await markStreamAttempt(ctx.db, stream, listingFrom);
 
   try {
+    // The heads as they were before the listing began: the listing vouches for those alone. A
+    // record created while it ran (its hook came in after the listing had passed where the CRM
+    // lists it) is not among them, so it cannot be taken for a delete.
+    const heads = new Map((await listStreamHeads(ctx.db, stream)).map((h) => [h.crmId, h]));
     const listed = new Map<string, string | null>();
     for await (const page of ctx.connector.listAll({ object: ctx.object, ...(options.signal ? { signal: options.signal } : {}) })) {
       for (const { id, version } of page) listed.set(id, version);
@@ -400,13 +404,15 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
       await options.onPage?.(report);
     }
 
-    const heads = new Map((await listStreamHeads(ctx.db, stream)).map((h) => [h.crmId, h.version]));
     const observedAt = new Date();
     const definition = ctx.connection.connector.objects[ctx.object]!;
-    const toFetch = [...listed].filter(([id, version]) => !heads.has(id) || version === null || heads.get(id) !== version).map(([id]) => id);
-    const deletes: ObservedChange[] = [...heads.keys()]
-      .filter((id) => !listed.has(id))
-      .map((crmId) => deleteChange(stream, crmId, 'sweep', observedAt));
+    const toFetch = [...listed].filter(([id, version]) => version === null || heads.get(id)?.version !== version).map(([id]) => id);
+    // A head the listing missed that took a change while the listing ran was seen alive during
+    // it (a hook, a poll): not a delete this time. The next sweep finds it if it is gone by then.
+    const missing = [...heads.keys()].filter((id) => !listed.has(id));
+    const deletes: ObservedChange[] = (await getStreamHeads(ctx.db, stream, missing))
+      .filter((now) => !now.deleted && now.lastEventId === heads.get(now.crmId)!.lastEventId)
+      .map(({ crmId }) => deleteChange(stream, crmId, 'sweep', observedAt));
 
     for (let i = 0; i < toFetch.length; i += 50) {
       const changes: ObservedChange[] = [];

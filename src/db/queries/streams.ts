@@ -65,9 +65,9 @@ export async function finishStreamRun(
 }
 
 /** Every live record head of a stream, for the sweep to compare with the CRM's full listing. */
-export async function listStreamHeads(db: Db, stream: StreamKey): Promise<Array<{ crmId: string; version: string | null }>> {
+export async function listStreamHeads(db: Db, stream: StreamKey): Promise<Array<{ crmId: string; version: string | null; lastEventId: string }>> {
   return db
-    .select({ crmId: recordHeads.crmId, version: recordHeads.version })
+    .select({ crmId: recordHeads.crmId, version: recordHeads.version, lastEventId: recordHeads.lastEventId })
     .from(recordHeads)
     .where(and(eq(recordHeads.connectionId, stream.connectionId), eq(recordHeads.object, stream.object), eq(recordHeads.deleted, false)));
 }
