@@ -97,6 +97,18 @@ connections:
     expect(text).toMatch(/"contacts" is not an object of this connector/);
   });
 
+  it('refuses notification hooks whose records nothing would fetch: an object that is not polled, or has no get call', () => {
+    const clio = { connector: 'clio', baseUrl: 'https://app.clio.com', auth: { type: 'static', token: 'a-static-token-0123' } };
+    const notified = (extra: Record<string, unknown>) => ({ id: 'n', ...clio, inbound: { secrets: ['0123456789abcdef'], payload: 'notification', object: 'matters' }, ...extra });
+    const problems = (conn: unknown) => problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: file('notify.json', JSON.stringify({ connections: [conn] })) })).join('\n');
+    expect(problems(notified({}))).toMatch(/connections\[0\]\.inbound\.payload: notifications carry only an id, but "matters" is not polled/);
+    expect(problems(notified({ poll: { objects: ['contacts'] } }))).toMatch(/"matters" is not polled/);
+    const noGet = { id: 'n', connector: { objects: { matters: { idPath: 'id' } } }, inbound: { secrets: ['0123456789abcdef'], payload: 'notification' } };
+    expect(problems(noGet)).toMatch(/"matters" has no get call in this connector/);
+    // Polled, with the preset's get call: accepted.
+    expect(loadConfig({ CRM_BRIDGE_CONFIG: file('notify-ok.json', JSON.stringify({ connections: [notified({ poll: { objects: ['matters'] } })] })) }).connections).toHaveLength(1);
+  });
+
   it('accepts a 32-byte base64 TOKEN_ENCRYPTION_KEY and refuses another length', () => {
     const conns = { connections: [] as unknown[] };
     conns.connections.push({ id: 'a', connector: { objects: { m: {} } }, inbound: { secrets: ['0123456789abcdef'] } });

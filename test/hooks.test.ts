@@ -17,7 +17,15 @@ beforeAll(async () => {
     connections: [
       connection({ inbound: { secrets: [SECRET, OLD_SECRET] } }),
       connection({ id: 'named-header', inbound: { secrets: [SECRET], header: 'X-Bridge-Secret', recordPath: 'data', bodyLimit: 2048 } }),
-      connection({ id: 'notify', inbound: { secrets: [SECRET], payload: 'notification' } }),
+      // Notified matters are fetched by the poller (never run here: the CRM is nowhere); contacts are not polled.
+      {
+        id: 'notify',
+        connector: 'clio',
+        baseUrl: 'http://127.0.0.1:9',
+        auth: { type: 'static', token: 'a-static-token-0123' },
+        inbound: { secrets: [SECRET], payload: 'notification', object: 'matters' },
+        poll: { objects: ['matters'] },
+      },
     ],
   });
 });
@@ -169,6 +177,15 @@ describe('POST /hooks/:connection', () => {
     const pending = await database.db.select().from(pendingFetches);
     expect(pending).toHaveLength(1);
     expect(await rowCounts()).toEqual({ ledger: 1, outbox: 0 });
+  });
+
+  it('refuses a notification of an object whose records nothing would fetch (not polled), and stores nothing', async () => {
+    const res = await post({ id: 5 }, { connection: 'notify', query: '?object=contacts' });
+    expect(res.statusCode).toBe(422);
+    expect(res.headers['content-type']).toMatch(/application\/problem\+json/);
+    expect(res.json()).toMatchObject({ code: 'NOTIFICATION_NOT_FETCHED', detail: expect.stringMatching(/"contacts" is not polled/) });
+    expect(await database.db.select().from(pendingFetches)).toHaveLength(0);
+    expect(await rowCounts()).toEqual({ ledger: 0, outbox: 0 });
   });
 
   it('turns 50 concurrent identical hooks into one delivery, every answer 2xx', async () => {

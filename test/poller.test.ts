@@ -442,6 +442,36 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 
+  it('goes on past a notified record the CRM refuses (403): the others are fetched and the listing runs, and the refused one keeps its error and waits', async () => {
+    const bridge = await startBridge({ database, connection: { inbound: { payload: 'notification' } }, automation: { dropRate: 1 } });
+    const refused = 1;
+    const proxy = await startFaultProxy({ target: bridge.sandbox.url, fail: (req) => (req.url?.startsWith(`/api/v4/matters/${refused}.json`) ? 403 : undefined) });
+    try {
+      const base = bridge.app.poller.stream('firm', 'matters');
+      const stream = { ...base, connector: connectorForConnection({ connector: base.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 0 } }) };
+      expect((await pollStream(stream)).status).toBe('ok');
+      const [notified, edited] = matterIds(bridge.sandbox);
+      const notify = (id: number) =>
+        bridge.app.inject({ method: 'POST', url: '/hooks/firm?object=matters', headers: { authorization: `Bearer ${SECRET}` }, payload: { data: { id } } }).then((r) => r.statusCode);
+      bridge.sandbox.state.updateRecord('matters', notified!, { description: 'Notified, and fetched' });
+      // This notification is refused, and is fetched first (pending fetches go in id order); the edit's hook was dropped.
+      expect(String(refused) < String(notified)).toBe(true);
+      expect(await notify(refused)).toBe(202);
+      expect(await notify(notified!)).toBe(202);
+      bridge.sandbox.state.updateRecord('matters', edited!, { description: 'Edited, the hook dropped' });
+
+      for (let run = 0; run < 2; run++) expect((await pollStream(stream)).status).toBe('ok');
+      const sources = async (id: number) => (await db.select().from(ledger).where(eq(ledger.crmId, String(id)))).map((r) => `${r.source} ${r.disposition}`);
+      expect(await sources(notified!)).toContain('notification accepted');
+      expect(await sources(edited!)).toContain('poll accepted');
+      const waiting = await db.select().from(pendingFetches);
+      expect(waiting.map((w) => [w.crmId, w.lastError])).toEqual([[String(refused), expect.stringMatching(/403/)]]);
+    } finally {
+      await proxy.close();
+      await bridge.close();
+    }
+  });
+
   it("counts a first run from the beginning as the stream's sweep, so the first sweep waits a sweep interval", async () => {
     const bridge = await startBridge({ database, connection: { poll: { pageSize: 50, sweepInterval: '1h' } } });
     try {

@@ -400,6 +400,22 @@ export const connectionSchema = z
   .strict();
 export type ConnectionConfig = z.infer<typeof connectionSchema>;
 
+/** The streams a connection polls: its configured objects, or every object with a list call. */
+export function pollObjects(connection: Pick<ConnectionConfig, 'connector' | 'poll'>): string[] {
+  if (!connection.poll) return [];
+  return connection.poll.objects ?? Object.entries(connection.connector.objects).filter(([, def]) => def.list !== undefined).map(([name]) => name);
+}
+
+/**
+ * Why notifications of `object` (hooks carrying only an id) would never be fetched, or undefined
+ * when they are: the poller fetches them, with the object's get call.
+ */
+export function unfetchedNotifications(connection: Pick<ConnectionConfig, 'connector' | 'poll'>, object: string): string | undefined {
+  if (connection.connector.objects[object]?.get === undefined) return `"${object}" has no get call in this connector to fetch a notified record with`;
+  if (!pollObjects(connection).includes(object)) return `"${object}" is not polled (poll.objects), and notified records are fetched by its poller`;
+  return undefined;
+}
+
 export const connectionsFileSchema = z
   .object({
     connections: z.array(connectionSchema).min(1, 'list at least one connection'),
@@ -427,6 +443,10 @@ export const connectionsFileSchema = z
           path: ['connections', i, 'inbound', 'object'],
           message: `"${c.inbound.object}" is not an object of this connector (${objects.join(', ')})`,
         });
+      } else if (c.inbound.payload === 'notification') {
+        // The object a hook without ?object= carries; hooks naming another are refused if it cannot be fetched.
+        const why = unfetchedNotifications(c, c.inbound.object ?? objects[0]!);
+        if (why) ctx.addIssue({ code: 'custom', path: ['connections', i, 'inbound', 'payload'], message: `notifications carry only an id, but ${why}` });
       }
     });
   });

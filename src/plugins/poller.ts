@@ -2,7 +2,8 @@ import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
-import { PollDaemon, pollObjects, type StreamContext } from '../sync/poller.js';
+import { pollObjects } from '../config/schema.js';
+import { PollDaemon, type StreamContext } from '../sync/poller.js';
 import { recordRun } from './metrics.js';
 
 declare module 'fastify' {

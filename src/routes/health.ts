@@ -5,7 +5,7 @@ import { getOutboundStats } from '../db/queries/outbound.js';
 import { listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
 import type { Connection } from '../plugins/config.js';
 import { errorClass } from '../privacy.js';
-import { pollObjects } from '../sync/poller.js';
+import { pollObjects } from '../config/schema.js';
 
 const DB_CHECK_TIMEOUT_MS = 2_000;
 

@@ -1,4 +1,5 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { unfetchedNotifications } from '../config/schema.js';
 import { UnauthorizedError, UnprocessableError } from '../errors.js';
 import { logsDebug } from '../logger.js';
 import type { Connection } from '../plugins/config.js';
@@ -69,6 +70,10 @@ export default async function hookRoutes(app: FastifyInstance) {
       if (definition === undefined) {
         throw new UnprocessableError(`Unknown object "${object}" for connection ${connection.id} (known: ${Object.keys(objects).join(', ')}).`, 'UNKNOWN_OBJECT');
       }
+
+      // A notification nothing would fetch is refused, not stored and answered 202 to be lost.
+      const unfetched = connection.inbound.payload === 'notification' ? unfetchedNotifications(connection, object) : undefined;
+      if (unfetched) throw new UnprocessableError(`Notifications carry only an id, but ${unfetched} (connection ${connection.id}).`, 'NOTIFICATION_NOT_FETCHED');
 
       const body: unknown = request.body;
       if (body === null || typeof body !== 'object' || Array.isArray(body)) {

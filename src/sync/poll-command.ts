@@ -3,7 +3,8 @@ import { buildApp } from '../app.js';
 import { loadConfig } from '../config/load.js';
 import { AppError } from '../errors.js';
 import { loggerOptions } from '../logger.js';
-import { pollObjects, pollStream, sweepStream, type RunReport } from './poller.js';
+import { pollObjects } from '../config/schema.js';
+import { pollStream, sweepStream, type RunReport } from './poller.js';
 
 export interface PollCommandOptions {
   connectionId: string;

@@ -299,6 +299,11 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
  * The saved page link cannot be used: the CRM turned it down itself (4xx other than auth and rate
  * limits: an expired page token), or it is on a host the connection no longer points to.
  */
+/** The CRM answered a call about one record with a refusal of that record: a 4xx other than auth, timeouts and rate limits. */
+function refusesRecord(err: unknown): boolean {
+  return err instanceof CrmHttpError && err.code === 'CRM_HTTP_STATUS' && err.status >= 400 && err.status < 500 && ![401, 408, 429].includes(err.status);
+}
+
 function refusesLink(err: unknown): boolean {
   if (!(err instanceof CrmHttpError)) return false;
   if (err.code === 'CRM_OTHER_ORIGIN') return true;
@@ -437,16 +442,22 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
 
 /**
  * Notification-mode hooks stored an id; the record is fetched here and passed through the gate
- * (source `notification`). While the connection needs re-authorisation they stay pending.
+ * (source `notification`). While the connection needs re-authorisation they stay pending. A
+ * record the CRM refuses to give (a 403 on one matter, a 400 on a malformed id) keeps its error
+ * and is tried again next run, without holding up the others or the listing after them: one bad
+ * notification must not stop a stream's polling. Anything else (the CRM down, rate limits, the
+ * network) fails the run, as it would fail the listing.
  */
 export async function fetchPendingNotifications(ctx: StreamContext, signal?: AbortSignal): Promise<number> {
   const stream = { connectionId: ctx.connection.id, object: ctx.object };
   const definition = ctx.connection.connector.objects[ctx.object]!;
   if (definition.get === undefined) return 0;
   let done = 0;
+  let after: string | undefined;
   for (;;) {
-    const pending = await listPendingFetches(ctx.db, stream, 50);
+    const pending = await listPendingFetches(ctx.db, stream, 50, after);
     if (pending.length === 0) return done;
+    after = pending.at(-1)!.crmId;
     for (const note of pending) {
       let raw: unknown;
       try {
@@ -454,7 +465,9 @@ export async function fetchPendingNotifications(ctx: StreamContext, signal?: Abo
       } catch (err) {
         if (err instanceof NeedsReauthError || signal?.aborted) throw err;
         await notePendingFetchError(ctx.db, stream, note.crmId, errorSummary(err));
-        throw err;
+        if (!refusesRecord(err)) throw err;
+        ctx.log.warn({ stream, crmId: note.crmId, error: errorSummary(err) }, `${stream.connectionId}/${stream.object}: the CRM refused the notified record ${note.crmId}; its fetch is tried again next run`);
+        continue;
       }
       const observedAt = new Date();
       const change =
@@ -556,11 +569,5 @@ export class PollDaemon extends Daemon {
     else if (report.kind === 'sweep' && report.deleted > 0) this.ctx.log.info({ report }, `sweep found ${report.deleted} deleted record(s) on ${where}`);
     else this.ctx.log.debug({ report }, `${report.kind} of ${where}: ${report.records} record(s), nothing new`);
   }
-}
-
-/** The streams a connection polls: its configured objects, or every object with a list call. */
-export function pollObjects(connection: Pick<ConnectionConfig, 'connector' | 'poll'>): string[] {
-  if (!connection.poll) return [];
-  return connection.poll.objects ?? Object.entries(connection.connector.objects).filter(([, def]) => def.list !== undefined).map(([name]) => name);
 }
 

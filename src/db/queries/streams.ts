@@ -1,4 +1,4 @@
-import { and, eq, sql } from 'drizzle-orm';
+import { and, eq, gt, sql } from 'drizzle-orm';
 import { rowsOf, type Db } from '../client.js';
 import { headsByKey } from './heads.js';
 import { pendingFetches, recordHeads, streamCursors, type ListingResume } from '../schema/index.js';
@@ -90,12 +90,19 @@ export async function getStreamHeads(
   return rows.map((r) => ({ crmId: r.crm_id, version: r.version, contentHash: r.content_hash, deleted: r.deleted, lastEventId: r.last_event_id }));
 }
 
-export async function listPendingFetches(db: Db, stream: StreamKey, limit: number) {
+/** Pending fetches of a stream in id order (the primary key's), `after` the last id of the previous batch. */
+export async function listPendingFetches(db: Db, stream: StreamKey, limit: number, after?: string) {
   return db
     .select()
     .from(pendingFetches)
-    .where(and(eq(pendingFetches.connectionId, stream.connectionId), eq(pendingFetches.object, stream.object)))
-    .orderBy(pendingFetches.receivedAt)
+    .where(
+      and(
+        eq(pendingFetches.connectionId, stream.connectionId),
+        eq(pendingFetches.object, stream.object),
+        after === undefined ? undefined : gt(pendingFetches.crmId, after),
+      ),
+    )
+    .orderBy(pendingFetches.crmId)
     .limit(limit);
 }
 
