@@ -96,9 +96,10 @@ program
   .command('replay')
   .description('queue a dead letter for delivery again, with the same Idempotency-Key')
   .argument('<eventId>', 'the event id shown by `crm-bridge dead-letters`')
-  .action(async (eventId: string) => {
+  .option('--force', 'replay even though a later change of the record was delivered: the pipeline gets the older version after the newer one')
+  .action(async (eventId: string, options: { force?: boolean }) => {
     const { replayFromCli } = await import('./sync/dead-letters.js');
-    const code = await withDatabase((db) => replayFromCli(db, eventId, (t) => process.stdout.write(t)));
+    const code = await withDatabase((db) => replayFromCli(db, eventId, (t) => process.stdout.write(t), { force: options.force === true }));
     if (code !== 0) process.exitCode = code;
   });
 

@@ -245,6 +245,68 @@ describe('delivery to the intake pipeline', () => {
     expect((await states()).map((r) => r.state)).toEqual(['delivered', 'dead']);
   });
 
+  it('refuses to replay a dead letter once a later change of its record was delivered, naming it, and replays it when forced', async () => {
+    const { app, worker } = await startApp();
+    sink.behave((_r, index) => (index === 0 ? { status: 400 } : { status: 200 }));
+    const older = await hook(app, matter(5, 1));
+    await tickOnce(worker);
+    const newer = await hook(app, matter(5, 2));
+    await drain(worker);
+    expect((await states()).map((r) => r.state)).toEqual(['dead', 'delivered']);
+
+    const replay = (query = '') => app.inject({ method: 'POST', url: `/v1/dead-letters/${older}/replay${query}`, headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+    const refused = await replay();
+    expect(refused.statusCode).toBe(409);
+    expect(refused.headers['content-type']).toMatch(/application\/problem\+json/);
+    expect(refused.json()).toMatchObject({ status: 409, code: 'NEWER_CHANGE_DELIVERED' });
+    expect(refused.json().detail).toContain(newer);
+    expect(refused.json().detail).toMatch(/already delivered.*back in time.*force=true/);
+    let out = '';
+    expect(await replayFromCli(database.db, older, (t) => (out += t))).toBe(1);
+    expect(out).toMatch(new RegExp(`not replayed: .*${newer}.*--force`));
+    expect((await states()).map((r) => r.state)).toEqual(['dead', 'delivered']);
+
+    // Forced, as asked: the older version goes out after the newer one.
+    expect((await replay('?force=true')).statusCode).toBe(202);
+    await drain(worker);
+    expect(sink.applied.map((b) => b.id)).toEqual([newer, older]);
+    expect((await states()).map((r) => r.state)).toEqual(['delivered', 'delivered']);
+  });
+
+  it('refuses a replay while a later change of the record is being delivered, and replays ahead of one still waiting, through the CLI with --force too', async () => {
+    const { app, worker } = await startApp();
+    sink.behave((_r, index) => (index === 0 ? { status: 400 } : 'hold'));
+    const older = await hook(app, matter(6, 1));
+    await tickOnce(worker);
+    const newer = await hook(app, matter(6, 2));
+    const inFlight = tickOnce(worker);
+    await sink.until(() => sink.heldCount === 1, 'the newer change in flight');
+    let out = '';
+    expect(await replayFromCli(database.db, older, (t) => (out += t))).toBe(1);
+    expect(out).toMatch(new RegExp(`${newer}.*is being delivered now`));
+
+    // The pipeline fails it (503): it waits for its retry, and the replay goes first.
+    sink.release({ status: 503 });
+    await inFlight;
+    sink.behave(() => ({ status: 200 }));
+    expect(await replayFromCli(database.db, older, () => {})).toBe(0);
+    await drain(worker);
+    expect(sink.applied.map((b) => b.id)).toEqual([older, newer]);
+
+    // Forced through the CLI once the newer one was delivered.
+    const third = await hook(app, matter(7, 1));
+    sink.behave(() => ({ status: 400 }));
+    await tickOnce(worker);
+    sink.behave(() => ({ status: 200 }));
+    const fourth = await hook(app, matter(7, 2));
+    await drain(worker);
+    out = '';
+    expect(await replayFromCli(database.db, third, (t) => (out += t), { force: true })).toBe(0);
+    expect(out).toContain(`forced: a later change of the record, ${fourth}`);
+    await drain(worker);
+    expect(sink.applied.map((b) => b.id).slice(2)).toEqual([fourth, third]);
+  });
+
   it('answers the dead-letter API with one 401 problem for a missing or wrong admin token, and pages the list', async () => {
     const { app, worker } = await startApp();
     sink.behave(() => ({ status: 400 }));

@@ -2,7 +2,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { presets } from '../src/crm/presets/index.js';
 import { ledgerBodies, outboundWrites } from '../src/db/schema/index.js';
+import { authorise, oauthAuth } from './fixtures/token-helpers.js';
 import { startBridge } from './helpers/bridge.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startFaultProxy } from './helpers/fault-proxy.js';
@@ -40,13 +42,15 @@ async function tickUntilSettled(app: FastifyInstance, id: string) {
 
 const ADMIN_TOKEN = 'operator-admin-token-0123456789';
 
-async function withBridge(run: (app: FastifyInstance, sandbox: Awaited<ReturnType<typeof startBridge>>['sandbox']) => Promise<void>, baseUrl?: string) {
+async function withBridge(run: (app: FastifyInstance, sandbox: Awaited<ReturnType<typeof startBridge>>['sandbox']) => Promise<void>, baseUrl?: string, connection: Record<string, unknown> = {}) {
   const bridge = await startBridge({
     database,
     env: { ADMIN_TOKEN },
+    sandbox: { autoApprove: true },
     connection: {
       ...(baseUrl ? { baseUrl } : {}),
       outbound: { apiKeys: [API_KEY, OLD_KEY], maxAttempts: 3, backoff: { base: '1ms', max: '5ms' } },
+      ...connection,
     },
   });
   try {
@@ -189,6 +193,76 @@ describe('POST /v1/connections/:connection/records', () => {
         expect(sandbox.state.store.matters.items.length).toBe(before + 1);
         expect((await app.inject('/health')).json().connections[0].outbound).toEqual({ pending: 0, failed: 0 });
       }, proxy.url);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  it('holds a write while the connection needs re-authorisation, without using up attempts, shows it waiting, and makes it once re-authorised', async () => {
+    await withBridge(
+      async (app, sandbox) => {
+        const tokens = app.tokens.manager('firm')!;
+        await authorise(tokens);
+        // The grant is revoked and the access token dies: the create's 401 ends in invalid_grant.
+        sandbox.state.revokeTokens();
+        sandbox.state.expireAccessTokens();
+        const before = sandbox.state.store.matters.items.length;
+        const { outboundId } = (await post(app, lead, { 'idempotency-key': 'k-reauth' })).json();
+        const writer = app.outboundWriters.get('firm')!;
+        // Three times maxAttempts: each tick finds the connection still waiting for an operator.
+        const more: boolean[] = [];
+        for (let i = 0; i < 9; i++) more.push(await writer.tick(new AbortController().signal));
+
+        const waiting = (await status(app, outboundId)).json();
+        expect(waiting).toMatchObject({ state: 'pending', attempts: 0, crmId: null });
+        expect(waiting.lastError).toMatch(/needs re-authorisation/);
+        expect(more).not.toContain(true);
+        const health = await app.inject('/health');
+        expect(health.statusCode).toBe(503);
+        expect(health.json().connections[0]).toMatchObject({ auth: { state: 'needs_reauth' }, outbound: { pending: 1, failed: 0 } });
+        expect((await post(app, lead, { 'idempotency-key': 'k-reauth' })).statusCode).toBe(409);
+        expect(sandbox.state.store.matters.items.length).toBe(before);
+
+        await authorise(tokens);
+        await tickUntilSettled(app, outboundId);
+        expect((await status(app, outboundId)).json()).toMatchObject({ state: 'sent', attempts: 1, lastError: null });
+        expect(sandbox.state.store.matters.items.length).toBe(before + 1);
+        expect((await post(app, lead, { 'idempotency-key': 'k-reauth' })).json()).toEqual({ outboundId, status: 'sent' });
+      },
+      undefined,
+      // One write a tick: a full batch given back must not make the writer claim again at once.
+      { auth: oauthAuth(), outbound: { apiKeys: [API_KEY], concurrency: 1, maxAttempts: 3, backoff: { base: '1ms', max: '5ms' } } },
+    );
+  });
+
+  it('makes a create again after an unanswered attempt when the object has no list call to look for it in', async () => {
+    // The clio preset with matters fed by hooks only; the poll lists contacts.
+    const hooksOnly = structuredClone(presets.clio!) as { objects: Record<string, Record<string, unknown>> };
+    delete hooksOnly.objects.matters!.list;
+    let lost = 0;
+    const proxy = await startFaultProxy({
+      answer: async (req, res) => {
+        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
+        res.destroy();
+        return true;
+      },
+    });
+    try {
+      await withBridge(
+        async (app, sandbox) => {
+          proxy.setTarget(sandbox.url);
+          const { outboundId } = (await post(app, lead, { 'idempotency-key': 'k-no-list' })).json();
+          await tickUntilSettled(app, outboundId);
+          const shown = (await status(app, outboundId)).json();
+          expect(shown).toMatchObject({ state: 'sent', attempts: 2, lastError: null });
+          // At least once: the lost attempt's record and this one, both stamped with the write's id.
+          const made = sandbox.state.store.matters.items.filter((m) => m.clientReference === `crm-bridge:${outboundId}`);
+          expect(made.map((m) => String(m.id))).toContain(shown.crmId);
+          expect(made).toHaveLength(2);
+        },
+        proxy.url,
+        { connector: hooksOnly, poll: { objects: ['contacts'] } },
+      );
     } finally {
       await proxy.close();
     }

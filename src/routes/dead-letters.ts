@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { listDeadLetters, replayDeadLetter } from '../db/queries/outbox.js';
 import { ConflictError, NotFoundError, UnauthorizedError } from '../errors.js';
 import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
+import { describeLater } from '../sync/dead-letters.js';
 
 const UUID = '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
 
@@ -76,11 +77,19 @@ export default async function deadLetterRoutes(app: FastifyInstance) {
     },
   );
 
-  app.post<{ Params: { eventId: string } }>(
+  app.post<{ Params: { eventId: string }; Querystring: { force: boolean } }>(
     '/v1/dead-letters/:eventId/replay',
     {
       schema: {
         params: { type: 'object', properties: { eventId: { type: 'string', pattern: UUID } }, required: ['eventId'] },
+        querystring: {
+          type: 'object',
+          properties: {
+            /** Replay even though a later change of the record was delivered (or is being delivered): the pipeline gets the older version after it. */
+            force: { type: 'boolean', default: false },
+          },
+          additionalProperties: false,
+        },
         response: {
           202: {
             type: 'object',
@@ -92,10 +101,18 @@ export default async function deadLetterRoutes(app: FastifyInstance) {
     },
     async (request, reply) => {
       const { eventId } = request.params;
-      const outcome = await replayDeadLetter(app.db, eventId.toLowerCase());
+      const outcome = await replayDeadLetter(app.db, eventId.toLowerCase(), { force: request.query.force });
       if (outcome.status === 'not_found') throw new NotFoundError(`No change with event id ${eventId} is in the outbox.`);
       if (outcome.status === 'not_dead') throw new ConflictError(`Change ${eventId} is ${outcome.state}, not a dead letter.`, 'NOT_A_DEAD_LETTER');
-      request.log.info({ eventId, connection: outcome.connectionId, object: outcome.object, crmId: outcome.crmId }, 'dead letter queued for replay');
+      if (outcome.status === 'newer_change') {
+        throw new ConflictError(
+          `Change ${eventId} of ${outcome.object}/${outcome.crmId} was not replayed: ${describeLater(outcome.newer)}, and replaying the older change would move the record back in time downstream. Add ?force=true to replay it anyway.`,
+          'NEWER_CHANGE_DELIVERED',
+        );
+      }
+      const context = { eventId, connection: outcome.connectionId, object: outcome.object, crmId: outcome.crmId };
+      if (outcome.overtook) request.log.warn({ ...context, newerEventId: outcome.overtook.eventId }, `dead letter forced into replay after a later change: ${describeLater(outcome.overtook)}`);
+      request.log.info(context, 'dead letter queued for replay');
       return reply.code(202).send({ status: 'queued', eventId });
     },
   );

@@ -1,5 +1,5 @@
 import type { Db } from '../db/client.js';
-import { listDeadLetters, replayDeadLetter, type DeadLetter } from '../db/queries/outbox.js';
+import { listDeadLetters, replayDeadLetter, type DeadLetter, type LaterChange } from '../db/queries/outbox.js';
 
 /**
  * The operator's side of dead letters for the CLI (`crm-bridge dead-letters`, `crm-bridge
@@ -21,17 +21,24 @@ export async function printDeadLetters(
   return items.length;
 }
 
-/** Exit status: 0 queued again, 1 no such event or not a dead letter. */
-export async function replayFromCli(db: Db, eventId: string, write: (text: string) => void): Promise<number> {
+/**
+ * Exit status: 0 queued again; 1 no such event, not a dead letter, or refused because a later
+ * change of the record was delivered (or is being delivered) and `force` was not given.
+ */
+export async function replayFromCli(db: Db, eventId: string, write: (text: string) => void, options: { force?: boolean } = {}): Promise<number> {
   if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(eventId)) {
     write(`"${eventId}" is not an event id (a UUID, as listed by crm-bridge dead-letters)\n`);
     return 1;
   }
-  const outcome = await replayDeadLetter(db, eventId.toLowerCase());
+  const outcome = await replayDeadLetter(db, eventId.toLowerCase(), options);
   switch (outcome.status) {
     case 'replayed':
+      if (outcome.overtook) write(`forced: ${describeLater(outcome.overtook)}; the pipeline will get the older change after it\n`);
       write(`queued ${outcome.object}/${outcome.crmId} (${eventId}) for delivery to ${outcome.connectionId} again\n`);
       return 0;
+    case 'newer_change':
+      write(`not replayed: ${describeLater(outcome.newer)}, so ${outcome.object}/${outcome.crmId} would go back in time downstream; run again with --force to send it anyway\n`);
+      return 1;
     case 'not_found':
       write(`no change with event id ${eventId} in the outbox\n`);
       return 1;
@@ -39,6 +46,12 @@ export async function replayFromCli(db: Db, eventId: string, write: (text: strin
       write(`${eventId} is ${outcome.state}, not a dead letter: nothing to replay\n`);
       return 1;
   }
+}
+
+/** The later change a replay would follow, for the operator (the API's 409 and the CLI). */
+export function describeLater(later: LaterChange): string {
+  const version = later.version === null ? '' : ` (version ${later.version})`;
+  return `a later change of the record, ${later.eventId}${version}, ${later.state === 'delivered' ? 'was already delivered' : 'is being delivered now'}`;
 }
 
 function formatTable(items: DeadLetter[]): string {

@@ -2,6 +2,7 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { ObjectDefinition, OutboundConfig } from '../config/schema.js';
 import { ConnectorError, stampsMarker, type Connector } from '../crm/connector.js';
 import { CrmHttpError } from '../crm/http-client.js';
+import { NeedsReauthError } from '../crm/token-provider.js';
 import type { Db } from '../db/client.js';
 import {
   claimOutboundWrites,
@@ -41,6 +42,7 @@ type Attempt =
   | { kind: 'found-earlier'; crmId: string }
   | { kind: 'retry'; status: number | null; error: string }
   | { kind: 'rejected'; status: number | null; error: string }
+  | { kind: 'waiting'; error: string }
   | { kind: 'stopped' };
 
 /**
@@ -64,16 +66,37 @@ export class OutboundWriter extends Daemon {
     // A row whose outcome could not be recorded keeps its lease and is retried when it expires.
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) throw failed.reason;
-    return claimed.length === outbound.concurrency && !signal.aborted;
+    // Writes given back to wait for re-authorisation are due again at once: claiming again
+    // before the pause would spin on them.
+    const waiting = results.some((r) => r.status === 'fulfilled' && r.value === 'waiting');
+    return claimed.length === outbound.concurrency && !waiting && !signal.aborted;
   }
 
-  private async write(row: OutboundWrite, signal: AbortSignal): Promise<void> {
+  /** Returns what the attempt came to. */
+  private async write(row: OutboundWrite, signal: AbortSignal): Promise<Attempt['kind']> {
+    const attempt = await this.call(row, signal);
+    await this.record(row, attempt);
+    return attempt.kind;
+  }
+
+  private async record(row: OutboundWrite, attempt: Attempt): Promise<void> {
     const { db, owner, outbound, log, connectionId } = this.deps;
     const context = { connection: connectionId, object: row.object, outboundId: row.id, attempt: row.attempts };
-    const attempt = await this.call(row, signal);
     switch (attempt.kind) {
       case 'stopped':
         await releaseOutboundClaim(db, { id: row.id, owner });
+        return;
+      case 'waiting':
+        // While a connection needs re-authorisation only polling pauses (DESIGN); the
+        // pipeline's writes wait. Nothing was made (the token manager refuses before the call,
+        // or the CRM answered 401), so the attempt is given back and a wait of any length uses
+        // none of `maxAttempts`. No age limit applies either, deliberately: a clock would throw
+        // away leads the pipeline was told were accepted because nobody re-authorised in time.
+        // The operator bounds the wait: /health answers 503 and counts the write in
+        // `outbound.pending`, and the write shows why in `lastError`. Each tick retries only
+        // the oldest `concurrency` writes, to see whether the connection is back.
+        await releaseOutboundClaim(db, { id: row.id, owner, reason: attempt.error });
+        log.debug(context, `outbound write ${row.id} to ${connectionId} waits for re-authorisation`);
         return;
       case 'written':
         await this.join(row, attempt.raw);
@@ -150,11 +173,24 @@ export class OutboundWriter extends Daemon {
    * the records changed since shortly before the write was queued (the margin covers the CRM's
    * clock running behind ours), the one carrying this write's origin marker, or, for an object
    * without a marker, the newest one showing every written field. A failed listing fails the
-   * attempt, to be retried: creating blind could make the record twice.
+   * attempt, to be retried: creating blind could make the record twice. An object with no list
+   * call is the exception: there, creating again is the only way the write can go through.
    */
   private async findEarlierCreate(row: OutboundWrite, signal: AbortSignal): Promise<string | undefined> {
     const definition = this.deps.objects[row.object];
     if (definition === undefined) return undefined;
+    if (definition.list === undefined) {
+      // A hooks-only object: there is no listing to look in, so the create is made again. The
+      // bridge is at-least-once: a second record is a duplicate the firm sees and merges (it
+      // carries this write's id in the origin marker, where the object has one); failing the
+      // write would lose the pipeline's lead unseen. An echo that did come by hook has already
+      // answered (see call), so this happens only when the hook was dropped too.
+      this.deps.log.warn(
+        { connection: this.deps.connectionId, object: row.object, outboundId: row.id },
+        `outbound create ${row.id}: its last attempt got no answer and "${row.object}" has no list call to look for what it made; creating again, which may make the record twice`,
+      );
+      return undefined;
+    }
     const connector = this.deps.connector();
     const since = new Date(row.createdAt.getTime() - EARLIER_CREATE_MARGIN_MS);
     let found: { crmId: string; rank: number } | undefined;
@@ -216,8 +252,12 @@ export class OutboundWriter extends Daemon {
   }
 }
 
-/** 5xx, 408, 429, timeouts, network errors and auth trouble are worth another try; other 4xx are not. */
+/**
+ * 5xx, 408, 429, timeouts, network errors and token-endpoint trouble are worth another try; other
+ * 4xx are not. A connection that needs re-authorisation is neither: the write waits for it.
+ */
 function classify(err: unknown): Attempt {
+  if (err instanceof NeedsReauthError) return { kind: 'waiting', error: err.message };
   if (err instanceof CrmHttpError) {
     const status = err.status === 0 ? null : err.status;
     if (err.code === 'CRM_HTTP_STATUS' && err.status >= 400 && err.status < 500 && err.status !== 408 && err.status !== 429) {

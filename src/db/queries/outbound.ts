@@ -172,11 +172,21 @@ export async function markOutboundFailed(db: Db, params: { id: string; owner: st
   return rows.length === 1;
 }
 
-/** A stopping writer gives the row back untried: the attempt it counted is returned too. */
-export async function releaseOutboundClaim(db: Db, params: { id: string; owner: string }): Promise<void> {
+/**
+ * A stopping writer, or one whose connection needs re-authorisation (`reason`, shown as the
+ * write's last error), gives the row back untried: the attempt it counted is returned too. The
+ * last status stays: with it, the next attempt still knows whether the one before this ended
+ * without an answer.
+ */
+export async function releaseOutboundClaim(db: Db, params: { id: string; owner: string; reason?: string }): Promise<void> {
   await db
     .update(outboundWrites)
-    .set({ leaseOwner: null, leaseExpiresAt: null, attempts: sql`greatest(${outboundWrites.attempts} - 1, 0)` })
+    .set({
+      leaseOwner: null,
+      leaseExpiresAt: null,
+      attempts: sql`greatest(${outboundWrites.attempts} - 1, 0)`,
+      ...(params.reason === undefined ? {} : { lastError: params.reason, updatedAt: sql`now()` }),
+    })
     .where(heldBy(params.id, params.owner));
 }
 

@@ -1,6 +1,6 @@
 import { and, desc, eq, isNull, lt, lte, or, sql } from 'drizzle-orm';
 import { alias } from 'drizzle-orm/pg-core';
-import type { Db } from '../client.js';
+import { rowsOf, type Db } from '../client.js';
 import { claimLimit, millis } from './sql-parts.js';
 import { ledger, ledgerBodies, outbox, type ChangeKind, type ChangeSource } from '../schema/index.js';
 
@@ -260,32 +260,64 @@ export async function listDeadLetters(
   return { items, nextBefore: rows.length > params.limit ? (items.at(-1)?.id ?? null) : null };
 }
 
+/** A later change of the same record that a replay would be delivered after. */
+export interface LaterChange {
+  eventId: string;
+  version: string | null;
+  /** `in_flight`: a worker holds a live lease on it and may deliver it before the replay. */
+  state: 'delivered' | 'in_flight';
+}
+
 export type ReplayOutcome =
-  | { status: 'replayed'; connectionId: string; object: string; crmId: string }
+  | { status: 'replayed'; connectionId: string; object: string; crmId: string; overtook: LaterChange | null }
+  | { status: 'newer_change'; connectionId: string; object: string; crmId: string; newer: LaterChange }
   | { status: 'not_found' }
   | { status: 'not_dead'; state: 'pending' | 'delivered' };
 
 /**
  * Puts a dead letter back in the queue with a fresh attempt and age budget, under the same event
- * id (so the same Idempotency-Key). It takes its old place in its record's order: newer pending
- * versions of the record wait for it. If a newer version was already delivered, the replay sends
- * the older one after it; the body's `version` lets the pipeline tell, and the operator asked.
+ * id (so the same Idempotency-Key). It takes its old place in its record's order: later pending
+ * changes of the record wait for it, so the record still ends at its newest version downstream.
+ *
+ * A later change already delivered, or in flight (a live lease: it may arrive first), would
+ * have the replay move the record back in time downstream (DESIGN gate rule 3), so the replay is
+ * refused and names it, unless `force` (the operator knows the pipeline orders by `version`).
+ * One statement: the record's later rows are locked while it decides, so a claim (SKIP LOCKED)
+ * cannot take one in between, and one being claimed is read as its claim left it.
  */
-export async function replayDeadLetter(db: Db, eventId: string): Promise<ReplayOutcome> {
-  const [replayed] = await db
-    .update(outbox)
-    .set({
-      state: 'pending',
-      attempts: 0,
-      nextAttemptAt: sql`now()`,
-      queuedAt: sql`now()`,
-      leaseOwner: null,
-      leaseExpiresAt: null,
-    })
-    .where(and(eq(outbox.eventId, eventId), eq(outbox.state, 'dead')))
-    .returning({ connectionId: outbox.connectionId, object: outbox.object, crmId: outbox.crmId });
-  if (replayed) return { status: 'replayed', ...replayed };
-  const [row] = await db.select({ state: outbox.state }).from(outbox).where(eq(outbox.eventId, eventId));
-  if (row === undefined) return { status: 'not_found' };
-  return { status: 'not_dead', state: row.state === 'dead' ? 'pending' : row.state };
+export async function replayDeadLetter(db: Db, eventId: string, options: { force?: boolean } = {}): Promise<ReplayOutcome> {
+  const [row] = await rowsOf<{ connection_id: string; object: string; crm_id: string; replayed: boolean; newer_event_id: string | null; newer_version: string | null; newer_state: LaterChange['state'] | null }>(
+    db.execute(sql`
+      with target as (
+        select id, connection_id, object, crm_id from outbox where event_id = ${eventId} and state = 'dead' for update
+      ), later as (
+        select o.id, o.event_id, o.state, o.lease_expires_at > now() as in_flight
+        from outbox o join target t on o.connection_id = t.connection_id and o.object = t.object and o.crm_id = t.crm_id and o.id > t.id
+        where o.state <> 'dead'
+        for update of o
+      ), ahead as (
+        select l.event_id, l.state, e.version from later l join ledger e on e.event_id = l.event_id
+        where l.state = 'delivered' or l.in_flight
+        order by l.id desc
+        limit 1
+      ), replayed as (
+        update outbox
+        set state = 'pending', attempts = 0, next_attempt_at = now(), queued_at = now(), lease_owner = null, lease_expires_at = null
+        from target
+        where outbox.id = target.id and (${options.force === true}::boolean or not exists (select 1 from ahead))
+        returning outbox.id
+      )
+      select t.connection_id, t.object, t.crm_id, exists (select 1 from replayed) as replayed,
+        a.event_id as newer_event_id, a.version as newer_version, case a.state when 'delivered' then 'delivered' when 'pending' then 'in_flight' end as newer_state
+      from target t left join ahead a on true`),
+  );
+  if (row) {
+    const key = { connectionId: row.connection_id, object: row.object, crmId: row.crm_id };
+    const newer = row.newer_event_id === null ? null : { eventId: row.newer_event_id, version: row.newer_version, state: row.newer_state! };
+    if (row.replayed) return { status: 'replayed', ...key, overtook: newer };
+    return { status: 'newer_change', ...key, newer: newer! };
+  }
+  const [found] = await db.select({ state: outbox.state }).from(outbox).where(eq(outbox.eventId, eventId));
+  if (found === undefined) return { status: 'not_found' };
+  return { status: 'not_dead', state: found.state === 'dead' ? 'pending' : found.state };
 }
