@@ -76,6 +76,7 @@ const repoRoot = fileURLToPath(new URL('..', import.meta.url));
 const HOOK_SECRET = `soak-hook-${randomBytes(12).toString('hex')}`;
 const PIPELINE_KEY = `soak-pipeline-${randomBytes(12).toString('hex')}`;
 const TOKEN_KEY = randomBytes(32).toString('base64');
+const ADMIN_TOKEN = randomBytes(24).toString('base64url');
 
 async function freePort(): Promise<number> {
   const server = createServer();
@@ -289,6 +290,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
       LOG_LEVEL: process.env.SOAK_LOG_LEVEL ?? 'warn',
       LOG_FORMAT: 'json',
       TOKEN_ENCRYPTION_KEY: TOKEN_KEY,
+      ADMIN_TOKEN,
       DATA_DIR: dir,
       AUTH_FAILURE_LIMIT: '0',
       SOAK_HOOK_SECRET: HOOK_SECRET,
@@ -298,7 +300,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     await bridges[0]!.start();
 
     // The operator's one authorisation, through the bridge's own browser flow (auto-approved consent).
-    const startRes = await fetch(`${bridges[0]!.url}/oauth/firm/start`, { redirect: 'manual' });
+    const startRes = await fetch(`${bridges[0]!.url}/oauth/firm/start`, { headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, redirect: 'manual' });
     const cookie = (startRes.headers.get('set-cookie') ?? '').split(';')[0]!;
     const consent = await fetch(startRes.headers.get('location')!, { redirect: 'manual' });
     const callback = await fetch(consent.headers.get('location')!, { headers: { cookie }, redirect: 'manual' });

@@ -391,10 +391,12 @@ describe('the reconciling poller against the sandbox CRM', () => {
       },
       sandbox: { autoApprove: true },
       automation: { payload: 'notification' },
+      env: { ADMIN_TOKEN: 'operator-token-0123456789abcdef' },
     });
+    const admin = { authorization: 'Bearer operator-token-0123456789abcdef' };
     try {
       // Authorise through the browser flow, as an operator would.
-      const start = await bridge.app.inject('/oauth/firm/start');
+      const start = await bridge.app.inject({ url: '/oauth/firm/start', headers: admin });
       const cookie = String(start.headers['set-cookie']).split(';')[0]!;
       const consent = await fetch(String(start.headers.location), { redirect: 'manual' });
       const back = new URL(consent.headers.get('location')!);
@@ -423,7 +425,7 @@ describe('the reconciling poller against the sandbox CRM', () => {
       expect(hook.status).toBe(202);
 
       // Re-authorise; the notifications are fetched and the cursor resumes.
-      const again = await bridge.app.inject('/oauth/firm/start');
+      const again = await bridge.app.inject({ url: '/oauth/firm/start', headers: admin });
       const cookie2 = String(again.headers['set-cookie']).split(';')[0]!;
       const consent2 = await fetch(String(again.headers.location), { redirect: 'manual' });
       const back2 = new URL(consent2.headers.get('location')!);

@@ -186,7 +186,7 @@ describe('secrets and tokens stay out of logs, metrics and error bodies', () => 
     };
     try {
       // Authorise through the bridge's browser flow, keeping the code to look for afterwards.
-      const start = await send({ url: '/oauth/firm/start' });
+      const start = await send({ url: '/oauth/firm/start', headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
       const cookie = String(start.headers['set-cookie']).split(';')[0]!;
       const consent = await fetch(String(start.headers.location), { redirect: 'manual' });
       const callbackUrl = new URL(consent.headers.get('location')!);
@@ -201,7 +201,7 @@ describe('secrets and tokens stay out of logs, metrics and error bodies', () => 
       expect(second.status, second.error ?? '').toBe('ok');
       const accessToken = await app.tokens.manager('firm')!.getAccessToken();
       expect(accessToken.length).toBeGreaterThan(8);
-      // A replayed code (last: the CRM revokes the grant it issued): refused, and the page must not echo it.
+      // A replayed callback: refused (its state is used), and the answer must not echo the code.
       await send({ url: `${callbackUrl.pathname}${callbackUrl.search}`, headers: { cookie } });
 
       // Good and bad traffic on every authenticated route.

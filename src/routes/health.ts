@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { sql } from 'drizzle-orm';
-import { getAuthStates, getDeliveryStats, getLastHookAt } from '../db/queries/health.js';
+import { getAuthStates, getDeliveryStats, getLastHookAt, type StoredAuth } from '../db/queries/health.js';
 import { getOutboundStats } from '../db/queries/outbound.js';
 import { listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
 import type { Connection } from '../plugins/config.js';
@@ -12,7 +12,7 @@ const DB_CHECK_TIMEOUT_MS = 2_000;
 /**
  * `GET /health` is what operators curl and load balancers poll: states, timestamps and counts
  * only, never client data. 503 when the database is unreachable or a connection needs
- * re-authorisation, when a connection's oldest undelivered change is older than its
+ * (re-)authorisation, when a connection's oldest undelivered change is older than its
  * `downstream.degradedAfter` (and, as the poller lands, when a poll goes stale).
  */
 export default async function healthRoutes(app: FastifyInstance) {
@@ -63,13 +63,12 @@ async function buildReport(app: FastifyInstance, startedAt: number) {
       const local = app.hookActivity.get(c.id) ?? null;
       const lastReceivedAt = latest(stored, local);
       const d = delivery.get(c.id);
-      const a = auth.get(c.id);
       const oldestPendingAgeMs = d?.oldestPendingAt ? Math.max(0, now - d.oldestPendingAt.getTime()) : null;
       // Age, not count: a burst of thousands draining fast is fine; one change stuck for an hour is not.
       const degradedAfter = c.downstream?.degradedAfter;
       return {
         id: c.id,
-        auth: a ? { state: a.state, expiresAt: a.expiresAt?.toISOString() ?? null } : { state: 'none' as const, expiresAt: null },
+        auth: authReport(c, auth.get(c.id)),
         hooks: { lastReceivedAt: lastReceivedAt?.toISOString() ?? null },
         delivery: {
           pending: d?.pending ?? 0,
@@ -84,6 +83,17 @@ async function buildReport(app: FastifyInstance, startedAt: number) {
     }),
   );
   return { connections };
+}
+
+/**
+ * The stored auth state. With no row yet, an authorization-code connection has never been
+ * authorised and can neither poll nor write until an operator does it; client credentials and
+ * static tokens need no operator and get their row on first use.
+ */
+function authReport(connection: Connection, stored: StoredAuth | undefined) {
+  if (stored) return { state: stored.state, expiresAt: stored.expiresAt?.toISOString() ?? null };
+  if (connection.auth.type === 'oauth2') return { state: 'needs_reauth' as const, expiresAt: null, reason: 'never_authorised' as const };
+  return { state: 'none' as const, expiresAt: null };
 }
 
 /** Per stream: last attempt, last success, last error (a class and status only), stale. */
@@ -168,7 +178,11 @@ const connectionReportSchema = {
     auth: {
       type: 'object',
       additionalProperties: true,
-      properties: { state: { type: 'string', enum: ['ok', 'needs_reauth', 'none'] }, expiresAt: nullableTime },
+      properties: {
+        state: { type: 'string', enum: ['ok', 'needs_reauth', 'none'], description: 'none: the connection sends no credential, or has not fetched its first token' },
+        expiresAt: nullableTime,
+        reason: { type: 'string', enum: ['never_authorised'], description: 'Only with needs_reauth for an OAuth2 connection no one has authorised yet' },
+      },
     },
     hooks: { type: 'object', additionalProperties: true, properties: { lastReceivedAt: nullableTime } },
     delivery: {

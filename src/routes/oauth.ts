@@ -1,14 +1,18 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { TokenEndpointError, TokenRequestRejectedError, type TokenManager } from '../crm/token-manager.js';
-import { NotFoundError } from '../errors.js';
+import { acquireLease } from '../db/queries/leases.js';
+import { BadRequestError, NotFoundError } from '../errors.js';
 
 /**
  * The authorization-code bootstrap in a browser: `/start` sends the operator to the CRM's
- * consent page, `/callback` receives the code. `state` is signed (connection, expiry, redirect
- * URI, nonce) so no table is needed, and its nonce must match a cookie set by `/start` in the
- * same browser, so a callback URL crafted elsewhere cannot attach someone else's CRM account
- * (RFC 6749 §10.12).
+ * consent page, `/callback` receives the code. Both replace the stored grant, so `/start` is an
+ * operator action behind the admin credential: otherwise anyone who can reach the bridge could
+ * consent with their own CRM account and have the bridge poll it and write leads into it. The
+ * callback cannot carry that credential (the CRM redirects the browser there), so it completes
+ * only a flow an authenticated `/start` began: `state` is signed (connection, expiry, redirect
+ * URI, nonce) so no table is needed, its nonce must match a cookie set by `/start` in the same
+ * browser (RFC 6749 §10.12), and it is taken once.
  */
 
 const STATE_LIFETIME_MS = 10 * 60_000;
@@ -34,16 +38,18 @@ function page(reply: FastifyReply, status: number, title: string, message: strin
 const connectionParams = { type: 'object', properties: { connection: { type: 'string', maxLength: 63 } }, required: ['connection'] } as const;
 
 const startSchema = {
-  summary: "Sends the operator's browser to the CRM's consent page (302) to authorise a connection",
+  summary: "Sends the operator's browser to the CRM's consent page (302) to authorise a connection (admin bearer or basic login with ADMIN_TOKEN as the password)",
   tags: ['oauth'],
+  security: [{ admin: [] }, { adminBasic: [] }],
   params: connectionParams,
 } as const;
 
 const callbackSchema = {
-  summary: 'Where the CRM sends the browser back with an authorization code; answers a small HTML page',
+  summary: 'Where the CRM sends the browser back with an authorization code; a small HTML page, or 400 problem+json when its state is not one an authenticated /start gave this browser, or was used',
   tags: ['oauth'],
   params: connectionParams,
-  // Open: the handler decides on code, state and error itself and answers every case with a page.
+  // Open: the handler decides on code, state and error itself. A state or cookie that does not
+  // hold is refused with problem+json; what the CRM answered to a genuine flow is a page.
   querystring: {
     type: 'object',
     properties: { code: { type: 'string' }, state: { type: 'string' }, error: { type: 'string' }, error_description: { type: 'string' } },
@@ -68,7 +74,7 @@ export default async function oauthRoutes(app: FastifyInstance) {
     return manager;
   };
 
-  app.get<{ Params: { connection: string } }>('/oauth/:connection/start', { schema: startSchema }, async (request, reply) => {
+  app.get<{ Params: { connection: string } }>('/oauth/:connection/start', { onRequest: app.requireAdmin, schema: startSchema }, async (request, reply) => {
     const id = request.params.connection;
     const manager = oauthManager(id);
     const cipher = app.tokens.cipher!;
@@ -90,17 +96,28 @@ export default async function oauthRoutes(app: FastifyInstance) {
     const clearCookie = `${cookieName(id)}=; Path=/oauth/${encodeURIComponent(id)}; Max-Age=0; HttpOnly; SameSite=Lax`;
     reply.header('set-cookie', clearCookie);
 
+    const refuse = (code: string, detail: string) => {
+      request.log.warn({ connection: id, code }, 'OAuth callback refused');
+      return new BadRequestError(`${detail} Start again from /oauth/${id}/start.`, code);
+    };
+
     const verified = q.state === undefined ? null : app.tokens.cipher!.verify(q.state);
     const payload = verified === null ? null : (JSON.parse(verified) as StatePayload);
-    if (payload === null || payload.c !== id) return page(reply, 400, 'Authorisation failed', 'The state parameter is missing or invalid. Start again from /oauth/' + id + '/start.');
-    if (payload.e < Date.now()) return page(reply, 400, 'Authorisation expired', 'The authorisation took too long. Start again from /oauth/' + id + '/start.');
+    if (payload === null || payload.c !== id) throw refuse('OAUTH_STATE_INVALID', 'The state parameter is missing or was not issued by this bridge for this connection.');
+    if (payload.e < Date.now()) throw refuse('OAUTH_STATE_EXPIRED', 'The authorisation took too long.');
     if (readCookie(request, cookieName(id)) !== payload.n) {
-      return page(reply, 400, 'Authorisation failed', 'This callback does not belong to an authorisation started in this browser. Start again from /oauth/' + id + '/start.');
+      throw refuse('OAUTH_STATE_NOT_THIS_BROWSER', 'This callback does not belong to an authorisation started in this browser.');
     }
     if (q.error !== undefined) {
       return page(reply, 400, 'Authorisation refused', `The CRM answered ${q.error}${q.error_description ? `: ${q.error_description}` : ''}.`);
     }
     if (!q.code) return page(reply, 400, 'Authorisation failed', 'The CRM sent no authorization code.');
+    // A state is taken once, as a lease held for its whole lifetime by this callback alone: a
+    // replay (with the cookie copied) finds it held, on any replica, and reaches neither the CRM
+    // nor the stored grant. Taken before the exchange, so a failed one means starting again.
+    if (!(await acquireLease(app.db, `oauth-state:${payload.n}`, randomUUID(), STATE_LIFETIME_MS))) {
+      throw refuse('OAUTH_STATE_USED', 'This authorisation has already been used.');
+    }
 
     try {
       await manager.exchangeCode(q.code, payload.r);

@@ -94,8 +94,9 @@ function renderConnection(c: ConnectionReport, data: PageData): string {
   if (!hasReport(c)) {
     return `<section class="card" aria-label="connection ${escapeHtml(c.id)}"><h2>${escapeHtml(c.id)}</h2><p>${badge('database down', 'bad')}</p></section>`;
   }
+  const neverAuthorised = 'reason' in c.auth && c.auth.reason === 'never_authorised';
   const authTone = c.auth.state === 'ok' ? 'ok' : c.auth.state === 'needs_reauth' ? 'bad' : 'muted';
-  const authText = c.auth.state === 'needs_reauth' ? 'needs re-authorisation' : c.auth.state === 'none' ? 'no CRM auth' : 'authorised';
+  const authText = neverAuthorised ? 'not authorised yet' : c.auth.state === 'needs_reauth' ? 'needs re-authorisation' : c.auth.state === 'none' ? 'no CRM auth' : 'authorised';
   const poll = 'poll' in c ? c.poll : undefined;
   const caught = 'caughtByPoll' in c ? (c.caughtByPoll ?? 0) : 0;
   const announced = data.hookAccepted.get(c.id) ?? 0;
@@ -103,7 +104,10 @@ function renderConnection(c: ConnectionReport, data: PageData): string {
   const pollCell = poll
     ? `${when(poll.lastSuccessAt, data.now)}${poll.stale ? ` ${badge('stale', 'bad')}` : ''}${poll.lastError ? `<div class="muted small">last error: ${escapeHtml(poll.lastError)}</div>` : ''}`
     : '<span class="muted">not polled (hooks only)</span>';
-  const reauth = c.auth.state === 'needs_reauth' ? `<p class="alert">Re-authorise: <code>crm-bridge auth ${escapeHtml(c.id)}</code> or open <code>/oauth/${escapeHtml(c.id)}/start</code>.</p>` : '';
+  const reauth =
+    c.auth.state === 'needs_reauth'
+      ? `<p class="alert">${neverAuthorised ? 'Authorise' : 'Re-authorise'}: <code>crm-bridge auth ${escapeHtml(c.id)}</code> or open <code>/oauth/${escapeHtml(c.id)}/start</code> (admin login).</p>`
+      : '';
   return `<section class="card" aria-label="connection ${escapeHtml(c.id)}">
   <h2>${escapeHtml(c.id)} ${badge(authText, authTone)}</h2>
   ${reauth}

@@ -36,7 +36,13 @@ export async function getLastHookAt(db: Db, connectionId: string): Promise<Date 
   return row?.at ?? null;
 }
 
-export async function getAuthStates(db: Db): Promise<Map<string, { state: 'ok' | 'needs_reauth'; expiresAt: Date | null }>> {
+export interface StoredAuth {
+  state: 'ok' | 'needs_reauth';
+  expiresAt: Date | null;
+}
+
+/** The stored token state per connection; a connection with no row has stored no token yet. */
+export async function getAuthStates(db: Db): Promise<Map<string, StoredAuth>> {
   const rows = await db.select({ connectionId: tokens.connectionId, state: tokens.state, expiresAt: tokens.expiresAt }).from(tokens);
   return new Map(rows.map((r) => [r.connectionId, { state: r.state, expiresAt: r.expiresAt }]));
 }
