@@ -474,6 +474,31 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 
+  it('fetches a notified record at once, without a listing, not in the next poll run an hour away', async () => {
+    const bridge = await startBridge({ database, connection: { inbound: { payload: 'notification' } }, automation: { payload: 'notification' } });
+    const daemon = bridge.app.poller.daemons[0]!;
+    const lists = () => bridge.sandbox.state.requestLog.list({ pathPrefix: '/api/v4/matters.json' }).length;
+    const until = async (check: () => Promise<boolean>) => {
+      for (let i = 0; i < 200 && !(await check()); i++) await sleep(50);
+      expect(await check()).toBe(true);
+    };
+    try {
+      daemon.start(); // its first run lists now; the next is due in an hour
+      await until(async () => (await db.select().from(streamCursors)).some((c) => c.lastSuccessAt !== null));
+      const listed = lists();
+      const id = matterIds(bridge.sandbox)[3]!;
+      bridge.sandbox.state.updateRecord('matters', id, { description: 'Client emailed the signed retainer' });
+      await bridge.sandbox.state.automationIdle();
+
+      await until(async () => (await db.select().from(ledger).where(and(eq(ledger.crmId, String(id)), eq(ledger.source, 'notification')))).length === 1);
+      expect(await db.select().from(pendingFetches)).toHaveLength(0);
+      expect(lists()).toBe(listed);
+    } finally {
+      await daemon.stop();
+      await bridge.close();
+    }
+  });
+
   it("counts a first run from the beginning as the stream's sweep, so the first sweep waits a sweep interval", async () => {
     const bridge = await startBridge({ database, connection: { poll: { pageSize: 50, sweepInterval: '1h' } } });
     try {

@@ -14,6 +14,8 @@ declare module 'fastify' {
       daemons: PollDaemon[];
       /** Runs a connection's streams now instead of at their next interval (say, once it is authorised). */
       wake(connectionId: string): void;
+      /** A notification hook for the stream was stored: its record is fetched now, if this replica polls the stream. */
+      notified(connectionId: string, object: string): void;
     };
   }
 }
@@ -42,22 +44,26 @@ export default fp(
           // New changes are in the outbox: this replica's delivery worker need not wait for its next tick.
           if ((report.counts.accepted ?? 0) > 0) app.deliveryWorkers.get(connectionId)?.wake();
         },
+        onFetched: () => app.deliveryWorkers.get(connectionId)?.wake(),
       };
     };
     const daemons: PollDaemon[] = [];
-    const byConnection = new Map<string, PollDaemon[]>();
+    const byConnection = new Map<string, Map<string, PollDaemon>>();
     for (const connection of app.connections.values()) {
+      const byObject = new Map<string, PollDaemon>();
+      byConnection.set(connection.id, byObject);
       for (const object of pollObjects(connection)) {
         const daemon = new PollDaemon(stream(connection.id, object));
         daemons.push(daemon);
         app.daemons.push(daemon);
-        byConnection.set(connection.id, [...(byConnection.get(connection.id) ?? []), daemon]);
+        byObject.set(object, daemon);
       }
     }
     const wake = (connectionId: string) => {
-      for (const daemon of byConnection.get(connectionId) ?? []) daemon.wake();
+      for (const daemon of byConnection.get(connectionId)?.values() ?? []) daemon.wake();
     };
-    app.decorate('poller', { stream, daemons, wake });
+    const notified = (connectionId: string, object: string) => byConnection.get(connectionId)?.get(object)?.notified();
+    app.decorate('poller', { stream, daemons, wake, notified });
   },
   { name: 'poller', dependencies: ['config', 'db', 'daemons', 'crm', 'metrics'] },
 );

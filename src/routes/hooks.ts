@@ -106,6 +106,7 @@ export default async function hookRoutes(app: FastifyInstance) {
           ? await app.changeWriter.submitNotification({ connectionId: connection.id, object, crmId, observedAt, raw: body })
           : await app.changeWriter.submit(change);
 
+      if (outcome.disposition === 'notified') app.poller.notified(connection.id, object);
       request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `${HOOK_STORY[outcome.disposition]}: ${connection.id} ${object} ${crmId}`);
       app.metrics.changes.inc({ connection: connection.id, object, source: 'hook', disposition: outcome.disposition });
       if (outcome.disposition === 'accepted' || outcome.disposition === 'notified') {

@@ -47,6 +47,11 @@ export abstract class Daemon {
     this.wakeup?.abort();
   }
 
+  /** The pause before the next tick: the interval, plus its jitter. */
+  protected nextPause(): number {
+    return this.options.intervalMs * (1 + Math.random() * (this.options.jitter ?? 0));
+  }
+
   async stop(): Promise<void> {
     this.controller?.abort();
     await this.loop;
@@ -67,7 +72,7 @@ export abstract class Daemon {
         this.woken = false;
         continue;
       }
-      const pause = this.options.intervalMs * (1 + Math.random() * (this.options.jitter ?? 0));
+      const pause = this.nextPause();
       const wakeup = new AbortController();
       this.wakeup = wakeup;
       try {

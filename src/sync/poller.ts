@@ -36,6 +36,8 @@ export interface StreamContext {
   log: FastifyBaseLogger;
   /** Told about every finished poll or sweep run of the daemon (metrics). */
   onRun?: ((report: RunReport, seconds: number) => void) | undefined;
+  /** Told when notified records were fetched between runs (`fetchNotified`). */
+  onFetched?: ((count: number) => void) | undefined;
 }
 
 export interface RunReport {
@@ -483,6 +485,23 @@ export async function fetchPendingNotifications(ctx: StreamContext, signal?: Abo
   }
 }
 
+/**
+ * Fetches the records of a stream's pending notifications now, without a listing, under the
+ * stream's lease (busy: the replica holding it fetches them in its next run). What a
+ * notification hook wakes; a poll run fetches them too.
+ */
+export async function fetchNotified(ctx: StreamContext, signal?: AbortSignal): Promise<void> {
+  const settings = pollSettings(ctx);
+  if (!(await acquireLease(ctx.db, leaseName(ctx.connection.id, ctx.object), ctx.owner, settings.lease))) return;
+  try {
+    const fetched = await fetchPendingNotifications(ctx, signal);
+    if (fetched > 0) ctx.onFetched?.(fetched);
+  } catch (err) {
+    // Left waiting for the next run, which tries again (and reports a failure as the run's).
+    if (!signal?.aborted) ctx.log.debug({ stream: { connectionId: ctx.connection.id, object: ctx.object }, error: errorSummary(err) }, 'notified records not fetched yet');
+  }
+}
+
 async function commitGuarded(ctx: StreamContext, lease: string, ttl: number, changes: ObservedChange[], report: RunReport) {
   if (changes.length === 0) return;
   const outcomes = await ctx.db.transaction(async (tx) => {
@@ -527,13 +546,56 @@ export const errorSummary = errorClass;
  */
 export class PollDaemon extends Daemon {
   private lastSweepCheck = 0;
+  /** When the next poll run is due (performance.now()); the first is due at start. */
+  private nextPollAt = 0;
+  /** Woken for a run now (`wake`): the connection was authorised, say. */
+  private runWanted = false;
+  /** Woken by notification hooks on this replica: their records are fetched without waiting for the next run. */
+  private notesWaiting = false;
 
   constructor(private readonly ctx: StreamContext) {
     const settings = pollSettings(ctx);
     super({ name: `poll:${ctx.connection.id}:${ctx.object}`, intervalMs: settings.interval, jitter: ctx.connection.poll?.jitter ?? DEFAULT_POLL.jitter, log: ctx.log });
   }
 
+  override wake(): void {
+    this.runWanted = true;
+    super.wake();
+  }
+
+  /**
+   * A notification hook stored a record to fetch: fetch it now (under the stream's lease, no
+   * listing), not in the next poll run minutes away. The poll runs keep their schedule.
+   */
+  notified(): void {
+    this.notesWaiting = true;
+    super.wake();
+  }
+
+  /** Until the next poll run is due: a fetch of notified records in between does not push it back. */
+  protected override nextPause(): number {
+    return Math.max(0, this.nextPollAt - performance.now());
+  }
+
   async tick(signal: AbortSignal): Promise<void> {
+    const due = this.runWanted || performance.now() >= this.nextPollAt;
+    this.runWanted = false;
+    const notes = this.notesWaiting;
+    this.notesWaiting = false;
+    if (!due) {
+      if (notes) await fetchNotified(this.ctx, signal);
+      return;
+    }
+    // Not due again while it runs: a notification meanwhile is fetched after it, not by another run.
+    this.nextPollAt = Infinity;
+    try {
+      await this.pollAndSweep(signal);
+    } finally {
+      this.nextPollAt = performance.now() + super.nextPause();
+    }
+  }
+
+  private async pollAndSweep(signal: AbortSignal): Promise<void> {
     const report = await this.timed(() => pollStream(this.ctx, { signal }));
     if (report.status === 'busy' || signal.aborted) return;
     this.logRun(report);
