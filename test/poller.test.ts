@@ -468,6 +468,9 @@ describe('the reconciling poller against the sandbox CRM', () => {
       expect(await sources(edited!)).toContain('poll accepted');
       const waiting = await db.select().from(pendingFetches);
       expect(waiting.map((w) => [w.crmId, w.lastError])).toEqual([[String(refused), expect.stringMatching(/403/)]]);
+      // The operator sees it waiting, refused; the stream itself is healthy.
+      const health = await bridge.app.inject('/health');
+      expect(health.json().connections[0].poll.streams[0]).toMatchObject({ lastError: null, stale: false, notifications: { waiting: 1, failing: 1 } });
     } finally {
       await proxy.close();
       await bridge.close();

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { sql } from 'drizzle-orm';
 import { getAuthStates, getDeliveryStats, getLastHookAt, type StoredAuth } from '../db/queries/health.js';
 import { getOutboundStats } from '../db/queries/outbound.js';
-import { listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
+import { countPendingFetches, listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
 import type { Connection } from '../plugins/config.js';
 import { errorClass } from '../privacy.js';
 import { pollObjects } from '../config/schema.js';
@@ -55,7 +55,13 @@ export async function healthReport(app: FastifyInstance, startedAt: number) {
 }
 
 async function buildReport(app: FastifyInstance, startedAt: number) {
-  const [delivery, auth, cursors, outbound] = await Promise.all([getDeliveryStats(app.db), getAuthStates(app.db), listStreamCursors(app.db), getOutboundStats(app.db)]);
+  const [delivery, auth, cursors, outbound, fetches] = await Promise.all([
+    getDeliveryStats(app.db),
+    getAuthStates(app.db),
+    listStreamCursors(app.db),
+    getOutboundStats(app.db),
+    countPendingFetches(app.db),
+  ]);
   const now = Date.now();
   const connections = await Promise.all(
     [...app.connections.values()].map(async (c) => {
@@ -76,7 +82,7 @@ async function buildReport(app: FastifyInstance, startedAt: number) {
           deadLetters: d?.deadLetters ?? 0,
           degraded: oldestPendingAgeMs !== null && degradedAfter !== undefined && oldestPendingAgeMs > degradedAfter,
         },
-        ...pollReport(c, cursors, now, startedAt),
+        ...pollReport(c, cursors, fetches, now, startedAt),
         // Pipeline writes not yet made, and those the CRM refused for good (see GET /v1/connections/:id/records/:outboundId).
         ...(c.outbound ? { outbound: { pending: outbound.get(c.id)?.pending ?? 0, failed: outbound.get(c.id)?.failed ?? 0 } } : {}),
       };
@@ -97,7 +103,7 @@ function authReport(connection: Connection, stored: StoredAuth | undefined) {
 }
 
 /** Per stream: last attempt, last success, last error (a class and status only), stale. */
-function pollReport(connection: Connection, cursors: StreamCursor[], now: number, startedAt: number) {
+function pollReport(connection: Connection, cursors: StreamCursor[], fetches: Awaited<ReturnType<typeof countPendingFetches>>, now: number, startedAt: number) {
   const objects = pollObjects(connection);
   if (objects.length === 0) return {};
   const interval = connection.poll?.interval ?? 300_000;
@@ -115,6 +121,8 @@ function pollReport(connection: Connection, cursors: StreamCursor[], now: number
       cursor: cursor?.cursorUpdatedAt ?? null,
       caughtByPoll: cursor?.caughtByPoll ?? 0,
       stale: now - (lastSuccess ?? startedAt) > staleAfter,
+      // Notified records not fetched yet, and those the CRM refused when last asked (a 403 on one record).
+      ...(connection.inbound.payload === 'notification' ? { notifications: notificationsOf(fetches, connection.id, object) } : {}),
     };
   });
   const oldest = streams.reduce<string | null>((min, s) => (s.lastSuccessAt === null || (min !== null && min < s.lastSuccessAt) ? min : s.lastSuccessAt), null);
@@ -129,6 +137,11 @@ function pollReport(connection: Connection, cursors: StreamCursor[], now: number
     },
     caughtByPoll: streams.reduce((sum, s) => sum + s.caughtByPoll, 0),
   };
+}
+
+function notificationsOf(fetches: Awaited<ReturnType<typeof countPendingFetches>>, connectionId: string, object: string) {
+  const row = fetches.find((f) => f.connectionId === connectionId && f.object === object);
+  return { waiting: row?.waiting ?? 0, failing: row?.failing ?? 0 };
 }
 
 function iso(d: Date | null | undefined): string | null {
@@ -166,6 +179,11 @@ const streamSchema = {
     cursor: nullableString,
     caughtByPoll: { type: 'integer' },
     stale: { type: 'boolean' },
+    notifications: {
+      type: 'object',
+      description: 'Notification hooks only: notified records not fetched yet, and those the CRM refused when last asked (each is tried again every run).',
+      properties: { waiting: { type: 'integer' }, failing: { type: 'integer' } },
+    },
   },
 } as const;
 

@@ -17,6 +17,19 @@ export async function listStreamCursors(db: Db): Promise<StreamCursor[]> {
   return db.select().from(streamCursors);
 }
 
+/** Notified records waiting to be fetched, per stream, and how many of them the CRM last refused. */
+export async function countPendingFetches(db: Db): Promise<Array<StreamKey & { waiting: number; failing: number }>> {
+  return db
+    .select({
+      connectionId: pendingFetches.connectionId,
+      object: pendingFetches.object,
+      waiting: sql<number>`count(*)::int`,
+      failing: sql<number>`count(${pendingFetches.lastError})::int`,
+    })
+    .from(pendingFetches)
+    .groupBy(pendingFetches.connectionId, pendingFetches.object);
+}
+
 /** Records the start of a run; creates the stream's row on its first run. */
 export async function markStreamAttempt(db: Db, stream: StreamKey, at: Date): Promise<void> {
   await db
