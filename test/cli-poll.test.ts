@@ -22,18 +22,22 @@ afterAll(async () => {
   await database?.close();
 });
 
-/** Runs `crm-bridge <args>` on the embedded database in a fresh DATA_DIR (or DATABASE_URL). */
-function cli(args: string[], dataDir = dir): Promise<{ code: number | null; out: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
-      env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dataDir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: database?.url ?? '' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let out = '';
-    child.stdout.on('data', (d: Buffer) => (out += d));
-    child.stderr.on('data', (d: Buffer) => (out += d));
-    child.on('exit', (code) => resolve({ code, out }));
+/** Starts `crm-bridge <args>` on the embedded database in a fresh DATA_DIR (or DATABASE_URL). */
+function start(args: string[], dataDir = dir) {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
+    env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dataDir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: database?.url ?? '' },
+    stdio: ['ignore', 'pipe', 'pipe'],
   });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d));
+  child.stderr.on('data', (d: Buffer) => (out += d));
+  const exited = new Promise<{ code: number | null; out: string }>((resolve) => child.on('exit', (code) => resolve({ code, out })));
+  return { child, exited, out: () => out };
+}
+
+/** Runs `crm-bridge <args>` to its end. */
+function cli(args: string[], dataDir = dir): Promise<{ code: number | null; out: string }> {
+  return start(args, dataDir).exited;
 }
 
 describe('crm-bridge poll and sweep', () => {
@@ -45,6 +49,15 @@ describe('crm-bridge poll and sweep', () => {
     const second = await cli(['poll', 'firm', '--once']);
     expect(second.code).toBe(0);
     expect(second.out).toMatch(/poll done: (\d+ duplicate|no changes)/);
+  });
+
+  it('keeps polling on the interval without --once, and stops at once on Ctrl-C, not after the interval', async () => {
+    const follow = start(['poll', 'firm']);
+    for (let i = 0; i < 600 && !/poll done/.test(follow.out()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(follow.out()).toMatch(/firm\/matters: poll done/);
+    // The next pass is an hour away (the connection's interval).
+    follow.child.kill('SIGINT');
+    expect((await follow.exited).code).toBe(0);
   });
 
   it('sweeps and reports deletes', async () => {

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 import { buildApp } from '../app.js';
 import { loadConfig } from '../config/load.js';
@@ -49,7 +50,8 @@ export async function runPollCommand(options: PollCommandOptions): Promise<numbe
         options.print(`${summarise(report)}\n`);
         if (report.status === 'failed') failed = true;
       }
-      if (options.follow) await new Promise((resolve) => setTimeout(resolve, connection.poll?.interval ?? 300_000));
+      // Ctrl-C ends the pause at once, not after the interval.
+      if (options.follow) await sleep(connection.poll?.interval ?? 300_000, undefined, options.signal ? { signal: options.signal } : {}).catch(() => {});
     } while (options.follow && !options.signal?.aborted);
   } finally {
     await app.close();
