@@ -22,7 +22,7 @@ beforeAll(async () => {
         id: 'notify',
         connector: 'clio',
         baseUrl: 'http://127.0.0.1:9',
-        auth: { type: 'static', token: 'a-static-token-0123' },
+        auth: { type: 'none' },
         inbound: { secrets: [SECRET], payload: 'notification', object: 'matters' },
         poll: { objects: ['matters'] },
       },

@@ -8,7 +8,7 @@ import { pollStream } from '../src/sync/poller.js';
 import { observeRecord } from '../src/sync/record.js';
 import { claimOutboundWrites, markOutboundSent } from '../src/db/queries/outbound.js';
 import { startBridge } from './helpers/bridge.js';
-import { startFaultProxy } from './helpers/fault-proxy.js';
+import { loseFirstCreateAnswer, startFaultProxy } from './helpers/fault-proxy.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startPipelineStub, type PipelineStub } from './fixtures/pipeline-stub.js';
 
@@ -285,14 +285,7 @@ describe('the loop guard against the sandbox CRM', () => {
     it(`does not make a lead twice when the create's answer was lost and its hook dropped, ${label}`, async () => {
       // The proxy lets the first create reach the CRM and drops the connection instead of
       // answering; the automation drops every hook. The retry must find what the CRM made.
-      let lost = 0;
-      const proxy = await startFaultProxy({
-        answer: async (req, res) => {
-          if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
-          res.destroy();
-          return true;
-        },
-      });
+      const proxy = await startFaultProxy({ answer: loseFirstCreateAnswer('/api/v4/matters.json') });
       const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url, ...(connector ? { connector } : {}) });
       const { app, sandbox } = bridge;
       proxy.setTarget(sandbox.url);

@@ -7,7 +7,7 @@ import { ledgerBodies, outboundWrites } from '../src/db/schema/index.js';
 import { authorise, oauthAuth } from './fixtures/token-helpers.js';
 import { startBridge } from './helpers/bridge.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
-import { startFaultProxy } from './helpers/fault-proxy.js';
+import { loseFirstCreateAnswer, startFaultProxy } from './helpers/fault-proxy.js';
 
 const API_KEY = 'pipeline-api-key-0123456789';
 const OLD_KEY = 'old-pipeline-key-9876543210';
@@ -239,14 +239,7 @@ describe('POST /v1/connections/:connection/records', () => {
     // The clio preset with matters fed by hooks only; the poll lists contacts.
     const hooksOnly = structuredClone(presets.clio!) as { objects: Record<string, Record<string, unknown>> };
     delete hooksOnly.objects.matters!.list;
-    let lost = 0;
-    const proxy = await startFaultProxy({
-      answer: async (req, res) => {
-        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json') || lost++ > 0) return false;
-        res.destroy();
-        return true;
-      },
-    });
+    const proxy = await startFaultProxy({ answer: loseFirstCreateAnswer('/api/v4/matters.json') });
     try {
       await withBridge(
         async (app, sandbox) => {

@@ -54,3 +54,16 @@ export async function startFaultProxy(options: FaultProxyOptions) {
       }),
   };
 }
+
+/**
+ * An `answer` that lets the first create (POST under `path`) reach the CRM and drops the
+ * connection instead of answering it: the CRM made the record, the bridge never heard.
+ */
+export function loseFirstCreateAnswer(path: string): NonNullable<FaultProxyOptions['answer']> {
+  let lost = 0;
+  return async (req, res) => {
+    if (req.method !== 'POST' || !req.url!.startsWith(path) || lost++ > 0) return false;
+    res.destroy();
+    return true;
+  };
+}
