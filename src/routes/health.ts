@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { sql } from 'drizzle-orm';
 import { getAuthStates, getDeliveryStats, getLastHookAt, type StoredAuth } from '../db/queries/health.js';
 import { getOutboundStats } from '../db/queries/outbound.js';
-import { countPendingFetches, listStreamCursors, type StreamCursor } from '../db/queries/streams.js';
+import { countPendingFetches, listStreamCursors, type PendingFetchCounts, type StreamCursor } from '../db/queries/streams.js';
 import type { Connection } from '../plugins/config.js';
 import { errorClass } from '../privacy.js';
 import { pollObjects } from '../config/schema.js';
@@ -103,7 +103,7 @@ function authReport(connection: Connection, stored: StoredAuth | undefined) {
 }
 
 /** Per stream: last attempt, last success, last error (a class and status only), stale. */
-function pollReport(connection: Connection, cursors: StreamCursor[], fetches: Awaited<ReturnType<typeof countPendingFetches>>, now: number, startedAt: number) {
+function pollReport(connection: Connection, cursors: StreamCursor[], fetches: PendingFetchCounts, now: number, startedAt: number) {
   const objects = pollObjects(connection);
   if (objects.length === 0) return {};
   const interval = connection.poll?.interval ?? 300_000;
@@ -139,7 +139,7 @@ function pollReport(connection: Connection, cursors: StreamCursor[], fetches: Aw
   };
 }
 
-function notificationsOf(fetches: Awaited<ReturnType<typeof countPendingFetches>>, connectionId: string, object: string) {
+function notificationsOf(fetches: PendingFetchCounts, connectionId: string, object: string) {
   const row = fetches.find((f) => f.connectionId === connectionId && f.object === object);
   return { waiting: row?.waiting ?? 0, failing: row?.failing ?? 0 };
 }

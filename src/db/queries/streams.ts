@@ -17,8 +17,10 @@ export async function listStreamCursors(db: Db): Promise<StreamCursor[]> {
   return db.select().from(streamCursors);
 }
 
+export type PendingFetchCounts = Array<StreamKey & { waiting: number; failing: number }>;
+
 /** Notified records waiting to be fetched, per stream, and how many of them the CRM last refused. */
-export async function countPendingFetches(db: Db): Promise<Array<StreamKey & { waiting: number; failing: number }>> {
+export async function countPendingFetches(db: Db): Promise<PendingFetchCounts> {
   return db
     .select({
       connectionId: pendingFetches.connectionId,
