@@ -110,6 +110,33 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(await second.exited).toBe(0);
   });
 
+  it('keeps a CLI command off the embedded database while the server runs on it, with one line saying why, and lets it on once the server stopped', async () => {
+    const cli = (args: string[]) =>
+      new Promise<{ code: number | null; out: string }>((resolve) => {
+        const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
+          env: { ...process.env, DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', DATABASE_URL: '' },
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        let out = '';
+        child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+        child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+        child.on('exit', (code) => resolve({ code, out }));
+      });
+    const server = serve({});
+    const base = await server.ready;
+    const refused = await cli(['dead-letters']);
+    expect(refused.code).toBe(1);
+    expect(refused.out).toMatch(new RegExp(`in use by another crm-bridge process \\(pid ${server.child.pid}\\)`));
+    expect(refused.out).not.toMatch(/\n\s+at /);
+    expect((await fetch(`${base}/health/live`)).status).toBe(200);
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
+
+    const after = await cli(['dead-letters']);
+    expect(after.out).not.toMatch(/in use/);
+    expect(after.code).toBe(0);
+  });
+
   it('says what the embedded database cannot do when it serves a real connections file', async () => {
     const config = join(dataDir, 'connections.json');
     writeFileSync(config, JSON.stringify({ connections: [connection()] }));

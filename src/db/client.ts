@@ -44,7 +44,7 @@ export interface DatabaseOptions {
 export function openDatabase(options: DatabaseOptions): Database {
   if (options.url) return openPostgres(options.url, options.max ?? 10);
   const dataDir = options.dataDir ?? 'memory://';
-  const client = openEmbedded(dataDir);
+  const { client, unlock } = openEmbedded(dataDir);
   const db = drizzlePglite(client, { schema }) as unknown as Db;
   return {
     db,
@@ -52,7 +52,11 @@ export function openDatabase(options: DatabaseOptions): Database {
     // PGlite is one connection in this process: nothing else can migrate concurrently.
     migrate: () => migratePglite(drizzlePglite(client, { schema }), { migrationsFolder }),
     close: async () => {
-      if (!client.closed) await client.close();
+      try {
+        if (!client.closed) await client.close();
+      } finally {
+        unlock();
+      }
     },
   };
 }

@@ -1,6 +1,7 @@
 import { execFile } from 'node:child_process';
 import fs, { mkdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { hostname } from 'node:os';
 import { dirname, extname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
@@ -11,10 +12,76 @@ import { NodeFS } from '@electric-sql/pglite/nodefs';
  * The embedded database: PGlite in this process, in memory (`memory://`, for tests) or in a data
  * directory on disk, where it is as durable as Postgres (`SyncedNodeFS`).
  */
-export function openEmbedded(dataDir: string): PGlite {
-  if (dataDir.startsWith('memory://')) return new PGlite(dataDir, { startParams: [...PGlite.defaultStartParams, ...sharedBuffers] });
+export function openEmbedded(dataDir: string): { client: PGlite; unlock: () => void } {
+  if (dataDir.startsWith('memory://')) return { client: new PGlite(dataDir, { startParams: [...PGlite.defaultStartParams, ...sharedBuffers] }), unlock: () => {} };
   mkdirSync(dataDir, { recursive: true });
-  return embeddedOnDisk(dataDir);
+  const unlock = lockDataDir(dataDir);
+  try {
+    return { client: embeddedOnDisk(dataDir), unlock };
+  } catch (err) {
+    unlock();
+    throw err;
+  }
+}
+
+/**
+ * One process at a time on a data directory. PGlite takes no lock of its own (Postgres's
+ * postmaster.pid is not checked): a second process on the same files, a CLI command beside the
+ * running server, would write over what the first has cached, and what it changed (a replayed
+ * dead letter, a new grant) would not be seen by the first. The lock is a file beside the
+ * directory (initdb needs the directory empty) naming the holder's pid and host; a holder that is
+ * gone (killed, the machine restarted, a container started again with its pid) leaves a lock
+ * that is taken over. Returns its release.
+ */
+function lockDataDir(dataDir: string): () => void {
+  const path = `${dataDir}.lock`;
+  const mine = JSON.stringify({ pid: process.pid, host: hostname() });
+  for (let attempt = 0; ; attempt++) {
+    try {
+      fs.writeFileSync(path, mine, { flag: 'wx', mode: 0o600 });
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const holder = lockHolder(path);
+      if (attempt > 0 || (holder !== undefined && holder.host === hostname() && holder.pid !== process.pid && isRunning(holder.pid))) {
+        throw new Error(
+          `The embedded database in ${dataDir} is in use by another crm-bridge process${holder ? ` (pid ${holder.pid})` : ''}: the server and the CLI cannot share it. ` +
+            `Stop the server first or use its HTTP API; with DATABASE_URL (Postgres) they can run side by side. If no crm-bridge is running, delete ${path}.`,
+        );
+      }
+      fs.rmSync(path, { force: true });
+    }
+  }
+  const unlock = () => {
+    process.off('exit', unlock);
+    try {
+      if (fs.readFileSync(path, 'utf8') === mine) fs.rmSync(path);
+    } catch {
+      // Gone already.
+    }
+  };
+  process.on('exit', unlock);
+  return unlock;
+}
+
+/** Who holds a lock file; undefined when it cannot be read (a holder that died writing it). */
+function lockHolder(path: string): { pid: number; host: string } | undefined {
+  try {
+    const holder = JSON.parse(fs.readFileSync(path, 'utf8')) as { pid?: unknown; host?: unknown };
+    return typeof holder.pid === 'number' && typeof holder.host === 'string' ? { pid: holder.pid, host: holder.host } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: it runs, as another user.
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 /**
