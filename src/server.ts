@@ -42,7 +42,7 @@ export async function serve(): Promise<void> {
   const base = address.replace('0.0.0.0', '127.0.0.1').replace('[::]', '127.0.0.1');
   const lines = [
     `crm-bridge is listening on ${base} (database: ${app.database.driver === 'pglite' ? `embedded, in ${config.env.DATA_DIR}` : 'Postgres'})`,
-    `  status page:  ${base}/${config.env.ADMIN_TOKEN ? '  (log in with any user and ADMIN_TOKEN as the password)' : ''}`,
+    `  status page:  ${base}/  ${config.env.ADMIN_TOKEN ? '(log in with any user and ADMIN_TOKEN as the password)' : '(answers 401: set ADMIN_TOKEN to open it and /docs)'}`,
     `  health:       curl ${base}/health`,
   ];
   if (!demo && app.database.driver === 'pglite') {
