@@ -1,6 +1,7 @@
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { ConfigError } from './config/load.js';
 import { AppError } from './errors.js';
+import { EXIT_BUSY } from './sync/exit-status.js';
 
 /** The `crm-bridge` command. Operator mistakes end in one line and the usage, exit status 2. */
 const program = new Command()
@@ -128,12 +129,23 @@ program
     if (code !== 0) process.exitCode = code;
   });
 
+/** The exit statuses of the one-shot stream commands, for their help. */
+const streamExitStatus = (failed: string) => `
+Exit status:
+  0   every stream is done
+  1   ${failed}
+  2   a usage error
+  ${EXIT_BUSY}  another process (the server, another crm-bridge command) was running a stream, so
+      nothing was read for it; try again when it ends
+Each stream's lease is given back when its run ends, done or failed.`;
+
 program
   .command('poll')
   .description('poll a connection now: read what changed since its cursor and pass it through the change gate')
   .argument('<connection>', 'the connection id from the connections file')
   .option('--once', 'one pass over each stream, then exit (without it: keep polling on the interval until Ctrl-C)')
   .option('-o, --object <name>', 'only this object (default: every polled object)')
+  .addHelpText('after', streamExitStatus('a stream failed'))
   .action(async (connectionId: string, options: { once?: boolean; object?: string }) => {
     const { runPollCommand } = await import('./sync/poll-command.js');
     const stop = new AbortController();
@@ -147,6 +159,7 @@ program
   .description('list every record id of a connection and reconcile with the ledger: unseen records are processed, vanished ones become deletes')
   .argument('<connection>', 'the connection id from the connections file')
   .option('-o, --object <name>', 'only this object (default: every polled object)')
+  .addHelpText('after', streamExitStatus('a stream failed'))
   .action(async (connectionId: string, options: { object?: string }) => {
     const { runPollCommand } = await import('./sync/poll-command.js');
     const code = await runPollCommand({ connectionId, object: options.object, kind: 'sweep', print: (t) => process.stdout.write(t) });
@@ -163,6 +176,7 @@ program
     if (!/^\d{4}-\d{2}-\d{2}/.test(v) || Number.isNaN(at.getTime())) throw new InvalidArgumentError('--since must be an ISO-8601 date or time, e.g. 2024-01-31 or 2024-01-31T12:00:00Z.');
     return at;
   })
+  .addHelpText('after', streamExitStatus('a stream failed, or was stopped (Ctrl-C: run it again to continue)'))
   .action(async (connectionId: string, options: { object?: string; since?: Date }) => {
     const { runBackfillCommand } = await import('./sync/backfill-command.js');
     const stop = new AbortController();

@@ -1,6 +1,8 @@
 import { pino } from 'pino';
 import { buildApp } from './app.js';
 import { loadConfig } from './config/load.js';
+import type { AuthConfig } from './config/schema.js';
+import { reauthHint } from './crm/token-provider.js';
 import { healthReport } from './routes/health.js';
 
 export interface StatusOptions {
@@ -12,7 +14,7 @@ export interface StatusOptions {
 
 interface ConnectionRow {
   id: string;
-  auth?: { state: string };
+  auth?: { state: string; type?: AuthConfig['type'] };
   hooks?: { lastReceivedAt: string | null };
   delivery?: { pending: number; deadLetters: number; degraded?: boolean };
   poll?: { lastSuccessAt: string | null; stale: boolean; lastError: string | null };
@@ -61,7 +63,8 @@ export function formatStatus(answer: HealthAnswer, now: Date): string {
   const header = ['connection', 'auth', 'last poll', 'last hook', 'pending', 'dead', 'caught by poll', 'state'];
   const rows = answer.connections.map((c) => {
     const problems = [
-      c.auth?.state === 'needs_reauth' ? `run crm-bridge auth ${c.id}` : '',
+      // A bridge from before /health named the auth type gave the oauth2 hint for every connection.
+      c.auth?.state === 'needs_reauth' ? reauthHint(c.id, c.auth.type ?? 'oauth2') : '',
       c.poll?.stale ? 'poll stale' : '',
       c.poll?.lastError ? `poll error: ${c.poll.lastError}` : '',
       c.delivery?.degraded ? 'delivery backlog' : '',

@@ -46,6 +46,10 @@ beforeAll(async () => {
       connections: [
         clioConnection(sandbox, { poll: { pageSize: 10 } }),
         clioConnection(sandbox, { id: 'ordered', connector: timeOrderedConnector, poll: { pageSize: 5, lookback: '0s' } }),
+        // Clio's own listing, by id: an interrupted backfill goes on from the saved page link.
+        clioConnection(sandbox, { id: 'paged', poll: { pageSize: 10 } }),
+        // A vendor "API key" the CRM never issued: it answers 401.
+        clioConnection(sandbox, { id: 'keyed', auth: { type: 'static', token: 'a-key-the-crm-never-issued' } }),
       ],
     }),
   );
@@ -96,6 +100,21 @@ describe('crm-bridge status', () => {
     expect(down.out.trim().split('\n')).toHaveLength(1);
     expect(down.out).toMatch(/cannot reach http:\/\/127\.0\.0\.1:9/);
   });
+
+  it('tells an operator to replace a static token the CRM refused, not to run crm-bridge auth (which cannot authorise one)', async () => {
+    const polled = await cli(['poll', 'keyed', '--once']);
+    expect(polled.code).toBe(1);
+    const replace = /replace the token \(`auth\.token`\) of connection keyed in the configuration, then restart crm-bridge/;
+    expect(polled.out).toMatch(new RegExp(`keyed/matters: poll failed: NEEDS_REAUTH.*${replace.source}`));
+    // The log line says so too.
+    expect(polled.out).toMatch(new RegExp(`"msg":"connection keyed needs re-authorisation.*polling pauses until then: ${replace.source}`));
+    expect(polled.out).not.toMatch(/crm-bridge auth/);
+
+    const status = await cli(['status']);
+    expect(status.code).toBe(1);
+    expect(status.out).toMatch(new RegExp(`^keyed\\s+needs_reauth\\s.*${replace.source}`, 'm'));
+    expect(status.out).not.toMatch(/crm-bridge auth/);
+  }, 60_000);
 });
 
 describe('crm-bridge backfill', () => {
@@ -126,6 +145,30 @@ describe('crm-bridge backfill', () => {
       // The rest of the 40 matters, plus at most the page it checkpointed at (the cursor is inclusive).
       expect(readAfter).toBeLessThan(40);
       expect(readBefore + readAfter).toBeGreaterThanOrEqual(40);
+    } finally {
+      sandbox.state.setSwitches({ latencyMs: 0 });
+    }
+  }, 60_000);
+
+  it('resumes an interrupted Clio backfill from the page it saved, and says so instead of "starting again" at "page 1"', async () => {
+    sandbox.state.setSwitches({ latencyMs: 150 });
+    try {
+      const stopped = await cli(['backfill', 'paged'], { stopWhen: /page 2,/ });
+      expect(stopped.code).toBe(1);
+      const readBefore = Number(/paged\/matters: backfill stopped after (\d+) record/.exec(stopped.out)![1]);
+      expect(readBefore).toBeGreaterThanOrEqual(20);
+
+      const since = sandbox.state.requestLog.lastSeq;
+      const resumed = await cli(['backfill', 'paged']);
+      expect(resumed.code).toBe(0);
+      expect(resumed.out).toMatch(/^paged\/matters: resuming the backfill from the page an earlier run saved/m);
+      expect(resumed.out).not.toMatch(/starting again/);
+      expect(resumed.out).toMatch(/^backfill paged\/matters: page 1 since resuming, 10 records since resuming, 10 new/m);
+      // The CRM's request log: the rerun's first listing asked for the saved page, not the first one.
+      const [first] = sandbox.state.requestLog.list({ since, method: 'GET', pathPrefix: '/api/v4/matters.json' });
+      expect(first?.query.page_token).toEqual(expect.any(String));
+      const readAfter = Number(/paged\/matters: backfill done: (\d+) record\(s\) since resuming read/.exec(resumed.out)![1]);
+      expect(readBefore + readAfter).toBe(40);
     } finally {
       sandbox.state.setSwitches({ latencyMs: 0 });
     }

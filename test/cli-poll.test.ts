@@ -3,9 +3,10 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
+import { DEFAULT_CLIENT, startSandbox, type Sandbox } from '../src/sandbox/index.js';
 import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
 import { createTestDatabase } from './helpers/database.js';
+import { startFaultProxy } from './helpers/fault-proxy.js';
 
 let sandbox: Sandbox;
 // The CLI runs on the embedded database, or on a fresh Postgres database when DATABASE_URL is set.
@@ -15,12 +16,39 @@ const config = join(dir, 'connections.json');
 
 beforeAll(async () => {
   sandbox = await startSandbox({ records: 60 });
-  writeFileSync(config, JSON.stringify({ connections: [clioConnection(sandbox, { poll: { pageSize: 10 } })] }));
+  writeConfig();
 });
+
 afterAll(async () => {
   await sandbox.close();
   await database?.close();
 });
+
+/**
+ * A connection that only takes hooks (no poll section, so no poller of the server's runs its
+ * streams; the operator polls it from cron), with a static token.
+ */
+function hooksOnly(id: string, token: string, baseUrl = sandbox.url) {
+  const { poll: _, ...connection } = clioConnection(sandbox, { id, auth: { type: 'static', token }, baseUrl });
+  return connection;
+}
+
+/** `firm`, and `inbox` with the token given (by default one the CRM never issued); `relay` as `inbox`, its CRM behind a proxy. */
+function writeConfig(options: { token?: string; relay?: string } = {}) {
+  const token = options.token ?? 'a-token-the-crm-never-issued';
+  const relay = options.relay ? [hooksOnly('relay', token, options.relay)] : [];
+  writeFileSync(config, JSON.stringify({ connections: [clioConnection(sandbox, { poll: { pageSize: 10 } }), hooksOnly('inbox', token), ...relay] }));
+}
+
+/** An access token the sandbox CRM issued, as an operator would paste into `auth.token`. */
+async function issuedToken(): Promise<string> {
+  const res = await fetch(`${sandbox.url}/oauth/token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ grant_type: 'client_credentials', client_id: DEFAULT_CLIENT.clientId, client_secret: DEFAULT_CLIENT.clientSecret }),
+  });
+  return ((await res.json()) as { access_token: string }).access_token;
+}
 
 /** Starts `crm-bridge <args>` on the embedded database in a fresh DATA_DIR (or DATABASE_URL). */
 function start(args: string[], dataDir = dir) {
@@ -65,6 +93,58 @@ describe('crm-bridge poll and sweep', () => {
     const swept = await cli(['sweep', 'firm']);
     expect(swept.code).toBe(0);
     expect(swept.out).toMatch(/sweep done: .*1 deleted/);
+  });
+
+  it('gives each stream back when a run ends: after a run the CRM refused, the next poll --once and sweep go ahead instead of finding the stream busy', async () => {
+    writeConfig();
+    const refused = await cli(['poll', 'inbox', '--once']);
+    expect(refused.code).toBe(1);
+    expect(refused.out).toMatch(/^inbox\/matters: poll failed: NEEDS_REAUTH/m);
+    expect(refused.out).toMatch(/^inbox\/contacts: poll failed: NEEDS_REAUTH/m);
+
+    // The operator replaces the token and polls again at once.
+    writeConfig({ token: await issuedToken() });
+    const polled = await cli(['poll', 'inbox', '--once']);
+    expect(polled.out).not.toMatch(/not run|lease/);
+    expect(polled.code).toBe(0);
+    expect(polled.out).toMatch(/^inbox\/matters: poll done: \d+ accepted/m);
+    expect(polled.out).toMatch(/^inbox\/contacts: poll done: \d+ accepted/m);
+
+    const swept = await cli(['sweep', 'inbox']);
+    expect(swept.out).not.toMatch(/not run|lease/);
+    expect(swept.code).toBe(0);
+    expect(swept.out).toMatch(/^inbox\/matters: sweep done/m);
+    expect(swept.out).toMatch(/^inbox\/contacts: sweep done/m);
+  });
+
+  it('exits 75 and says nothing was read when another process holds the stream (one killed mid-run), and says so in --help', async () => {
+    // The CRM holds the listing's answer until the first run is killed: it dies holding the lease.
+    let listing!: () => void;
+    const listed = new Promise<void>((resolve) => (listing = resolve));
+    const proxy = await startFaultProxy({
+      target: sandbox.url,
+      answer: async (req) => {
+        if (!req.url!.startsWith('/api/v4/contacts.json')) return false;
+        listing();
+        await new Promise(() => {});
+        return true;
+      },
+    });
+    try {
+      writeConfig({ token: await issuedToken(), relay: proxy.url });
+      const killed = start(['poll', 'relay', '--once', '--object', 'contacts']);
+      expect(await Promise.race([listed.then(() => 'listing'), killed.exited.then(() => 'exited')])).toBe('listing');
+      killed.child.kill('SIGKILL');
+      await killed.exited;
+
+      const busy = await cli(['poll', 'relay', '--once', '--object', 'contacts']);
+      expect(busy.code).toBe(75);
+      expect(busy.out).toMatch(/^relay\/contacts: poll not run: another process .* holds its lease; nothing was read \(exit status 75\)/m);
+    } finally {
+      await proxy.close();
+    }
+    const help = await cli(['poll', '--help']);
+    expect(help.out).toMatch(/^ {2}75 {2}another process .* was running a stream, so\s+nothing was read for it/m);
   });
 
   it('answers an unknown connection with one line and exit status 2', async () => {

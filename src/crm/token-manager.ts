@@ -17,7 +17,7 @@ import {
 import { AppError } from '../errors.js';
 import type { TokenCipher } from './crypto.js';
 import { createCrmHttpClient, CrmHttpError, type CrmHttpClient } from './http-client.js';
-import { NeedsReauthError, type TokenProvider } from './token-provider.js';
+import { NeedsReauthError, reauthHint, type TokenProvider } from './token-provider.js';
 
 /**
  * The OAuth2 token manager (DESIGN "OAuth2 token manager"). One instance per connection and
@@ -360,7 +360,7 @@ export class TokenManager implements TokenProvider {
     if (this.auth.type === 'client_credentials') {
       if (this.#rejectedHere !== null) throw new NeedsReauthError(this.connectionId, this.#rejectedHere);
     } else if (row === undefined || row.state === 'needs_reauth') {
-      throw new NeedsReauthError(this.connectionId, row?.lastError ?? `not authorised yet: open /oauth/${this.connectionId}/start or run crm-bridge auth ${this.connectionId}`);
+      throw new NeedsReauthError(this.connectionId, row?.lastError ?? `not authorised yet: ${reauthHint(this.connectionId, this.auth.type)}`);
     }
     if (!row?.accessTokenEnc) return null;
     const token = this.#cipher.decrypt(row.accessTokenEnc, this.#context('access'));
@@ -378,7 +378,7 @@ export class TokenManager implements TokenProvider {
     if (marked) {
       this.#log?.error(
         { connection: this.connectionId, reason },
-        `connection ${this.connectionId} needs re-authorisation (${reason}); polling pauses until then: open /oauth/${this.connectionId}/start or run crm-bridge auth ${this.connectionId}`,
+        `connection ${this.connectionId} needs re-authorisation (${reason}); polling pauses until then: ${reauthHint(this.connectionId, this.auth.type)}`,
       );
     }
     return new NeedsReauthError(this.connectionId, reason);

@@ -1,3 +1,4 @@
+import type { AuthConfig } from '../config/schema.js';
 import { AppError } from '../errors.js';
 
 /**
@@ -23,5 +24,25 @@ export class NeedsReauthError extends AppError {
   ) {
     super(503, 'NEEDS_REAUTH', `Connection ${connectionId} needs re-authorisation: ${reason}`);
     this.name = 'NeedsReauthError';
+  }
+}
+
+/**
+ * What an operator does about a connection that needs re-authorisation, by its auth type: the
+ * one place that decides it, for the log line, `crm-bridge status`, the CLI summaries and the
+ * status page. Only an authorization-code grant can be renewed through `crm-bridge auth` (it
+ * refuses the other types); a static token or client credentials are fixed in the configuration.
+ * Commands, paths and settings are in backticks (the status page shows them as code).
+ */
+export function reauthHint(connectionId: string, authType: AuthConfig['type']): string {
+  switch (authType) {
+    case 'oauth2':
+      return `run \`crm-bridge auth ${connectionId}\` or open \`/oauth/${connectionId}/start\` (admin login)`;
+    case 'static':
+      return `replace the token (\`auth.token\`) of connection ${connectionId} in the configuration, then restart crm-bridge`;
+    case 'client_credentials':
+      return `check the client id and secret (\`auth.clientId\`, \`auth.clientSecret\`) of connection ${connectionId} in the configuration and that the CRM still accepts them, then restart crm-bridge`;
+    case 'none':
+      return `connection ${connectionId} sends no credential (\`auth.type: none\`) but the CRM asks for one: configure its \`auth\`, then restart crm-bridge`;
   }
 }

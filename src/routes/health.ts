@@ -5,7 +5,7 @@ import { getOutboundStats } from '../db/queries/outbound.js';
 import { countPendingFetches, listStreamCursors, type PendingFetchCounts, type StreamCursor } from '../db/queries/streams.js';
 import type { Connection } from '../plugins/config.js';
 import { errorClass } from '../privacy.js';
-import { pollObjects } from '../config/schema.js';
+import { authSchema, pollObjects } from '../config/schema.js';
 
 const DB_CHECK_TIMEOUT_MS = 2_000;
 
@@ -97,9 +97,11 @@ async function buildReport(app: FastifyInstance, startedAt: number) {
  * static tokens need no operator and get their row on first use.
  */
 function authReport(connection: Connection, stored: StoredAuth | undefined) {
-  if (stored) return { state: stored.state, expiresAt: stored.expiresAt?.toISOString() ?? null };
-  if (connection.auth.type === 'oauth2') return { state: 'needs_reauth' as const, expiresAt: null, reason: 'never_authorised' as const };
-  return { state: 'none' as const, expiresAt: null };
+  // The type says how to re-authorise (reauthHint): `crm-bridge status --url` has no configuration to look it up in.
+  const type = connection.auth.type;
+  if (stored) return { type, state: stored.state, expiresAt: stored.expiresAt?.toISOString() ?? null };
+  if (type === 'oauth2') return { type, state: 'needs_reauth' as const, expiresAt: null, reason: 'never_authorised' as const };
+  return { type, state: 'none' as const, expiresAt: null };
 }
 
 /** Per stream: last attempt, last success, last error (a class and status only), stale. */
@@ -197,6 +199,7 @@ const connectionReportSchema = {
       type: 'object',
       additionalProperties: true,
       properties: {
+        type: { type: 'string', enum: authSchema.options.map((o) => o.shape.type.value), description: "The connection's auth type, which decides how it is re-authorised" },
         state: { type: 'string', enum: ['ok', 'needs_reauth', 'none'], description: 'none: the connection sends no credential, or has not fetched its first token' },
         expiresAt: nullableTime,
         reason: { type: 'string', enum: ['never_authorised'], description: 'Only with needs_reauth for an OAuth2 connection no one has authorised yet' },

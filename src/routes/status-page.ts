@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { countChangesPerMinute, countHookAccepted, listRecentEvents, type MinuteBucket, type RecentEvent } from '../db/queries/activity.js';
+import { reauthHint } from '../crm/token-provider.js';
 import { healthReport } from './health.js';
 
 /**
@@ -106,7 +107,7 @@ function renderConnection(c: ConnectionReport, data: PageData): string {
     : '<span class="muted">not polled (hooks only)</span>';
   const reauth =
     c.auth.state === 'needs_reauth'
-      ? `<p class="alert">${neverAuthorised ? 'Authorise' : 'Re-authorise'}: <code>crm-bridge auth ${escapeHtml(c.id)}</code> or open <code>/oauth/${escapeHtml(c.id)}/start</code> (admin login).</p>`
+      ? `<p class="alert">${neverAuthorised ? 'Authorise' : 'Re-authorise'}: ${escapeHtml(reauthHint(c.id, c.auth.type)).replace(/`([^`]+)`/g, '<code>$1</code>')}.</p>`
       : '';
   return `<section class="card" aria-label="connection ${escapeHtml(c.id)}">
   <h2>${escapeHtml(c.id)} ${badge(authText, authTone)}</h2>

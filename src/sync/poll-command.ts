@@ -5,7 +5,9 @@ import { loadConfig } from '../config/load.js';
 import { AppError } from '../errors.js';
 import { loggerOptions } from '../logger.js';
 import { pollObjects } from '../config/schema.js';
-import { pollStream, sweepStream, type RunReport } from './poller.js';
+import { reauthHint } from '../crm/token-provider.js';
+import { EXIT_BUSY } from './exit-status.js';
+import { runOnce, type RunReport } from './poller.js';
 
 export interface PollCommandOptions {
   connectionId: string;
@@ -19,8 +21,9 @@ export interface PollCommandOptions {
 
 /**
  * `crm-bridge poll <connection> --once` and `crm-bridge sweep <connection>`: one pass over each
- * stream with a progress line, through the same app, auth and gate as the server. Exit status
- * 1 when a stream failed.
+ * stream with a progress line, through the same app, auth and gate as the server, giving each
+ * stream's lease back when its run ends. Exit status 1 when a stream failed, else EXIT_BUSY when
+ * another process was running one, else 0.
  */
 export async function runPollCommand(options: PollCommandOptions): Promise<number> {
   const config = loadConfig();
@@ -34,6 +37,7 @@ export async function runPollCommand(options: PollCommandOptions): Promise<numbe
 
   const app = await buildApp({ config, loggerInstance: pino(loggerOptions(config.env.LOG_LEVEL === 'info' ? 'warn' : config.env.LOG_LEVEL)) });
   let failed = false;
+  let busy = false;
   try {
     do {
       for (const object of objects) {
@@ -43,12 +47,12 @@ export async function runPollCommand(options: PollCommandOptions): Promise<numbe
           const rate = r.records / Math.max(0.001, (performance.now() - started) / 1000);
           options.print(`\r${options.kind} ${connection.id}/${object}: ${r.pages} page(s), ${r.records} record(s), ${r.counts.accepted ?? 0} new, ${rate.toFixed(0)} records/s   `);
         };
-        const run = options.kind === 'poll' ? pollStream : sweepStream;
-        const report = await run(stream, { onPage: progress, ...(options.signal ? { signal: options.signal } : {}) });
+        const report = await runOnce(options.kind, stream, { onPage: progress, ...(options.signal ? { signal: options.signal } : {}) });
         progress(report);
         options.print('\n');
-        options.print(`${summarise(report)}\n`);
+        options.print(`${summarise(report, reauthHint(connection.id, connection.auth.type))}\n`);
         if (report.status === 'failed') failed = true;
+        if (report.status === 'busy') busy = true;
       }
       // Ctrl-C ends the pause at once, not after the interval.
       if (options.follow) await sleep(connection.poll?.interval ?? 300_000, undefined, options.signal ? { signal: options.signal } : {}).catch(() => {});
@@ -56,13 +60,16 @@ export async function runPollCommand(options: PollCommandOptions): Promise<numbe
   } finally {
     await app.close();
   }
-  return failed ? 1 : 0;
+  return failed ? 1 : busy ? EXIT_BUSY : 0;
 }
 
-function summarise(r: RunReport): string {
+/** `reauth`: what to do when the CRM refused the connection's credentials (reauthHint). */
+function summarise(r: RunReport, reauth: string): string {
   const where = `${r.connectionId}/${r.object}`;
-  if (r.status === 'busy') return `${where}: another replica holds this stream's lease right now; try again after it expires`;
-  if (r.status === 'failed') return `${where}: ${r.kind} failed: ${r.error}${r.needsReauth ? ` (run \`crm-bridge auth ${r.connectionId}\`)` : ''}`;
+  if (r.status === 'busy') {
+    return `${where}: ${r.kind} not run: another process (the server or another crm-bridge command) is running this stream and holds its lease; nothing was read (exit status ${EXIT_BUSY}); try again when it ends`;
+  }
+  if (r.status === 'failed') return `${where}: ${r.kind} failed: ${r.error}${r.needsReauth ? ` (${reauth})` : ''}`;
   const counts = Object.entries(r.counts).map(([k, v]) => `${v} ${k}`).join(', ') || 'no changes';
   const extra = r.kind === 'poll' ? `, ${r.caught} caught that no hook announced` : `, ${r.deleted} deleted`;
   return `${where}: ${r.kind} done: ${counts}${extra}`;

@@ -443,6 +443,24 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
 }
 
 /**
+ * A run from the CLI (`poll --once`, `sweep`, `backfill`): gives the stream's lease back when it
+ * ends, done or failed, as the daemon does when it stops. Kept, the lease would turn the next run
+ * away as busy, from another CLI process or the server started after, for max(2 × interval, 60 s)
+ * (10 minutes by default) on an install with no other replica. A busy run holds nothing to give
+ * back: the release only deletes a row this owner holds.
+ */
+export async function runOnce(kind: RunReport['kind'], ctx: StreamContext, options: RunOptions = {}): Promise<RunReport> {
+  const lease = leaseName(ctx.connection.id, kind === 'poll' ? (options.cursorKey ?? ctx.object) : ctx.object);
+  try {
+    return kind === 'poll' ? await pollStream(ctx, options) : await sweepStream(ctx, options);
+  } finally {
+    await releaseLease(ctx.db, lease, ctx.owner).catch((err: unknown) => {
+      ctx.log.warn({ lease, error: errorSummary(err) }, `could not give the lease ${lease} back; it lapses at its expiry`);
+    });
+  }
+}
+
+/**
  * Notification-mode hooks stored an id; the record is fetched here and passed through the gate
  * (source `notification`). While the connection needs re-authorisation they stay pending. A
  * record the CRM refuses to give (a 403 on one matter, a 400 on a malformed id) keeps its error

@@ -254,19 +254,19 @@ describe('a connection never authorised', () => {
     expect(res.statusCode).toBe(503);
     const body = res.json() as { connections: Array<{ id: string; auth: unknown }> };
     expect(Object.fromEntries(body.connections.map((c) => [c.id, c.auth]))).toEqual({
-      acme: { state: 'needs_reauth', expiresAt: null, reason: 'never_authorised' },
-      keyed: { state: 'none', expiresAt: null },
-      plain: { state: 'none', expiresAt: null },
+      acme: { type: 'oauth2', state: 'needs_reauth', expiresAt: null, reason: 'never_authorised' },
+      keyed: { type: 'static', state: 'none', expiresAt: null },
+      plain: { type: 'none', state: 'none', expiresAt: null },
     });
     const page = await app.inject({ method: 'GET', url: '/', headers: asAdmin });
     expect(page.body).toMatch(/acme <span class="badge bad">not authorised yet<\/span>/);
-    expect(page.body).toContain('Authorise: <code>crm-bridge auth acme</code>');
-    expect(formatStatus(res.json(), new Date())).toMatch(/^acme +needs_reauth .*run crm-bridge auth acme/m);
+    expect(page.body).toContain('Authorise: run <code>crm-bridge auth acme</code> or open <code>/oauth/acme/start</code>');
+    expect(formatStatus(res.json(), new Date())).toMatch(/^acme +needs_reauth .*run `crm-bridge auth acme` or open `\/oauth\/acme\/start`/m);
 
     const { cookie, callback } = await connectThroughBrowser();
     expect((await app.inject({ method: 'GET', url: callback, headers: { cookie } })).statusCode).toBe(200);
     const after = (await app.inject({ method: 'GET', url: '/health' })).json() as { connections: Array<{ id: string; auth: unknown }> };
-    expect(after.connections.find((c) => c.id === 'acme')!.auth).toEqual({ state: 'ok', expiresAt: expect.any(String) });
+    expect(after.connections.find((c) => c.id === 'acme')!.auth).toEqual({ type: 'oauth2', state: 'ok', expiresAt: expect.any(String) });
   });
 
   it('a connection whose auth needs no consent (client credentials, a static key) is not flagged before its first token', async () => {
@@ -282,8 +282,8 @@ describe('a connection never authorised', () => {
       const res = await noConsent.inject({ method: 'GET', url: '/health' });
       expect(res.statusCode).toBe(200);
       expect((res.json() as { connections: Array<{ auth: unknown }> }).connections.map((c) => c.auth)).toEqual([
-        { state: 'none', expiresAt: null },
-        { state: 'none', expiresAt: null },
+        { type: 'static', state: 'none', expiresAt: null },
+        { type: 'client_credentials', state: 'none', expiresAt: null },
       ]);
     } finally {
       await noConsent.close();
