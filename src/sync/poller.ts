@@ -37,7 +37,7 @@ export interface StreamContext {
   /** Told about every finished poll or sweep run of the daemon (metrics). */
   onRun?: ((report: RunReport, seconds: number) => void) | undefined;
   /** Told when notified records were fetched between runs (`fetchNotified`). */
-  onFetched?: ((count: number) => void) | undefined;
+  onFetched?: (() => void) | undefined;
 }
 
 export interface RunReport {
@@ -297,15 +297,15 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   }
 }
 
-/**
- * The saved page link cannot be used: the CRM turned it down itself (4xx other than auth and rate
- * limits: an expired page token), or it is on a host the connection no longer points to.
- */
 /** The CRM answered a call about one record with a refusal of that record: a 4xx other than auth, timeouts and rate limits. */
 function refusesRecord(err: unknown): boolean {
   return err instanceof CrmHttpError && err.code === 'CRM_HTTP_STATUS' && err.status >= 400 && err.status < 500 && ![401, 408, 429].includes(err.status);
 }
 
+/**
+ * The saved page link cannot be used: the CRM turned it down itself (4xx other than auth and rate
+ * limits: an expired page token), or it is on a host the connection no longer points to.
+ */
 function refusesLink(err: unknown): boolean {
   if (!(err instanceof CrmHttpError)) return false;
   if (err.code === 'CRM_OTHER_ORIGIN') return true;
@@ -512,8 +512,7 @@ export async function fetchNotified(ctx: StreamContext, signal?: AbortSignal): P
   const settings = pollSettings(ctx);
   if (!(await acquireLease(ctx.db, leaseName(ctx.connection.id, ctx.object), ctx.owner, settings.lease))) return;
   try {
-    const fetched = await fetchPendingNotifications(ctx, signal);
-    if (fetched > 0) ctx.onFetched?.(fetched);
+    if ((await fetchPendingNotifications(ctx, signal)) > 0) ctx.onFetched?.();
   } catch (err) {
     // Left waiting for the next run, which tries again (and reports a failure as the run's).
     if (!signal?.aborted) ctx.log.debug({ stream: { connectionId: ctx.connection.id, object: ctx.object }, error: errorSummary(err) }, 'notified records not fetched yet');
@@ -563,7 +562,6 @@ export const errorSummary = errorClass;
  * when the sweep is due. Many replicas may run it: the lease decides who works.
  */
 export class PollDaemon extends Daemon {
-  private lastSweepCheck = 0;
   /** When the next poll run is due (performance.now()); the first is due at start. */
   private nextPollAt = 0;
   /** Woken for a run now (`wake`): the connection was authorised, say. */
