@@ -159,10 +159,11 @@ program
   .description('list every record id of a connection and reconcile with the ledger: unseen records are processed, vanished ones become deletes')
   .argument('<connection>', 'the connection id from the connections file')
   .option('-o, --object <name>', 'only this object (default: every polled object)')
+  .option('--allow-deletes', 'make the deletes even when more records vanished at once than poll.sweepDeleteLimit lets a sweep delete by itself (after checking the CRM really lost them)')
   .addHelpText('after', streamExitStatus('a stream failed'))
-  .action(async (connectionId: string, options: { object?: string }) => {
+  .action(async (connectionId: string, options: { object?: string; allowDeletes?: boolean }) => {
     const { runPollCommand } = await import('./sync/poll-command.js');
-    const code = await runPollCommand({ connectionId, object: options.object, kind: 'sweep', print: (t) => process.stdout.write(t) });
+    const code = await runPollCommand({ connectionId, object: options.object, kind: 'sweep', allowDeletes: options.allowDeletes === true, print: (t) => process.stdout.write(t) });
     if (code !== 0) process.exitCode = code;
   });
 

@@ -17,7 +17,7 @@ interface ConnectionRow {
   auth?: { state: string; type?: AuthConfig['type'] };
   hooks?: { lastReceivedAt: string | null };
   delivery?: { pending: number; deadLetters: number; degraded?: boolean };
-  poll?: { lastSuccessAt: string | null; stale: boolean; lastError: string | null };
+  poll?: { lastSuccessAt: string | null; stale: boolean; lastError: string | null; heldDeletes?: number };
   caughtByPoll?: number;
 }
 
@@ -67,6 +67,7 @@ export function formatStatus(answer: HealthAnswer, now: Date): string {
       c.auth?.state === 'needs_reauth' ? reauthHint(c.id, c.auth.type ?? 'oauth2') : '',
       c.poll?.stale ? 'poll stale' : '',
       c.poll?.lastError ? `poll error: ${c.poll.lastError}` : '',
+      c.poll?.heldDeletes ? `${c.poll.heldDeletes} delete(s) held by the sweep (/health streams[].sweepHeld)` : '',
       c.delivery?.degraded ? 'delivery backlog' : '',
       (c.delivery?.deadLetters ?? 0) > 0 ? 'dead letters' : '',
     ].filter(Boolean);

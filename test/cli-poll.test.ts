@@ -95,6 +95,24 @@ describe('crm-bridge poll and sweep', () => {
     expect(swept.out).toMatch(/sweep done: .*1 deleted/);
   });
 
+  it('holds a mass delete and makes it with --allow-deletes; status says so meanwhile', async () => {
+    // 12 of the 29 matters at once: more than the 10 a sweep deletes by itself on a stream this small.
+    for (const m of sandbox.state.store.matters.items.slice(0, 12)) sandbox.state.deleteRecord('matters', m.id);
+    const held = await cli(['sweep', 'firm', '--object', 'matters']);
+    expect(held.code).toBe(0);
+    expect(held.out).toMatch(/sweep done: .*0 deleted/);
+    expect(held.out).toContain('12 of 29 records vanished at once');
+    expect(held.out).toContain('crm-bridge sweep firm --object matters --allow-deletes');
+    const status = await cli(['status']);
+    expect(status.code).toBe(1);
+    expect(status.out).toContain('12 delete(s) held by the sweep');
+
+    const allowed = await cli(['sweep', 'firm', '--object', 'matters', '--allow-deletes']);
+    expect(allowed.code).toBe(0);
+    expect(allowed.out).toMatch(/sweep done: .*12 deleted/);
+    expect(allowed.out).not.toContain('vanished');
+  });
+
   it('gives each stream back when a run ends: after a run the CRM refused, the next poll --once and sweep go ahead instead of finding the stream busy', async () => {
     writeConfig();
     const refused = await cli(['poll', 'inbox', '--once']);

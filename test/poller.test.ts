@@ -382,6 +382,120 @@ describe('the reconciling poller against the sandbox CRM', () => {
     }
   });
 
+  it('holds a mass delete for an operator: more records vanished at once than poll.sweepDeleteLimit allows are not deleted until --allow-deletes', async () => {
+    // 500 matters; the default limit lets a sweep delete 50 of them by itself.
+    const bridge = await startBridge({ database, sandbox: { records: 1000 }, connection: { poll: { pageSize: 200 } }, env: { ADMIN_TOKEN: 'operator-token-0123456789abcdef' } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      await pollStream(stream);
+      const ids = matterIds(bridge.sandbox);
+      expect(ids).toHaveLength(500);
+      for (const id of ids.slice(0, 60)) bridge.sandbox.state.deleteRecord('matters', id);
+
+      const swept = await sweepStream(stream);
+      expect(swept).toMatchObject({ status: 'ok', deleted: 0, held: { reason: 'over_limit', deletes: 60, records: 500 } });
+      expect(await db.select().from(ledger).where(eq(ledger.change, 'delete'))).toHaveLength(0);
+      const held = await bridge.app.inject('/health');
+      expect(held.statusCode).toBe(503);
+      expect(held.json().connections[0].poll).toMatchObject({ heldDeletes: 60, stale: false, streams: [{ object: 'matters', sweepHeld: { reason: 'over_limit', deletes: 60, records: 500 } }] });
+      // The status page names what to run.
+      const page = await bridge.app.inject({ url: '/', headers: { authorization: 'Bearer operator-token-0123456789abcdef' } });
+      expect(page.body).toContain('60 of 500 records vanished at once');
+      expect(page.body).toContain('crm-bridge sweep firm --object matters --allow-deletes');
+
+      // The operator checked the CRM: the matters really are gone.
+      const allowed = await sweepStream(stream, { allowDeletes: true });
+      expect(allowed).toMatchObject({ status: 'ok', deleted: 60 });
+      expect(allowed.held).toBeUndefined();
+      const deleted = await db.select().from(ledger).innerJoin(outbox, eq(outbox.eventId, ledger.eventId)).where(eq(ledger.change, 'delete'));
+      expect(deleted.map((d) => d.ledger.crmId).sort()).toEqual(ids.slice(0, 60).map(String).sort());
+      const after = (await bridge.app.inject('/health')).json();
+      expect(after.connections[0].poll).toMatchObject({ heldDeletes: 0, streams: [{ sweepHeld: null }] });
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('checks vanished records by id before deleting them: a listing that leaves out live records deletes only what the CRM confirms gone', async () => {
+    const bridge = await startBridge({ database, sandbox: { records: 1000 }, connection: { poll: { pageSize: 200 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      await pollStream(stream);
+      const ids = matterIds(bridge.sandbox);
+      const gone = ids.slice(0, 3);
+      for (const id of gone) bridge.sandbox.state.deleteRecord('matters', id);
+      // The CRM's listing leaves out 15 matters that are still there (a token that sees less, say).
+      const hidden = new Set(ids.slice(100, 115));
+      const requests: string[] = [];
+      const proxy = await startFaultProxy({
+        target: bridge.sandbox.url,
+        answer: async (req, res, text) => {
+          requests.push(req.url!);
+          if (!req.url?.startsWith('/api/v4/matters.json')) return false;
+          const body = JSON.parse(text) as { data: Array<{ id: number }> };
+          body.data = body.data.filter((m) => !hidden.has(m.id));
+          res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+          return true;
+        },
+      });
+      try {
+        const viaProxy = { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } }) };
+        const swept = await sweepStream(viaProxy);
+        // 18 vanished; 10 of them were fetched by id, and at least 7 of those were still there.
+        expect(swept).toMatchObject({ status: 'ok', held: { reason: 'listing_incomplete', deletes: 8 } });
+        expect(requests.filter((u) => /^\/api\/v4\/matters\/\d+\.json/.test(u))).toHaveLength(10);
+        const deleted = (await db.select().from(ledger).where(eq(ledger.change, 'delete'))).map((r) => Number(r.crmId));
+        expect(deleted).toHaveLength(swept.deleted);
+        expect(deleted.every((id) => gone.includes(id))).toBe(true);
+        expect((await bridge.app.inject('/health')).json().connections[0].poll.streams[0].sweepHeld).toMatchObject({ reason: 'listing_incomplete', deletes: 8 });
+      } finally {
+        await proxy.close();
+      }
+      // Listed whole again: the rest of the deletes are confirmed and made, the hold is lifted,
+      // and no matter the CRM still has was ever deleted.
+      const whole = await sweepStream(stream);
+      expect(whole.status).toBe('ok');
+      expect(whole.held).toBeUndefined();
+      const deleted = (await db.select().from(ledger).where(eq(ledger.change, 'delete'))).map((r) => Number(r.crmId));
+      expect(deleted.sort()).toEqual([...gone].sort());
+      const heads = await headsByCrmId();
+      expect([...hidden].every((id) => heads.get(String(id))?.deleted === false)).toBe(true);
+      expect((await bridge.app.inject('/health')).json().connections[0].poll.heldDeletes).toBe(0);
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it('deletes nothing when the CRM cannot confirm: a vanished record it refuses to show is kept, and one it cannot answer for fails the sweep', async () => {
+    const bridge = await startBridge({ database, sandbox: { records: 1000 }, connection: { poll: { pageSize: 200 } } });
+    try {
+      const stream = bridge.app.poller.stream('firm', 'matters');
+      await pollStream(stream);
+      const [refused, down] = matterIds(bridge.sandbox);
+      bridge.sandbox.state.deleteRecord('matters', refused!);
+      let status = 403;
+      const proxy = await startFaultProxy({ target: bridge.sandbox.url, fail: (req) => (req.url?.startsWith(`/api/v4/matters/${refused}.json`) ? status : undefined) });
+      try {
+        const viaProxy = { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } }) };
+        // A 403: the record is there, this token may not see it. Not a delete.
+        expect(await sweepStream(viaProxy)).toMatchObject({ status: 'ok', deleted: 0 });
+        expect((await headsByCrmId()).get(String(refused))).toMatchObject({ deleted: false });
+        // The CRM down when asked: the sweep fails and deletes nothing.
+        status = 503;
+        bridge.sandbox.state.deleteRecord('matters', down!);
+        const failed = await sweepStream(viaProxy);
+        expect(failed).toMatchObject({ status: 'failed', deleted: 0 });
+        expect(failed.error).toMatch(/CRM_HTTP_STATUS/);
+        expect(await db.select().from(ledger).where(eq(ledger.change, 'delete'))).toHaveLength(0);
+      } finally {
+        await proxy.close();
+      }
+      expect(await sweepStream(stream)).toMatchObject({ status: 'ok', deleted: 2 });
+    } finally {
+      await bridge.close();
+    }
+  });
+
   it('fetches the records of notification hooks, and keeps them waiting while the grant is revoked', async () => {
     const bridge = await startBridge({
       database,

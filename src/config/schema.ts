@@ -309,6 +309,13 @@ export const pollSchema = z
     staleAfter: duration.optional(),
     /** Full id listing that finds deletes and anything the changed-since filter missed; 0 turns it off. */
     sweepInterval: duration.default(86_400_000),
+    /**
+     * The most deletes a sweep makes by itself, as a fraction of the stream's records (never
+     * fewer than 10): a listing that suddenly lacks more (a token that sees less, a CRM that
+     * answers short) is held for an operator, `crm-bridge sweep <connection> --allow-deletes`.
+     * 1 lets any number through.
+     */
+    sweepDeleteLimit: z.number().min(0).max(1).default(0.1),
     /** Records per page (the connector's limit when unset). */
     pageSize: z.number().int().positive().optional(),
     /** How long a replica holds a stream; another takes over after this when the holder dies. */

@@ -13,7 +13,7 @@ const DB_CHECK_TIMEOUT_MS = 2_000;
  * `GET /health` is what operators curl and load balancers poll: states, timestamps and counts
  * only, never client data. 503 when the database is unreachable or a connection needs
  * (re-)authorisation, when a connection's oldest undelivered change is older than its
- * `downstream.degradedAfter` (and, as the poller lands, when a poll goes stale).
+ * `downstream.degradedAfter`, when a poll goes stale, and when a sweep held deletes for an operator.
  */
 export default async function healthRoutes(app: FastifyInstance) {
   // A stream that has not succeeded since start is judged from the start, not from never.
@@ -47,7 +47,7 @@ export async function healthReport(app: FastifyInstance, startedAt: number) {
   }
   const latencyMs = Math.round(performance.now() - started);
   const { connections } = await buildReport(app, startedAt);
-  const healthy = connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded && !c.poll?.stale);
+  const healthy = connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded && !c.poll?.stale && !c.poll?.heldDeletes);
   return {
     code: healthy ? (200 as const) : (503 as const),
     body: { status: healthy ? ('ok' as const) : ('degraded' as const), checks: { db: { status: 'ok' as const, latencyMs } }, connections },
@@ -120,6 +120,8 @@ function pollReport(connection: Connection, cursors: StreamCursor[], fetches: Pe
       // Trimmed again when shown: a row written before errors were stored as classes keeps its text.
       lastError: cursor?.lastError ? errorClass(cursor.lastError) : null,
       lastSweepAt: iso(cursor?.lastSweepAt),
+      // Deletes the last sweep found and did not make (vouchForDeletes): an operator decides.
+      sweepHeld: cursor?.sweepHeld ?? null,
       cursor: cursor?.cursorUpdatedAt ?? null,
       caughtByPoll: cursor?.caughtByPoll ?? 0,
       stale: now - (lastSuccess ?? startedAt) > staleAfter,
@@ -134,6 +136,7 @@ function pollReport(connection: Connection, cursors: StreamCursor[], fetches: Pe
       lastAttemptAt: streams.map((s) => s.lastAttemptAt).reduce<string | null>((max, t) => (t !== null && (max === null || t > max) ? t : max), null),
       lastError: streams.find((s) => s.lastError !== null)?.lastError ?? null,
       stale: streams.some((s) => s.stale),
+      heldDeletes: streams.reduce((sum, s) => sum + (s.sweepHeld?.deletes ?? 0), 0),
       staleAfterSeconds: Math.round(staleAfter / 1000),
       streams,
     },
@@ -178,6 +181,17 @@ const streamSchema = {
     lastAttemptAt: nullableTime,
     lastError: nullableString,
     lastSweepAt: { ...nullableTime, description: 'When the listing of the last completed sweep began: records deleted in the CRM before it have been found.' },
+    sweepHeld: {
+      type: ['object', 'null'],
+      description:
+        "Deletes the last sweep found and did not make, for an operator: over_limit (more records vanished at once than poll.sweepDeleteLimit allows; `crm-bridge sweep <connection> --allow-deletes` makes them) or listing_incomplete (records the listing left out were still in the CRM). Null when the last sweep made every delete it found.",
+      properties: {
+        reason: { type: 'string', enum: ['over_limit', 'listing_incomplete'] },
+        deletes: { type: 'integer' },
+        records: { type: 'integer' },
+        at: { type: 'string', format: 'date-time' },
+      },
+    },
     cursor: nullableString,
     caughtByPoll: { type: 'integer' },
     stale: { type: 'boolean' },
@@ -225,6 +239,7 @@ const connectionReportSchema = {
         lastAttemptAt: nullableTime,
         lastError: { ...nullableString, description: 'An error class and status, never record content.' },
         stale: { type: 'boolean' },
+        heldDeletes: { type: 'integer', description: "Deletes the streams' last sweeps held (see streams[].sweepHeld); more than 0 makes /health 503." },
         staleAfterSeconds: { type: 'integer' },
         streams: { type: 'array', items: streamSchema },
       },

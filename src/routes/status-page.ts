@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { countChangesPerMinute, countHookAccepted, listRecentEvents, type MinuteBucket, type RecentEvent } from '../db/queries/activity.js';
 import { reauthHint } from '../crm/token-provider.js';
 import { healthReport } from './health.js';
+import { heldText } from '../sync/poller.js';
 
 /**
  * `GET /`: the operator's status page. Server-rendered from the same report as /health plus
@@ -109,9 +110,13 @@ function renderConnection(c: ConnectionReport, data: PageData): string {
     c.auth.state === 'needs_reauth'
       ? `<p class="alert">${neverAuthorised ? 'Authorise' : 'Re-authorise'}: ${escapeHtml(reauthHint(c.id, c.auth.type)).replace(/`([^`]+)`/g, '<code>$1</code>')}.</p>`
       : '';
+  const held = (poll?.streams ?? [])
+    .filter((s) => s.sweepHeld !== null)
+    .map((s) => `<p class="alert">Sweep of ${escapeHtml(s.object)}: ${escapeHtml(heldText(s.sweepHeld!, c.id, s.object))}.</p>`)
+    .join('');
   return `<section class="card" aria-label="connection ${escapeHtml(c.id)}">
   <h2>${escapeHtml(c.id)} ${badge(authText, authTone)}</h2>
-  ${reauth}
+  ${reauth}${held}
   <dl class="facts">
     <div><dt>Last successful poll</dt><dd data-fact="last-poll">${pollCell}</dd></div>
     <div><dt>Last hook</dt><dd data-fact="last-hook">${when(c.hooks.lastReceivedAt, data.now)}</dd></div>

@@ -7,12 +7,14 @@ import { loggerOptions } from '../logger.js';
 import { pollObjects } from '../config/schema.js';
 import { reauthHint } from '../crm/token-provider.js';
 import { EXIT_BUSY } from './exit-status.js';
-import { runOnce, type RunReport } from './poller.js';
+import { heldText, runOnce, type RunReport } from './poller.js';
 
 export interface PollCommandOptions {
   connectionId: string;
   object?: string | undefined;
   kind: 'poll' | 'sweep';
+  /** Sweep: make deletes over `poll.sweepDeleteLimit` (`--allow-deletes`). */
+  allowDeletes?: boolean;
   /** Keep polling on the connection's interval until interrupted (poll without --once). */
   follow?: boolean;
   print: (text: string) => void;
@@ -47,7 +49,7 @@ export async function runPollCommand(options: PollCommandOptions): Promise<numbe
           const rate = r.records / Math.max(0.001, (performance.now() - started) / 1000);
           options.print(`\r${options.kind} ${connection.id}/${object}: ${r.pages} page(s), ${r.records} record(s), ${r.counts.accepted ?? 0} new, ${rate.toFixed(0)} records/s   `);
         };
-        const report = await runOnce(options.kind, stream, { onPage: progress, ...(options.signal ? { signal: options.signal } : {}) });
+        const report = await runOnce(options.kind, stream, { onPage: progress, allowDeletes: options.allowDeletes === true, ...(options.signal ? { signal: options.signal } : {}) });
         progress(report);
         options.print('\n');
         options.print(`${summarise(report, reauthHint(connection.id, connection.auth.type))}\n`);
@@ -72,5 +74,6 @@ function summarise(r: RunReport, reauth: string): string {
   if (r.status === 'failed') return `${where}: ${r.kind} failed: ${r.error}${r.needsReauth ? ` (${reauth})` : ''}`;
   const counts = Object.entries(r.counts).map(([k, v]) => `${v} ${k}`).join(', ') || 'no changes';
   const extra = r.kind === 'poll' ? `, ${r.caught} caught that no hook announced` : `, ${r.deleted} deleted`;
-  return `${where}: ${r.kind} done: ${counts}${extra}`;
+  return `${where}: ${r.kind} done: ${counts}${extra}${r.held ? `\n${where}: ${heldText(r.held, r.connectionId, r.object)}` : ''}`;
 }
+

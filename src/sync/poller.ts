@@ -19,6 +19,7 @@ import {
   notePendingFetchError,
   saveListingResume,
 } from '../db/queries/streams.js';
+import type { SweepHold } from '../db/schema/index.js';
 import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
 import { logsDebug } from '../logger.js';
 import { errorClass, redactFields } from '../privacy.js';
@@ -56,6 +57,8 @@ export interface RunReport {
   total?: number;
   error?: string;
   needsReauth?: boolean;
+  /** Sweep only: deletes it found and did not make (see `vouchForDeletes`). */
+  held?: SweepHold;
 }
 
 export interface RunOptions {
@@ -71,6 +74,8 @@ export interface RunOptions {
   since?: Date;
   /** Poll only: count delivered changes as caught by poll (not for a backfill: those were never missed hooks). */
   countCaught?: boolean;
+  /** Sweep only: make the deletes even when they are more than `poll.sweepDeleteLimit` allows (an operator vouched for them). */
+  allowDeletes?: boolean;
 }
 
 /** The poller lost its lease to another replica: it must write nothing more. */
@@ -82,7 +87,7 @@ export class LeaseLostError extends Error {
   }
 }
 
-export const DEFAULT_POLL = { interval: 300_000, lookback: 120_000, sweepInterval: 86_400_000, jitter: 0.2 } as const;
+export const DEFAULT_POLL = { interval: 300_000, lookback: 120_000, sweepInterval: 86_400_000, sweepDeleteLimit: 0.1, jitter: 0.2 } as const;
 
 function pollSettings(ctx: StreamContext) {
   const poll = ctx.connection.poll;
@@ -91,6 +96,7 @@ function pollSettings(ctx: StreamContext) {
     interval,
     lookback: poll?.lookback ?? DEFAULT_POLL.lookback,
     sweepInterval: poll?.sweepInterval ?? DEFAULT_POLL.sweepInterval,
+    sweepDeleteLimit: poll?.sweepDeleteLimit ?? DEFAULT_POLL.sweepDeleteLimit,
     staleAfter: poll?.staleAfter ?? interval * 3,
     lease: poll?.lease ?? Math.max(2 * interval, 60_000),
     pageSize: poll?.pageSize,
@@ -417,9 +423,9 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
     // A head the listing missed that took a change while the listing ran was seen alive during
     // it (a hook, a poll): not a delete this time. The next sweep finds it if it is gone by then.
     const missing = [...heads.keys()].filter((id) => !listed.has(id));
-    const deletes: ObservedChange[] = (await getStreamHeads(ctx.db, stream, missing))
+    const vanished = (await getStreamHeads(ctx.db, stream, missing))
       .filter((now) => !now.deleted && now.lastEventId === heads.get(now.crmId)!.lastEventId)
-      .map(({ crmId }) => deleteChange(stream, crmId, 'sweep', observedAt));
+      .map(({ crmId }) => crmId);
 
     for (let i = 0; i < toFetch.length; i += 50) {
       const changes: ObservedChange[] = [];
@@ -433,13 +439,104 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
       }
       await commitGuarded(ctx, lease, settings.lease, changes, report);
     }
-    await commitGuarded(ctx, lease, settings.lease, deletes, report);
-    report.deleted = deletes.length;
-    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: 0, sweptAt: listingFrom });
+    const { gone, found, held } = await vouchForDeletes(ctx, vanished, { records: heads.size, listingFrom, limit: settings.sweepDeleteLimit, allow: options.allowDeletes === true, signal: options.signal });
+    await commitGuarded(ctx, lease, settings.lease, found, report);
+    await commitGuarded(ctx, lease, settings.lease, gone.map((crmId) => deleteChange(stream, crmId, 'sweep', observedAt)), report);
+    report.deleted = gone.length;
+    if (held) report.held = held;
+    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: 0, sweptAt: listingFrom, sweepHeld: held ?? null });
     return report;
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
   }
+}
+
+/** A sweep that found more vanished records than this confirms this many of them by fetching each by id, a sample. */
+const SWEEP_CONFIRMATIONS = 10;
+/** A sweep may make this many deletes whatever `poll.sweepDeleteLimit` says: a small stream loses a few records too. */
+const SWEEP_DELETE_FLOOR = 10;
+
+/**
+ * Which of the records a complete listing no longer showed are deleted. A complete listing can
+ * still be wrong: a re-authorisation by a user who sees fewer matters, a CRM that answers a
+ * short page as the last. A delete delivered downstream may close a client's file, so the sweep
+ * checks before it makes one:
+ *
+ * - Up to SWEEP_CONFIRMATIONS of them (a random sample when there are more) are fetched by id.
+ *   A record the CRM answers, or refuses to show (it exists), is not deleted: it is passed
+ *   through the gate like any swept record. If any was there, the listing left out records the
+ *   CRM still has, so only the records confirmed gone are deleted and the rest are held.
+ * - Otherwise, more than `limit` of the stream's records (never fewer than SWEEP_DELETE_FLOOR)
+ *   vanishing at once is held whole unless an operator allowed it (`--allow-deletes`).
+ *
+ * Held deletes are not made: the stream says so on /health (503) until a sweep makes them, or
+ * finds the records back. Errors other than a refusal (the CRM down, auth) fail the sweep.
+ */
+async function vouchForDeletes(
+  ctx: StreamContext,
+  vanished: string[],
+  opts: { records: number; listingFrom: Date; limit: number; allow: boolean; signal?: AbortSignal | undefined },
+): Promise<{ gone: string[]; found: ObservedChange[]; held?: SweepHold }> {
+  if (vanished.length === 0) return { gone: [], found: [] };
+  const definition = ctx.connection.connector.objects[ctx.object]!;
+  const stream = { connectionId: ctx.connection.id, object: ctx.object };
+  const sample = definition.get === undefined ? [] : randomSample(vanished, SWEEP_CONFIRMATIONS);
+  const confirmed = new Set<string>();
+  const found: ObservedChange[] = [];
+  let there = 0;
+  for (const id of sample) {
+    let raw: unknown;
+    try {
+      raw = await ctx.connector.getRecord(ctx.object, id, opts.signal ? { signal: opts.signal } : {});
+    } catch (err) {
+      if (!refusesRecord(err)) throw err;
+      there++;
+      continue;
+    }
+    if (raw === null) {
+      confirmed.add(id);
+      continue;
+    }
+    there++;
+    const change = observeRecord({ ...stream, definition, raw, source: 'sweep', observedAt: new Date(), deliverUnchanged: ctx.connection.deliverUnchanged });
+    if (change) found.push(change);
+  }
+  const hold = (reason: SweepHold['reason'], deletes: number): SweepHold => ({ reason, deletes, records: opts.records, at: opts.listingFrom.toISOString() });
+  const where = `${stream.connectionId}/${stream.object}`;
+  if (there > 0) {
+    const held = vanished.length - confirmed.size - there;
+    ctx.log.warn(
+      { stream, vanished: vanished.length, stillThere: there, confirmedGone: confirmed.size, held },
+      `sweep of ${where}: the listing left out ${there} record(s) the CRM still has, so what else it left out is not taken for deleted: ${confirmed.size} confirmed gone, ${held} held`,
+    );
+    return { gone: [...confirmed], found, ...(held > 0 ? { held: hold('listing_incomplete', held) } : {}) };
+  }
+  const limit = Math.max(SWEEP_DELETE_FLOOR, Math.floor(opts.limit * opts.records));
+  if (vanished.length > limit && !opts.allow) {
+    ctx.log.warn(
+      { stream, vanished: vanished.length, records: opts.records, limit },
+      `sweep of ${where}: ${vanished.length} of ${opts.records} records vanished from the listing at once, more than poll.sweepDeleteLimit lets a sweep delete by itself; held, not deleted (crm-bridge sweep ${stream.connectionId} --object ${stream.object} --allow-deletes makes them)`,
+    );
+    return { gone: [], found: [], held: hold('over_limit', vanished.length) };
+  }
+  return { gone: vanished, found: [] };
+}
+
+/** What a sweep held and why, with what to do about it: for the CLI, `crm-bridge status` and the status page. */
+export function heldText(held: SweepHold, connectionId: string, object: string): string {
+  if (held.reason === 'listing_incomplete') {
+    return `${held.deletes} vanished record(s) held, not deleted: the CRM's listing left out records it still has, so it is not trusted with deletes; the next sweep tries again (compare the listing with the CRM, for instance a token that sees fewer records)`;
+  }
+  return `${held.deletes} of ${held.records} records vanished at once, more than poll.sweepDeleteLimit lets a sweep delete by itself: held, not deleted; if the CRM really lost them, crm-bridge sweep ${connectionId} --object ${object} --allow-deletes`;
+}
+
+function randomSample<T>(items: readonly T[], n: number): T[] {
+  const copy = [...items];
+  for (let i = 0; i < Math.min(n, copy.length); i++) {
+    const j = i + Math.floor(Math.random() * (copy.length - i));
+    [copy[i], copy[j]] = [copy[j]!, copy[i]!];
+  }
+  return copy.slice(0, n);
 }
 
 /**

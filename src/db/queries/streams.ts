@@ -1,7 +1,7 @@
 import { and, eq, gt, sql } from 'drizzle-orm';
 import { rowsOf, type Db } from '../client.js';
 import { headsByKey } from './heads.js';
-import { pendingFetches, recordHeads, streamCursors, type ListingResume } from '../schema/index.js';
+import { pendingFetches, recordHeads, streamCursors, type ListingResume, type SweepHold } from '../schema/index.js';
 
 export type StreamKey = { connectionId: string; object: string };
 export type StreamCursor = typeof streamCursors.$inferSelect;
@@ -65,7 +65,7 @@ export async function databaseNow(db: Db): Promise<Date> {
 export async function finishStreamRun(
   db: Db,
   stream: StreamKey,
-  result: { at: Date; error: string | null; counts: Record<string, number>; caught: number; sweptAt?: Date },
+  result: { at: Date; error: string | null; counts: Record<string, number>; caught: number; sweptAt?: Date; sweepHeld?: SweepHold | null },
 ): Promise<void> {
   await db
     .update(streamCursors)
@@ -75,6 +75,7 @@ export async function finishStreamRun(
       counts: result.counts,
       caughtByPoll: sql`${streamCursors.caughtByPoll} + ${result.caught}`,
       ...(result.sweptAt ? { lastSweepAt: result.sweptAt } : {}),
+      ...(result.sweepHeld !== undefined ? { sweepHeld: result.sweepHeld } : {}),
     })
     .where(keyOf(stream));
 }

@@ -13,6 +13,25 @@ export interface ListingResume {
   listsEverything: boolean;
 }
 
+/**
+ * Deletes a completed sweep found and did not make, for an operator to look at (see
+ * `sweepStream`); null once a sweep made every delete it found.
+ */
+export interface SweepHold {
+  /**
+   * `over_limit`: more of the stream's records vanished at once than `poll.sweepDeleteLimit`
+   * lets a sweep delete by itself; `listing_incomplete`: records the listing left out were
+   * still there when fetched by id, so the rest it left out cannot be taken for deletes.
+   */
+  reason: 'over_limit' | 'listing_incomplete';
+  /** Records the listing no longer showed that were not deleted. */
+  deletes: number;
+  /** The stream's live records when the sweep began. */
+  records: number;
+  /** When that sweep's listing began. */
+  at: string;
+}
+
 /** Where each (connection, object) poll stream stands, in the CRM's own timestamps. */
 export const streamCursors = pgTable(
   'stream_cursors',
@@ -31,6 +50,7 @@ export const streamCursors = pgTable(
     counts: jsonb('counts').$type<Record<string, number>>(),
     /** Where an id-ordered listing stopped part-way, so the next run goes on from there; null once it ends. */
     resume: jsonb('resume').$type<ListingResume>(),
+    sweepHeld: jsonb('sweep_held').$type<SweepHold>(),
   },
   (t) => [primaryKey({ name: 'stream_cursors_pkey', columns: [t.connectionId, t.object] })],
 );

@@ -1,0 +1,1 @@
+ALTER TABLE "stream_cursors" ADD COLUMN "sweep_held" jsonb;
