@@ -1,7 +1,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { TokenEndpointError, TokenRequestRejectedError, type TokenManager } from '../crm/token-manager.js';
-import { acquireLease } from '../db/queries/leases.js';
+import { acquireLease, pruneExpiredLeases } from '../db/queries/leases.js';
 import { BadRequestError, NotFoundError } from '../errors.js';
 
 /**
@@ -118,6 +118,8 @@ export default async function oauthRoutes(app: FastifyInstance) {
     if (!(await acquireLease(app.db, `oauth-state:${payload.n}`, randomUUID(), STATE_LIFETIME_MS))) {
       throw refuse('OAUTH_STATE_USED', 'This authorisation has already been used.');
     }
+    // States taken by earlier callbacks and expired since: nothing can use them any more.
+    await pruneExpiredLeases(app.db, 'oauth-state:');
 
     try {
       await manager.exchangeCode(q.code, payload.r);

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { TokenProvider } from '../../src/crm/token-provider.js';
 import { NeedsReauthError } from '../../src/crm/token-provider.js';
 import { TokenCipher } from '../../src/crm/crypto.js';
-import { tokens } from '../../src/db/schema/index.js';
+import { leases, tokens } from '../../src/db/schema/index.js';
 import { startSandbox, type Sandbox } from '../../src/sandbox/index.js';
 import { formatStatus } from '../../src/status-command.js';
 import { buildTestApp, captureLogs, connection } from '../helpers/app.js';
@@ -232,8 +232,17 @@ describe('who may replace a connection\'s grant', () => {
     expect(tokenRequests(sb, since)).toHaveLength(0);
     expect(await database.db.select().from(tokens)).toEqual([]);
 
+    // States used by earlier callbacks and expired since are dropped by the next callback; other leases are not.
+    const expired = new Date(Date.now() - 60_000);
+    await database.db.insert(leases).values([
+      { name: 'oauth-state:used-last-month', owner: 'callback', expiresAt: expired },
+      { name: 'poll:acme:matters', owner: 'replica-1', expiresAt: expired },
+    ]);
+
     // The operator completes it; the same state and cookie, with the same code or a fresh one, are refused before the CRM.
     expect((await app.inject({ method: 'GET', url: operator.callback, headers: { cookie: operator.cookie } })).statusCode).toBe(200);
+    const kept = (await database.db.select().from(leases)).map((l) => l.name).sort();
+    expect(kept).toEqual([`oauth-state:${JSON.parse(testCipher().verify(operatorState)!).n}`, 'poll:acme:matters']);
     const [granted] = await database.db.select().from(tokens);
     const afterGrant = sb.state.requestLog.lastSeq;
     const freshCode = await codeFromConsent(operatorState, redirectUri);

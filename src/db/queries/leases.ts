@@ -51,6 +51,14 @@ export async function releaseLease(db: Db, name: string, owner: string): Promise
 }
 
 /**
+ * Deletes the expired leases named `<prefix>…`: for one-off names (an OAuth state is a lease
+ * of its own), which no one takes again once they expired, so the table keeps only live ones.
+ */
+export async function pruneExpiredLeases(db: Db, prefix: string): Promise<void> {
+  await db.delete(leases).where(and(sql`starts_with(${leases.name}, ${prefix})`, sql`${leases.expiresAt} < now()`));
+}
+
+/**
  * A transaction-scoped advisory lock on `key` (text, hashed into Postgres's lock space), held
  * until the transaction ends. Waiting for it is waiting inside Postgres, where the deadlock
  * detector sees the wait; a wait in the client for another transaction to end is invisible to it.
