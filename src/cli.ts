@@ -105,6 +105,23 @@ program
   });
 
 program
+  .command('notifications')
+  .description('list notified records (notification-mode hooks) not fetched from the CRM yet, oldest first; --drop gives up on one the CRM will never give')
+  .option('-c, --connection <id>', 'only this connection (required with --drop)')
+  .option('-n, --limit <n>', 'how many to show', (v) => Number.parseInt(v, 10), 50)
+  .option('--drop <object/id...>', 'stop fetching these records (as listed); the notification stays in the ledger')
+  .action(async (options: { connection?: string; limit: number; drop?: string[] }) => {
+    const { dropPendingFromCli, printPendingFetches } = await import('./sync/notifications-command.js');
+    if (options.drop !== undefined) {
+      if (options.connection === undefined) program.error('error: --drop needs --connection <id>', { exitCode: 2 });
+      const code = await withDatabase((db) => dropPendingFromCli(db, options.connection!, options.drop!, (t) => process.stdout.write(t)));
+      if (code !== 0) process.exitCode = code;
+      return;
+    }
+    await withDatabase((db) => printPendingFetches(db, { connectionId: options.connection, limit: options.limit }, (t) => process.stdout.write(t)));
+  });
+
+program
   .command('prune')
   .description('delete the stored bodies of changes older than RETENTION_DAYS now (the server does it daily); keys, versions and hashes stay')
   .action(async () => {

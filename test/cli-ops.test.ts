@@ -196,7 +196,20 @@ describe('crm-bridge backfill', () => {
     const url = await cli(['status', '--url', 'ftp://x']);
     expect(url.code).toBe(2);
     expect(url.out).toMatch(/--url must be an http/);
+
+    const drop = await cli(['notifications', '--drop', 'matters/1']);
+    expect(drop.code).toBe(2);
+    expect(drop.out).toMatch(/--drop needs --connection <id>/);
   }, 60_000);
+
+  it('lists notified records waiting to be fetched: none on a connection fed by full hooks', async () => {
+    const listed = await cli(['notifications']);
+    expect(listed.code).toBe(0);
+    expect(listed.out).toContain('no notified records waiting to be fetched');
+    const dropped = await cli(['notifications', '--connection', 'firm', '--drop', 'matters/1']);
+    expect(dropped.code).toBe(1);
+    expect(dropped.out).toContain('firm: no notified record matters/1 waiting to be fetched');
+  }, 30_000);
 
   it('has --help for backfill and status', async () => {
     for (const command of ['backfill', 'status']) {

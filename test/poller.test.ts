@@ -3,6 +3,7 @@ import { and, eq, sql } from 'drizzle-orm';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledger, ledgerBodies, outbox, pendingFetches, recordHeads, streamCursors } from '../src/db/schema/index.js';
 import { pollStream, sweepStream } from '../src/sync/poller.js';
+import { dropPendingFromCli, printPendingFetches } from '../src/sync/notifications-command.js';
 import { SECRET } from './helpers/app.js';
 import { startBridge } from './helpers/bridge.js';
 import { startFaultProxy } from './helpers/fault-proxy.js';
@@ -585,6 +586,23 @@ describe('the reconciling poller against the sandbox CRM', () => {
       // The operator sees it waiting, refused; the stream itself is healthy.
       const health = await bridge.app.inject('/health');
       expect(health.json().connections[0].poll.streams[0]).toMatchObject({ lastError: null, stale: false, notifications: { waiting: 1, failing: 1 } });
+
+      // crm-bridge notifications lists it; the operator gives up on it, and runs stop asking for it.
+      let out = '';
+      expect(await printPendingFetches(db, { connectionId: 'firm', limit: 50 }, (t) => (out += t))).toBe(1);
+      expect(out).toMatch(new RegExp(`^firm +matters/${refused} +\\S+ +CRM_HTTP_STATUS \\(HTTP 403\\)$`, 'm'));
+      out = '';
+      expect(await dropPendingFromCli(db, 'firm', [`matters/${refused}`, 'matters/999999', 'matters'], (t) => (out += t))).toBe(1);
+      expect(out).toContain(`firm: dropped matters/${refused} (notified `);
+      expect(out).toContain('firm: no notified record matters/999999 waiting to be fetched');
+      expect(out).toContain('"matters" is not <object>/<id>');
+      const asked = () => bridge.sandbox.state.requestLog.list({ pathPrefix: `/api/v4/matters/${refused}.json` }).length;
+      const before = asked();
+      expect((await pollStream(stream)).status).toBe('ok');
+      expect(asked()).toBe(before);
+      expect((await bridge.app.inject('/health')).json().connections[0].poll.streams[0].notifications).toEqual({ waiting: 0, failing: 0 });
+      // The notification itself stays in the ledger.
+      expect(await sources(refused)).toEqual(['hook notified']);
     } finally {
       await proxy.close();
       await bridge.close();

@@ -122,6 +122,25 @@ export async function listPendingFetches(db: Db, stream: StreamKey, limit: numbe
     .limit(limit);
 }
 
+/** Pending fetches for an operator, oldest first: every connection's, or one's. */
+export async function listPendingFetchesForOperator(db: Db, options: { connectionId?: string | undefined; limit: number }) {
+  return db
+    .select()
+    .from(pendingFetches)
+    .where(options.connectionId === undefined ? undefined : eq(pendingFetches.connectionId, options.connectionId))
+    .orderBy(pendingFetches.receivedAt, pendingFetches.crmId)
+    .limit(options.limit);
+}
+
+/** Drops one record's pending fetch, whatever its event (an operator gave up on it); the row it was, or undefined. */
+export async function dropPendingFetch(db: Db, key: StreamKey & { crmId: string }) {
+  const [row] = await db
+    .delete(pendingFetches)
+    .where(and(eq(pendingFetches.connectionId, key.connectionId), eq(pendingFetches.object, key.object), eq(pendingFetches.crmId, key.crmId)))
+    .returning();
+  return row;
+}
+
 export async function deletePendingFetch(db: Db, stream: StreamKey, crmId: string, eventId: string): Promise<void> {
   await db
     .delete(pendingFetches)
