@@ -15,11 +15,15 @@ const dataDir = join(fs.mkdtempSync(join(tmpdir(), 'crm-bridge-durable-')), 'pgd
 afterAll(() => fs.rmSync(dirname(dataDir), { recursive: true, force: true }));
 
 /** Every file fsync()ed by this process from now on, relative to the data directory, in order. */
-function watchSyncs(dir: string) {
+function watchSyncs(dir: string, onSync?: (path: string) => void) {
   const synced: string[] = [];
   const fsyncSync = fs.fsyncSync;
+  // A new database is made in `<dir>.creating` and moved to `dir`: its files are counted as dir's.
+  const staging = `${dir}.creating`;
   fs.fsyncSync = (fd: number) => {
-    synced.push(relative(dir, fs.readlinkSync(`/proc/self/fd/${fd}`)) || '.');
+    const path = fs.readlinkSync(`/proc/self/fd/${fd}`);
+    synced.push(relative(path === staging || path.startsWith(`${staging}/`) ? staging : dir, path) || '.');
+    onSync?.(synced.at(-1)!);
     return fsyncSync(fd);
   };
   return { synced, stop: () => void (fs.fsyncSync = fsyncSync) };
@@ -37,11 +41,21 @@ const show = async (database: Database, setting: string) =>
   (await rowsOf<Record<string, string>>(database.db.execute(sql.raw(`show ${setting}`))))[0]![setting];
 
 describe.skipIf(skip)('the embedded database on disk survives a power cut', () => {
-  it('creates a new database synced whole (initdb writes it without a sync)', async () => {
+  it('creates a new database synced whole (initdb writes it without a sync), and only then puts it in the data directory', async () => {
     const fresh = fs.mkdtempSync(join(tmpdir(), 'crm-bridge-initdb-'));
-    const watch = watchSyncs(fresh);
+    // While files are still being synced, the data directory holds no database (PG_VERSION): a
+    // power cut then leaves nothing a next start would take for a whole database.
+    let seenBeforeSynced = 0;
+    const watch = watchSyncs(fresh, (path) => {
+      if (path !== '..' && fs.existsSync(join(fresh, 'PG_VERSION'))) seenBeforeSynced++;
+    });
     try {
       await createEmbeddedDatabase(fresh);
+      expect(seenBeforeSynced).toBe(0);
+      expect(fs.existsSync(join(fresh, 'PG_VERSION'))).toBe(true);
+      expect(fs.existsSync(`${fresh}.creating`)).toBe(false);
+      // The move itself is made durable: the data directory's parent is synced after it.
+      expect(watch.synced.at(-1)).toBe('..');
       // Not counted: what Postgres itself wrote since it started (the WAL, its lock file, and the
       // relation cache's pg_internal.init, rebuilt whenever it is missing or stale).
       const created = tree(fresh).filter((path) => !path.startsWith('pg_wal') && path !== 'postmaster.pid' && !path.endsWith('pg_internal.init'));

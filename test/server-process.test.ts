@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -180,9 +180,13 @@ describe('crm-bridge serve, as npm start runs it', () => {
     process.kill(-first.child.pid!, 'SIGKILL');
     await first.exited;
 
+    // The half-made database was beside the data directory, never in it.
+    expect(existsSync(join(fresh, 'pgdata.creating'))).toBe(true);
+    expect(existsSync(join(fresh, 'pgdata', 'PG_VERSION'))).toBe(false);
     const second = serve({ DATA_DIR: fresh });
     const base = await second.ready;
     expect((await fetch(`${base}/health/live`)).status).toBe(200);
+    expect(existsSync(join(fresh, 'pgdata.creating'))).toBe(false);
     const secret = readFileSync(join(fresh, 'demo-hook-secret'), 'utf8').trim();
     const hook = await fetch(`${base}/hooks/demo`, {
       method: 'POST',
@@ -202,7 +206,9 @@ describe('crm-bridge serve, as npm start runs it', () => {
     const server = serve({ DATA_DIR: blocked });
     await expect(server.ready).rejects.toThrow();
     expect(await server.exited).toBe(1);
-    expect(server.output()).toContain(`because: Could not create the embedded database in ${join(blocked, 'pgdata')}: PGlite's file system failed (errno 54); the directory must be empty or not exist yet`);
+    expect(server.output()).toContain(`because: Could not create the embedded database in ${join(blocked, 'pgdata')}: it holds files but no database; the directory must be empty or not exist yet`);
+    // What it made beside the directory is gone with it.
+    expect(existsSync(join(blocked, 'pgdata.creating'))).toBe(false);
     expect(server.output()).not.toMatch(/\n\s+at /);
   });
 });

@@ -104,9 +104,24 @@ function embeddedOnDisk(dataDir: string, initdbHere = false): PGlite {
  * with little to do may put off indefinitely (`crm-bridge serve` still held it 20 s after ready).
  */
 export async function createEmbeddedDatabase(dataDir: string): Promise<void> {
-  const client = embeddedOnDisk(dataDir, true);
+  // Made beside the data directory and moved into it only once whole and synced: a first start
+  // stopped part-way (killed, or a power cut before initdb's files reached the disk) leaves no
+  // half database where the next start would take it for a whole one. A leftover is made again.
+  const staging = `${dataDir}.creating`;
+  fs.rmSync(staging, { recursive: true, force: true });
+  const client = embeddedOnDisk(staging, true);
   await client.waitReady;
   await client.close();
+  try {
+    // Replaces the empty directory the bridge made (or none); the rename is on disk once its parent is synced.
+    fs.renameSync(staging, dataDir);
+  } catch (err) {
+    fs.rmSync(staging, { recursive: true, force: true });
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOTEMPTY' || code === 'EEXIST' || code === 'ENOTDIR') throw new Error('it holds files but no database');
+    throw err;
+  }
+  syncFile(dirname(dataDir));
 }
 
 /** Runs `createEmbeddedDatabase` in a child process (a script beside this module, run as this one is). */
@@ -143,7 +158,7 @@ const durableStartParams = [
  * Postgres's fsync() of a WAL segment or a data file returned at once with nothing synced.
  */
 class SyncedNodeFS extends NodeFS {
-  /** PGlite runs initdb here: it writes the new database unsynced, before Postgres starts on it. */
+  /** PGlite runs initdb here (in `createEmbeddedDatabase`'s staging directory): it writes the new database unsynced, before Postgres starts on it. */
   #created = false;
 
   constructor(
