@@ -399,6 +399,8 @@ describe('the reconciling poller against the sandbox CRM', () => {
       const held = await bridge.app.inject('/health');
       expect(held.statusCode).toBe(503);
       expect(held.json().connections[0].poll).toMatchObject({ heldDeletes: 60, stale: false, streams: [{ object: 'matters', sweepHeld: { reason: 'over_limit', deletes: 60, records: 500 } }] });
+      const heldGauge = async () => /^crm_bridge_sweep_held_deletes\{connection="firm",object="matters"\} (\d+)$/m.exec((await bridge.app.inject('/metrics')).body)?.[1];
+      expect(await heldGauge()).toBe('60');
       // The status page names what to run.
       const page = await bridge.app.inject({ url: '/', headers: { authorization: 'Bearer operator-token-0123456789abcdef' } });
       expect(page.body).toContain('60 of 500 records vanished at once');
@@ -412,6 +414,7 @@ describe('the reconciling poller against the sandbox CRM', () => {
       expect(deleted.map((d) => d.ledger.crmId).sort()).toEqual(ids.slice(0, 60).map(String).sort());
       const after = (await bridge.app.inject('/health')).json();
       expect(after.connections[0].poll).toMatchObject({ heldDeletes: 0, streams: [{ sweepHeld: null }] });
+      expect(await heldGauge()).toBe('0');
     } finally {
       await bridge.close();
     }

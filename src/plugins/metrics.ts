@@ -117,6 +117,7 @@ export default fp(
       row.lastSuccessAt === null ? null : Math.max(0, (now - row.lastSuccessAt.getTime()) / 1000),
     );
     streamGauge('crm_bridge_caught_by_poll', 'Changes the poll delivered that no hook had announced (the automation misses; alert on its rate)', (row) => row.caughtByPoll);
+    streamGauge('crm_bridge_sweep_held_deletes', 'Deletes the last sweep found and held for an operator (alert when above 0; /health poll.streams[].sweepHeld says why)', (row) => row.sweepHeld?.deletes ?? 0);
 
     app.decorate('metrics', metrics);
   },
