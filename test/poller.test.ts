@@ -31,6 +31,13 @@ async function headsByCrmId() {
 
 const matterIds = (sandbox: { state: { store: { matters: { items: Array<{ id: number }> } } } }) => sandbox.state.store.matters.items.map((m) => m.id);
 
+type Stream = ReturnType<Awaited<ReturnType<typeof startBridge>>['app']['poller']['stream']>;
+
+/** `stream` with its CRM reached through `url` (a fault proxy), retrying as given (by default once, at once). */
+function through(bridge: Awaited<ReturnType<typeof startBridge>>, stream: Stream, url: string, http: Record<string, number> = { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 }): Stream {
+  return { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: url }, { tokens: bridge.app.tokens.get('firm')!, http }) };
+}
+
 describe('the reconciling poller against the sandbox CRM', () => {
   it('catches exactly the changes whose hooks the automation dropped, and delivers every change once', async () => {
     const bridge = await startBridge({ database, sandbox: { seed: 7 }, automation: { dropRate: 0.3 } });
@@ -288,7 +295,7 @@ describe('the reconciling poller against the sandbox CRM', () => {
         return ++listPages >= 3 ? 503 : undefined;
       } });
       try {
-        const viaProxy = { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } }) };
+        const viaProxy = through(bridge, stream, proxy.url);
         const failing = await sweepStream(viaProxy);
         expect(failing.status).toBe('failed');
         expect(failing.pages).toBe(2);
@@ -443,7 +450,7 @@ describe('the reconciling poller against the sandbox CRM', () => {
         },
       });
       try {
-        const viaProxy = { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } }) };
+        const viaProxy = through(bridge, stream, proxy.url);
         const swept = await sweepStream(viaProxy);
         // 18 vanished; 10 of them were fetched by id, and at least 7 of those were still there.
         expect(swept).toMatchObject({ status: 'ok', held: { reason: 'listing_incomplete', deletes: 8 } });
@@ -480,7 +487,7 @@ describe('the reconciling poller against the sandbox CRM', () => {
       let status = 403;
       const proxy = await startFaultProxy({ target: bridge.sandbox.url, fail: (req) => (req.url?.startsWith(`/api/v4/matters/${refused}.json`) ? status : undefined) });
       try {
-        const viaProxy = { ...stream, connector: connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } }) };
+        const viaProxy = through(bridge, stream, proxy.url);
         // A 403: the record is there, this token may not see it. Not a delete.
         expect(await sweepStream(viaProxy)).toMatchObject({ status: 'ok', deleted: 0 });
         expect((await headsByCrmId()).get(String(refused))).toMatchObject({ deleted: false });
@@ -568,7 +575,7 @@ describe('the reconciling poller against the sandbox CRM', () => {
     const proxy = await startFaultProxy({ target: bridge.sandbox.url, fail: (req) => (req.url?.startsWith(`/api/v4/matters/${refused}.json`) ? 403 : undefined) });
     try {
       const base = bridge.app.poller.stream('firm', 'matters');
-      const stream = { ...base, connector: connectorForConnection({ connector: base.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 0 } }) };
+      const stream = through(bridge, base, proxy.url, { maxRetries: 0 });
       expect((await pollStream(stream)).status).toBe('ok');
       const [notified, edited] = matterIds(bridge.sandbox);
       const notify = (id: number) =>
@@ -717,8 +724,7 @@ describe('the poller fetching a page ahead and answering held records before the
   async function throughProxy(bridge: Awaited<ReturnType<typeof startBridge>>, options: Parameters<typeof startFaultProxy>[0]) {
     const proxy = await startFaultProxy({ target: bridge.sandbox.url, ...options });
     const stream = bridge.app.poller.stream('firm', 'matters');
-    const connector = connectorForConnection({ connector: stream.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')!, http: { maxRetries: 1, retryBaseMs: 1, retryMaxMs: 5 } });
-    return { proxy, stream: { ...stream, connector } };
+    return { proxy, stream: through(bridge, stream, proxy.url) };
   }
   const isListing = (url: string | undefined) => url?.startsWith('/api/v4/matters.json') ?? false;
   const cursorOf = async () => (await db.select().from(streamCursors).where(and(eq(streamCursors.connectionId, 'firm'), eq(streamCursors.object, 'matters'))))[0];
