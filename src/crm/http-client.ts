@@ -40,11 +40,15 @@ export class CrmHttpError extends AppError {
     readonly status: number,
     /** The parsed JSON body when there was one, else the first bytes of the text. */
     readonly body?: unknown,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; retryAfterMs?: number | undefined },
   ) {
     super(502, code, detail, options);
     this.name = 'CrmHttpError';
+    this.retryAfterMs = options?.retryAfterMs;
   }
+
+  /** A 429's Retry-After, when it gave one: how long the CRM asked to be left alone. */
+  readonly retryAfterMs: number | undefined;
 }
 
 /** The slice of a pino logger the client uses; every line carries a safe URL, never a token. */
@@ -278,7 +282,7 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
         const after = retryAfterMs(res.headers);
         await res.body?.cancel();
         if (after !== null && after > maxRetryAfterMs) {
-          throw new CrmHttpError('CRM_RATE_LIMITED', `${method} ${shownUrl}: 429 with Retry-After ${after} ms, longer than allowed`, shownUrl, 429);
+          throw new CrmHttpError('CRM_RATE_LIMITED', `${method} ${shownUrl}: 429 with Retry-After ${after} ms, longer than allowed`, shownUrl, 429, undefined, { retryAfterMs: after });
         }
         if (attempt < maxRetries) {
           const delay = after ?? backoffMs(attempt);
@@ -288,7 +292,7 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
           log?.warn({ url: shownUrl, method, attempt, delayMs: Math.round(delay) }, 'CRM rate limit hit (429); waiting');
           continue;
         }
-        throw new CrmHttpError('CRM_RATE_LIMITED', `${method} ${shownUrl}: still 429 after ${attempt + 1} attempts`, shownUrl, 429);
+        throw new CrmHttpError('CRM_RATE_LIMITED', `${method} ${shownUrl}: still 429 after ${attempt + 1} attempts`, shownUrl, 429, undefined, { retryAfterMs: after ?? undefined });
       }
 
       if (res.status >= 500 && idempotent && attempt < maxRetries) {

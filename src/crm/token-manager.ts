@@ -108,7 +108,7 @@ type TokenAnswer =
   | { kind: 'ok'; accessToken: string; refreshToken: string | undefined; expiresIn: number | undefined }
   | { kind: 'invalid_grant'; detail: string }
   | { kind: 'rejected'; error: string; detail: string }
-  | { kind: 'transient'; detail: string };
+  | { kind: 'transient'; detail: string; retryAfterMs?: number | undefined };
 
 const LEASE_MARGIN_MS = 5_000;
 /** Retries the HTTP client may make itself: only for answers the CRM did not act on (429, refused). */
@@ -138,6 +138,8 @@ export class TokenManager implements TokenProvider {
   /** Client credentials and static tokens have no grant to re-authorise; the flag stops retries in this process. */
   #rejectedHere: string | null = null;
   #staticChecked = false;
+  /** After a refresh round failed transiently: no token request before this time (this process). */
+  #retryAt = 0;
 
   constructor(db: Db, connection: TokenConnection, auth: ActiveAuth, options: TokenManagerOptions) {
     this.#db = db;
@@ -247,6 +249,11 @@ export class TokenManager implements TokenProvider {
     const row = await getTokenRow(this.#db, this.connectionId);
     const stored = this.#usable(row, rejected);
     if (stored !== null) return stored;
+    if (this.#now() < this.#retryAt) {
+      const standing = rejected === undefined ? this.#unexpired(row) : null;
+      if (standing !== null) return standing;
+      throw new TokenEndpointError(this.connectionId, `it failed recently; next try in ${Math.ceil((this.#retryAt - this.#now()) / 1000)} s`);
+    }
     try {
       return await this.#refreshUnderLease(rejected);
     } catch (err) {
@@ -261,7 +268,16 @@ export class TokenManager implements TokenProvider {
 
   #unexpired(row: TokenRow | undefined): string | null {
     if (!row?.accessTokenEnc || row.state !== 'ok' || row.expiresAt === null || row.expiresAt.getTime() <= this.#now()) return null;
-    return this.#cipher.decrypt(row.accessTokenEnc, this.#context('access'));
+    return this.#open(row.accessTokenEnc, 'access');
+  }
+
+  /** A stored value, or null when this key cannot decrypt it (TOKEN_ENCRYPTION_KEY changed or lost). */
+  #open(sealed: string, kind: 'access' | 'refresh'): string | null {
+    try {
+      return this.#cipher.decrypt(sealed, this.#context(kind));
+    } catch {
+      return null;
+    }
   }
 
   async #refreshUnderLease(rejected: string | undefined): Promise<string> {
@@ -298,6 +314,9 @@ export class TokenManager implements TokenProvider {
       if (this.auth.type === 'oauth2' && !row?.refreshTokenEnc) {
         throw await this.#needsReauth('no refresh token is stored (the CRM granted none); authorise the connection again', row?.generation);
       }
+      if (this.auth.type === 'oauth2' && this.#open(row!.refreshTokenEnc!, 'refresh') === null) {
+        throw await this.#needsReauth('the stored tokens cannot be decrypted: TOKEN_ENCRYPTION_KEY differs from the key that stored them; authorise the connection again', row?.generation);
+      }
       const form = this.#refreshForm(row);
       const answer = await this.#requestToken(form);
       if (answer.kind === 'ok') {
@@ -329,13 +348,15 @@ export class TokenManager implements TokenProvider {
       }
 
       failures++;
-      if (failures >= this.#attempts) {
+      const tooLong = answer.retryAfterMs !== undefined && answer.retryAfterMs > this.#backoffMaxMs;
+      if (failures >= this.#attempts || tooLong) {
+        this.#retryAt = this.#now() + Math.max(answer.retryAfterMs ?? 0, this.#backoffMaxMs);
         await recordTokenError(this.#db, this.connectionId, `token endpoint: ${answer.detail}`);
         this.#onRefresh?.('unavailable');
         this.#log?.warn({ connection: this.connectionId, attempts: failures }, `token endpoint still failing after ${failures} attempts: ${answer.detail}`);
         throw new TokenEndpointError(this.connectionId, answer.detail);
       }
-      const delay = this.#backoff(failures);
+      const delay = Math.max(this.#backoff(failures), answer.retryAfterMs ?? 0);
       this.#log?.warn({ connection: this.connectionId, attempt: failures, delayMs: Math.round(delay) }, `token endpoint failed transiently (${answer.detail}); retrying`);
       if (!(await renewLease(this.#db, this.#leaseName, this.#owner, delay + this.#leaseTtlMs))) return null;
       await sleep(delay);
@@ -363,8 +384,8 @@ export class TokenManager implements TokenProvider {
       throw new NeedsReauthError(this.connectionId, row?.lastError ?? `not authorised yet: ${reauthHint(this.connectionId, this.auth.type)}`);
     }
     if (!row?.accessTokenEnc) return null;
-    const token = this.#cipher.decrypt(row.accessTokenEnc, this.#context('access'));
-    if (token === rejected) return null;
+    const token = this.#open(row.accessTokenEnc, 'access');
+    if (token === null || token === rejected) return null;
     const cached = this.#cacheOf(token, row.expiresAt, row.claimedLifetimeSeconds);
     if (!this.#isFresh(cached)) return null;
     this.#cache = cached;
@@ -396,7 +417,7 @@ export class TokenManager implements TokenProvider {
     if (this.#rejectedHere !== null) throw new NeedsReauthError(this.connectionId, this.#rejectedHere);
     if (!this.#staticChecked) {
       const row = await getTokenRow(this.#db, this.connectionId);
-      const stored = row?.accessTokenEnc ? this.#cipher.decrypt(row.accessTokenEnc, this.#context('access')) : null;
+      const stored = row?.accessTokenEnc ? this.#open(row.accessTokenEnc, 'access') : null;
       if (stored === token && row?.state === 'needs_reauth') {
         this.#rejectedHere = row.lastError ?? 'the CRM refused the static token';
         throw new NeedsReauthError(this.connectionId, this.#rejectedHere);
@@ -436,13 +457,14 @@ export class TokenManager implements TokenProvider {
       body.set('client_secret', this.auth.clientSecret);
     }
     const answer = await postTokenForm(this.#http!, Object.fromEntries(body), headers);
-    if ('failure' in answer) return { kind: 'transient', detail: answer.failure };
+    if ('failure' in answer) return { kind: 'transient', detail: answer.failure, retryAfterMs: answer.retryAfterMs };
     const { status, json } = answer;
     const field = (name: string): unknown => (json !== null && typeof json === 'object' ? (json as Record<string, unknown>)[name] : undefined);
-    if (status >= 500) return { kind: 'transient', detail: `HTTP ${status}` };
+    if (status >= 500 || status === 408) return { kind: 'transient', detail: `HTTP ${status}` };
     if (status >= 200 && status < 300) {
       const accessToken = field('access_token');
       if (typeof accessToken !== 'string' || accessToken === '') {
+        if (json === null) return { kind: 'transient', detail: `HTTP ${status} with a non-JSON answer` };
         return { kind: 'rejected', error: 'invalid_response', detail: `HTTP ${status} without an access_token` };
       }
       const refreshToken = field('refresh_token');
@@ -451,10 +473,13 @@ export class TokenManager implements TokenProvider {
         kind: 'ok',
         accessToken,
         refreshToken: typeof refreshToken === 'string' && refreshToken !== '' ? refreshToken : undefined,
-        expiresIn: Number.isFinite(expiresIn) && expiresIn > 0 ? expiresIn : undefined,
+        // Stored as an int4 of seconds: a fractional or huge claim must not fail the save after the CRM rotated the refresh token.
+        expiresIn: Number.isFinite(expiresIn) && expiresIn > 0 ? Math.min(Math.max(1, Math.floor(expiresIn)), 10 * 365 * 86_400) : undefined,
       };
     }
-    const error = typeof field('error') === 'string' ? (field('error') as string) : `HTTP ${status}`;
+    // No OAuth error object (RFC 6749 §5.2): a proxy's or load balancer's page, not the CRM's verdict.
+    if (typeof field('error') !== 'string') return { kind: 'transient', detail: `HTTP ${status} without an OAuth error` };
+    const error = field('error') as string;
     const description = typeof field('error_description') === 'string' ? (field('error_description') as string) : `HTTP ${status}`;
     if (error === 'invalid_grant') return { kind: 'invalid_grant', detail: description };
     return { kind: 'rejected', error, detail: description };
@@ -493,7 +518,7 @@ export class TokenManager implements TokenProvider {
   }
 }
 
-type FormAnswer = { status: number; json: unknown } | { failure: string };
+type FormAnswer = { status: number; json: unknown } | { failure: string; retryAfterMs?: number | undefined };
 
 /** Every error status comes back as a value: this caller classifies them itself. */
 const ERROR_STATUSES = Array.from({ length: 200 }, (_, i) => 400 + i);
@@ -524,7 +549,10 @@ async function postTokenForm(client: CrmHttpClient, form: Record<string, string>
     }
     return { status: res.status, json };
   } catch (err) {
-    if (err instanceof CrmHttpError) return { failure: err.status === 429 ? 'HTTP 429 after waiting out Retry-After' : err.message };
+    if (err instanceof CrmHttpError) {
+      const { retryAfterMs } = err;
+      return { failure: err.status === 429 ? `HTTP 429${retryAfterMs === undefined ? '' : ` (Retry-After ${Math.ceil(retryAfterMs / 1000)} s)`}` : err.message, retryAfterMs };
+    }
     throw err;
   }
 }
