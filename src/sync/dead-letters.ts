@@ -51,7 +51,8 @@ export async function replayFromCli(db: Db, eventId: string, write: (text: strin
 /** The later change a replay would follow, for the operator (the API's 409 and the CLI). */
 export function describeLater(later: LaterChange): string {
   const version = later.version === null ? '' : ` (version ${later.version})`;
-  return `a later change of the record, ${later.eventId}${version}, ${later.state === 'delivered' ? 'was already delivered' : 'is being delivered now'}`;
+  const state = { delivered: 'was already delivered', in_flight: 'is being delivered now', unanswered: 'was sent and got no answer, so the pipeline may have it' }[later.state];
+  return `a later change of the record, ${later.eventId}${version}, ${state}`;
 }
 
 function formatTable(items: DeadLetter[]): string {

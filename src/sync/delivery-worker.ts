@@ -70,7 +70,9 @@ export class DeliveryWorker extends Daemon {
   constructor(private readonly deps: DeliveryWorkerOptions) {
     super({ name: `delivery:${deps.connectionId}`, intervalMs: deps.downstream.pollInterval, jitter: 0.2, log: deps.log });
     this.leaseMs = deps.downstream.lease ?? deps.downstream.timeout + LEASE_MARGIN_MS;
-    this.secrets = Object.values(deps.downstream.headers).filter((v) => v.length >= 4);
+    // The whole value and its credential without a scheme ("Bearer <key>" → "<key>"), longest first.
+    const values = Object.values(deps.downstream.headers);
+    this.secrets = [...new Set([...values, ...values.map((v) => v.replace(/^[A-Za-z][\w-]*\s+/, ''))])].filter((v) => v.length >= 4).sort((a, b) => b.length - a.length);
   }
 
   get owner(): string {
@@ -352,7 +354,8 @@ export class DeliveryWorker extends Daemon {
       const decoder = new TextDecoder();
       for await (const chunk of body) {
         text += decoder.decode(chunk as Buffer, { stream: true });
-        if (text.length >= EXCERPT_CHARS) break;
+        // Past the limit by the longest secret, so one cut at the limit is still redacted whole.
+        if (text.length >= EXCERPT_CHARS + (this.secrets[0]?.length ?? 0)) break;
       }
     } catch {
       // A body cut off mid-read still leaves the status, which is what decides the outcome.
@@ -414,6 +417,8 @@ export function parseRetryAfter(header: string | string[] | undefined, now = Dat
   if (value === undefined) return null;
   const trimmed = value.trim();
   if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
+  // An HTTP date names a weekday and month; Date.parse reads bare numbers such as "-3600" as years.
+  if (!/^[A-Za-z]{3}/.test(trimmed)) return null;
   const at = Date.parse(trimmed);
   return Number.isNaN(at) ? null : Math.max(0, at - now);
 }

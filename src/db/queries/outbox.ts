@@ -264,8 +264,11 @@ export async function listDeadLetters(
 export interface LaterChange {
   eventId: string;
   version: string | null;
-  /** `in_flight`: a worker holds a live lease on it and may deliver it before the replay. */
-  state: 'delivered' | 'in_flight';
+  /**
+   * `in_flight`: a worker holds a live lease on it and may deliver it before the replay;
+   * `unanswered`: it was sent and no answer came (a timeout), so the pipeline may have it.
+   */
+  state: 'delivered' | 'in_flight' | 'unanswered';
 }
 
 export type ReplayOutcome =
@@ -279,45 +282,56 @@ export type ReplayOutcome =
  * id (so the same Idempotency-Key). It takes its old place in its record's order: later pending
  * changes of the record wait for it, so the record still ends at its newest version downstream.
  *
- * A later change already delivered, or in flight (a live lease: it may arrive first), would
- * have the replay move the record back in time downstream (DESIGN gate rule 3), so the replay is
- * refused and names it, unless `force` (the operator knows the pipeline orders by `version`).
- * One statement: the record's later rows are locked while it decides, so a claim (SKIP LOCKED)
- * cannot take one in between, and one being claimed is read as its claim left it.
+ * A later change already delivered, in flight (a live lease: it may arrive first), or sent
+ * without a definite answer (a timeout: the pipeline may have applied it) would have the replay
+ * move the record back in time downstream (DESIGN gate rule 3), so the replay is refused and
+ * names it, unless `force` (the operator knows the pipeline orders by `version`). The record's
+ * head is locked first, as the gate locks it before writing a newer change's outbox row (leased,
+ * on the hook path) and until that commits: the decision sees that row, or the gate after it
+ * sees this one pending. Then one statement locks the record's later rows while it decides, so
+ * a claim (SKIP LOCKED) cannot take one in between, and one being claimed is read as its claim
+ * left it.
  */
 export async function replayDeadLetter(db: Db, eventId: string, options: { force?: boolean } = {}): Promise<ReplayOutcome> {
-  const [row] = await rowsOf<{ connection_id: string; object: string; crm_id: string; replayed: boolean; newer_event_id: string | null; newer_version: string | null; newer_state: LaterChange['state'] | null }>(
-    db.execute(sql`
-      with target as (
-        select id, connection_id, object, crm_id from outbox where event_id = ${eventId} and state = 'dead' for update
-      ), later as (
-        select o.id, o.event_id, o.state, o.lease_expires_at > now() as in_flight
-        from outbox o join target t on o.connection_id = t.connection_id and o.object = t.object and o.crm_id = t.crm_id and o.id > t.id
-        where o.state <> 'dead'
-        for update of o
-      ), ahead as (
-        select l.event_id, l.state, e.version from later l join ledger e on e.event_id = l.event_id
-        where l.state = 'delivered' or l.in_flight
-        order by l.id desc
-        limit 1
-      ), replayed as (
-        update outbox
-        set state = 'pending', attempts = 0, next_attempt_at = now(), queued_at = now(), lease_owner = null, lease_expires_at = null
-        from target
-        where outbox.id = target.id and (${options.force === true}::boolean or not exists (select 1 from ahead))
-        returning outbox.id
-      )
-      select t.connection_id, t.object, t.crm_id, exists (select 1 from replayed) as replayed,
-        a.event_id as newer_event_id, a.version as newer_version, case a.state when 'delivered' then 'delivered' when 'pending' then 'in_flight' end as newer_state
-      from target t left join ahead a on true`),
-  );
-  if (row) {
-    const key = { connectionId: row.connection_id, object: row.object, crmId: row.crm_id };
-    const newer = row.newer_event_id === null ? null : { eventId: row.newer_event_id, version: row.newer_version, state: row.newer_state! };
-    if (row.replayed) return { status: 'replayed', ...key, overtook: newer };
-    return { status: 'newer_change', ...key, newer: newer! };
-  }
-  const [found] = await db.select({ state: outbox.state }).from(outbox).where(eq(outbox.eventId, eventId));
-  if (found === undefined) return { status: 'not_found' };
-  return { status: 'not_dead', state: found.state === 'dead' ? 'pending' : found.state };
+  return db.transaction(async (tx) => {
+    // The record's head first, in a statement of its own: the gate holds it from before it writes
+    // a newer change's outbox row (perhaps leased) until that commits, so the statement below sees
+    // that row, and a gate that comes after sees this row pending.
+    await tx.execute(sql`select 1 from record_heads h join outbox o on o.connection_id = h.connection_id and o.object = h.object and o.crm_id = h.crm_id where o.event_id = ${eventId} and o.state = 'dead' for update of h`);
+    const [row] = await rowsOf<{ connection_id: string; object: string; crm_id: string; replayed: boolean; newer_event_id: string | null; newer_version: string | null; newer_state: LaterChange['state'] | null }>(
+      tx.execute(sql`
+        with target as (
+          select id, connection_id, object, crm_id from outbox where event_id = ${eventId} and state = 'dead' for update
+        ), later as (
+          select o.id, o.event_id, o.state, o.attempts, o.last_status, o.lease_expires_at > now() as in_flight
+          from outbox o join target t on o.connection_id = t.connection_id and o.object = t.object and o.crm_id = t.crm_id and o.id > t.id
+          where o.state <> 'dead'
+          for update of o
+        ), ahead as (
+          select l.event_id, case when l.state = 'delivered' then 'delivered' when l.in_flight then 'in_flight' else 'unanswered' end as state, e.version
+          from later l join ledger e on e.event_id = l.event_id
+          where l.state = 'delivered' or l.in_flight or (l.attempts > 0 and l.last_status is null)
+          order by l.id desc
+          limit 1
+        ), replayed as (
+          update outbox
+          set state = 'pending', attempts = 0, next_attempt_at = now(), queued_at = now(), lease_owner = null, lease_expires_at = null
+          from target
+          where outbox.id = target.id and (${options.force === true}::boolean or not exists (select 1 from ahead))
+          returning outbox.id
+        )
+        select t.connection_id, t.object, t.crm_id, exists (select 1 from replayed) as replayed,
+          a.event_id as newer_event_id, a.version as newer_version, a.state as newer_state
+        from target t left join ahead a on true`),
+    );
+    if (row) {
+      const key = { connectionId: row.connection_id, object: row.object, crmId: row.crm_id };
+      const newer = row.newer_event_id === null ? null : { eventId: row.newer_event_id, version: row.newer_version, state: row.newer_state! };
+      if (row.replayed) return { status: 'replayed', ...key, overtook: newer };
+      return { status: 'newer_change', ...key, newer: newer! };
+    }
+    const [found] = await tx.select({ state: outbox.state }).from(outbox).where(eq(outbox.eventId, eventId));
+    if (found === undefined) return { status: 'not_found' as const };
+    return { status: 'not_dead' as const, state: found.state === 'dead' ? ('pending' as const) : found.state };
+  });
 }
