@@ -37,3 +37,33 @@ export function mendStrings(_key: string, value: unknown): unknown {
 export function parseStorableJson(text: string): unknown {
   return needsMending(text) ? JSON.parse(text, mendStrings) : JSON.parse(text);
 }
+
+/**
+ * How deep arrays and objects may nest in a request body. A CRM record nests a few levels; the
+ * hashing of fields (canonicalJson) and Postgres's jsonb recurse per level, so a body nested
+ * thousands deep, a few kilobytes long, would otherwise end in a stack overflow: a 500.
+ */
+export const MAX_JSON_DEPTH = 64;
+
+/** JSON text nests arrays and objects deeper than `max` (brackets inside strings do not count). */
+export function nestsDeeperThan(json: Buffer, max: number): boolean {
+  // Fewer opening brackets than the limit cannot nest deeper: most bodies end here, in native code.
+  let opens = 0;
+  for (const bracket of [0x7b, 0x5b]) {
+    for (let at = json.indexOf(bracket); at !== -1 && opens <= max; at = json.indexOf(bracket, at + 1)) opens++;
+  }
+  if (opens <= max) return false;
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < json.length; i++) {
+    const c = json[i];
+    if (inString) {
+      if (c === 0x5c) i++;
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x7b || c === 0x5b) {
+      if (++depth > max) return true;
+    } else if (c === 0x7d || c === 0x5d) depth--;
+  }
+  return false;
+}

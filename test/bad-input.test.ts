@@ -132,6 +132,18 @@ function wrongCredentials(rng: Rng, auth: Auth): Array<[string, Record<string, s
 
 const DEEP = 20_000;
 /** Bodies no POST route may accept, whatever its schema: not JSON, not an object, poisoned, badly encoded. */
+/**
+ * `valid` as JSON text with a key holding arrays nested `depth` deep in every object below the
+ * top (the hook's record, the write's fields), where they are mapped and hashed; at the top
+ * when there is no object below it.
+ */
+function withDeepField(valid: unknown, depth: number): string {
+  const mark = 'deep-value-mark';
+  const text = JSON.stringify(valid, (key, v: unknown) => (key !== '' && v !== null && typeof v === 'object' && !Array.isArray(v) ? { ...v, deep: mark } : v));
+  const nested = `${'['.repeat(depth)}${']'.repeat(depth)}`;
+  return text.includes(mark) ? text.replaceAll(`"${mark}"`, nested) : `${text.slice(0, -1)},"deep":${nested}}`;
+}
+
 function badBodies(rng: Rng, valid: unknown): Array<[string, { body: Buffer | string; headers?: Record<string, string> }]> {
   const text = JSON.stringify(valid);
   const out: Array<[string, { body: Buffer | string; headers?: Record<string, string> }]> = [
@@ -156,6 +168,8 @@ function badBodies(rng: Rng, valid: unknown): Array<[string, { body: Buffer | st
     ['an escaped __proto__ key', { body: '{"\\u005f_proto__": {"polluted": "yes"}, "data": {"id": 1}}' }],
     [`arrays nested ${DEEP} deep`, { body: `${'['.repeat(DEEP)}${']'.repeat(DEEP)}` }],
     [`objects nested ${DEEP} deep`, { body: `${'{"a":'.repeat(DEEP)}1${'}'.repeat(DEEP)}` }],
+    // Inside an otherwise valid body, where the record's fields are mapped and hashed.
+    ...[65, 5_000, DEEP].map((depth): [string, { body: string }] => [`the valid body with a field nested ${depth} deep`, { body: withDeepField(valid, depth) }]),
     ['a body over the 1 MiB limit', { body: `{"data": {"id": 1, "pad": "${'x'.repeat(1024 * 1024 + 10)}"}}` }],
     ['invalid UTF-8 inside a string', { body: Buffer.concat([Buffer.from(text.slice(0, -2)), Buffer.from([0xff, 0xfe, 0xc3]), Buffer.from(text.slice(-2))]) }],
     ['an overlong UTF-8 encoding', { body: Buffer.concat([Buffer.from('{"data": {"id": 1, "x": "'), Buffer.from([0xc0, 0xaf]), Buffer.from('"}}')]) }],

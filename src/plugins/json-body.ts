@@ -3,7 +3,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import sjson from 'secure-json-parse';
 import { AppError, BadRequestError } from '../errors.js';
-import { mendStrings, needsMending } from '../json-text.js';
+import { MAX_JSON_DEPTH, mendStrings, needsMending, nestsDeeperThan } from '../json-text.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -15,7 +15,8 @@ declare module 'fastify' {
 /**
  * Bodies are JSON or nothing: text/plain and forms get 415 instead of being taken as strings.
  * Parsing refuses `__proto__` and `constructor.prototype` keys and says so, rather than the
- * generic "not valid JSON" message, and reads a NUL or a lone surrogate as U+FFFD (see json-text.ts).
+ * generic "not valid JSON" message, reads a NUL or a lone surrogate as U+FFFD, and refuses
+ * nesting deeper than MAX_JSON_DEPTH (see json-text.ts).
  */
 export default fp(
   async (app: FastifyInstance) => {
@@ -44,6 +45,10 @@ export default fp(
       }
       if (body.length === 0) {
         done(new BadRequestError('The body is empty; send a JSON object.', 'INVALID_JSON'));
+        return;
+      }
+      if (nestsDeeperThan(body, MAX_JSON_DEPTH)) {
+        done(new BadRequestError(`The JSON body nests arrays and objects more than ${MAX_JSON_DEPTH} levels deep.`, 'JSON_TOO_DEEP'));
         return;
       }
       try {
