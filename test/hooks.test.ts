@@ -235,3 +235,27 @@ describe('POST /hooks/:connection', () => {
     expect(text).not.toContain(SECRET);
   });
 });
+
+describe('hook secrets from the environment', () => {
+  // A Kubernetes secret made with --from-file, or a .env line with a trailing blank, ends the
+  // variable with a newline or a space. HTTP trims header values, so kept as it is, no request
+  // could present it: every hook would get 401 while the bridge started as if all were well.
+  it.each([
+    ['a trailing newline', `${SECRET}\n`],
+    ['a trailing space', `${SECRET} `],
+    ['a leading space', ` ${SECRET}`],
+  ])('takes a secret whose variable has %s without it', async (_name, value) => {
+    const app = await buildTestApp({ database, env: { HOOK_SECRET: value }, connections: [connection({ inbound: { secrets: ['${HOOK_SECRET}'] } })] });
+    try {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/hooks/acme',
+        headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+        payload: { id: 1, updated_at: '2026-11-20T10:00:00Z' },
+      });
+      expect(res.statusCode).toBe(202);
+    } finally {
+      await app.close();
+    }
+  });
+});

@@ -46,9 +46,9 @@ export const envSchema = z.object({
     .string()
     .refine((v) => Buffer.from(v, 'base64').length === 32, 'must be 32 bytes, base64-encoded')
     .optional(),
-  ADMIN_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
+  ADMIN_TOKEN: z.string().trim().min(16, 'must be at least 16 characters').optional(),
   /** Set: GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`; unset: /metrics is open (it carries no client data). */
-  METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
+  METRICS_TOKEN: z.string().trim().min(16, 'must be at least 16 characters').optional(),
   INSTANCE_ID: z.string().min(1).optional(),
   /**
    * Days a change's raw and mapped bodies are kept (ledger_bodies); the daily retention job
@@ -232,7 +232,12 @@ export const connectorDefinitionSchema = z
   .strict();
 export type ConnectorDefinition = z.infer<typeof connectorDefinitionSchema>;
 
-const secret = z.string().min(16, 'a hook secret must be at least 16 characters');
+/**
+ * Secrets are compared with what a request's header carries, and HTTP trims header values: a
+ * secret read from a file with its trailing newline (a Kubernetes secret, a .env line) is taken
+ * without it, or no request could ever match it.
+ */
+const secret = z.string().trim().min(16, 'a hook secret must be at least 16 characters');
 
 export const inboundSchema = z
   .object({
@@ -371,7 +376,7 @@ export type AuthConfig = z.infer<typeof authSchema>;
  */
 export const outboundSchema = z
   .object({
-    apiKeys: z.array(z.string().min(16, 'a pipeline API key must be at least 16 characters')).min(1, 'at least one pipeline API key is required'),
+    apiKeys: z.array(z.string().trim().min(16, 'a pipeline API key must be at least 16 characters')).min(1, 'at least one pipeline API key is required'),
     /** CRM calls in flight at once per writer (each replica runs one writer per connection). */
     concurrency: z.number().int().min(1).max(32).default(4),
     /** Attempts before a retryable CRM failure (5xx, 408, 429, network) marks the write failed. */
