@@ -254,6 +254,13 @@ export const inboundSchema = z
     recordPath: jsonPath.optional(),
     /** The object a hook carries when the URL has no `?object=`; defaults to the first object. */
     object: z.string().optional(),
+    /**
+     * How a hook says the record was deleted (Clio hard-deletes; its webhooks and most automation
+     * middleware send the event beside the record: `{path: "meta.event", equals: ["deleted"]}`).
+     * A matching hook is a delete of the record it names; without it, a deleted event reads as
+     * the record's last version again, and the delete waits for the sweep.
+     */
+    deleteWhen: z.object({ path: jsonPath, equals: z.array(z.string().min(1)).min(1) }).strict().optional(),
     bodyLimit: z.number().int().positive().max(64 * 1024 * 1024).default(1024 * 1024),
   })
   .strict();

@@ -83,7 +83,7 @@ export default async function hookRoutes(app: FastifyInstance) {
       if (record === null || typeof record !== 'object' || Array.isArray(record)) {
         throw new UnprocessableError(`No record object at "${connection.inbound.recordPath}" in the body.`, 'RECORD_MISSING');
       }
-      const change = observeRecord({
+      const observed = observeRecord({
         connectionId: connection.id,
         object,
         definition,
@@ -92,6 +92,11 @@ export default async function hookRoutes(app: FastifyInstance) {
         observedAt,
         deliverUnchanged: connection.deliverUnchanged,
       });
+      // The CRM's deleted event: the record it carries is the last version, and goes with the
+      // delete (for the ledger), but the change is the delete (DESIGN: deletes reach a hook or the sweep).
+      const deleteWhen = connection.inbound.deleteWhen;
+      const deleted = deleteWhen !== undefined && deleteWhen.equals.includes(String(getPath(body, deleteWhen.path)));
+      const change = observed && deleted ? { ...observed, change: 'delete' as const, version: null, rank: null, fields: null, contentHash: null } : observed;
       if (change === undefined) {
         throw new UnprocessableError(`The record has no usable id at "${definition.idPath}" (a non-empty string or a number).`, 'RECORD_ID_MISSING');
       }
@@ -102,7 +107,7 @@ export default async function hookRoutes(app: FastifyInstance) {
         request.log.debug({ connection: connection.id, object, crmId, version: change.version, fields: redactFields(change.fields, definition) }, 'hook record');
       }
       const outcome =
-        connection.inbound.payload === 'notification'
+        connection.inbound.payload === 'notification' && !deleted
           ? await app.changeWriter.submitNotification({ connectionId: connection.id, object, crmId, observedAt, raw: body })
           : await app.changeWriter.submit(change);
 
