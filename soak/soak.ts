@@ -275,7 +275,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
               authorizeUrl: '/oauth/authorize',
               refreshMarginSeconds: 10,
             },
-            inbound: { secrets: ['${SOAK_HOOK_SECRET}'], recordPath: 'data', object: 'matters' },
+            inbound: { secrets: ['${SOAK_HOOK_SECRET}'], recordPath: 'data', object: 'matters', deleteWhen: { path: 'meta.event', equals: ['deleted'] } },
             poll: { objects: ['matters', 'contacts'], interval: options.pollInterval, jitter: 0.2, lookback: '30s', pageSize: 200, lease: '10s', sweepInterval: options.sweepInterval },
             downstream: { url: sink.url, timeout: '5s', concurrency: 8, backoff: { base: '200ms', max: '5s' }, pollInterval: '200ms' },
             outbound: { apiKeys: ['${SOAK_PIPELINE_KEY}'], concurrency: 4, backoff: { base: '200ms', max: '5s' }, lease: '30s', pollInterval: '200ms' },

@@ -62,7 +62,7 @@ export async function startDemoWorld(logger: FastifyBaseLogger, hookSecret: stri
         authorizeUrl: '/oauth/authorize',
         refreshMarginSeconds: 10,
       },
-      inbound: { secrets: [hookSecret], recordPath: 'data', object: 'matters' },
+      inbound: { secrets: [hookSecret], recordPath: 'data', object: 'matters', deleteWhen: { path: 'meta.event', equals: ['deleted'] } },
       poll: { objects: ['matters', 'contacts'], interval: '20s', lookback: '2m', sweepInterval: '3m', pageSize: 100 },
       downstream: { url: `${pipeline.url}/intake`, headers: { Authorization: `Bearer ${pipelineKey}` }, backoff: { base: '1s', max: '30s' } },
       outbound: { apiKeys: [pipelineKey] },
