@@ -105,6 +105,7 @@ describe('the change gate', () => {
       object: 'matters',
       idempotencyKey: 'k-1',
       requestHash: 'r',
+      attempts: 1,
       crmId: '42',
       contentHash: echoed.contentHash!,
       state: 'sent',
@@ -139,6 +140,7 @@ describe('the change gate', () => {
       object: 'matters',
       idempotencyKey: 'k-2',
       requestHash: 'r',
+      attempts: 1,
       externalId: 'lead-7',
       contentHash: created.contentHash!,
     });
@@ -155,6 +157,7 @@ describe('the change gate', () => {
       object: 'matters',
       idempotencyKey: 'k-3',
       requestHash: 'r',
+      attempts: 1,
       contentHash: 'not-the-read-back-hash',
       echoMatch: { fields: { status: 'open' }, foldCase: ['status'] },
     });
@@ -164,6 +167,52 @@ describe('the change gate', () => {
       disposition: 'accepted',
       delivered: true,
     });
+  });
+
+  it("delivers a change showing a queued write's fields until a CRM call for that write may have started", async () => {
+    await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
+    const stampId = randomUUID();
+    const edited = change(matter('Closed', '2026-11-01T10:10:00Z'));
+    // Queued (or given back to wait for re-authorisation): the bridge has written nothing yet.
+    await db.insert(outboundWrites).values({ id: stampId, connectionId: 'acme', object: 'matters', idempotencyKey: 'k-4', requestHash: 'r', crmId: '42', operation: 'update', contentHash: edited.contentHash! });
+    expect(await pass(edited)).toMatchObject({ disposition: 'accepted', delivered: true });
+    // Claimed: the call may have reached the CRM, so what shows its fields is its echo.
+    await db.update(outboundWrites).set({ attempts: 1 }).where(eq(outboundWrites.id, stampId));
+    expect(await pass(change(matter('Pending', '2026-11-01T10:20:00Z')))).toMatchObject({ disposition: 'accepted' });
+    expect(await pass(change(matter('Closed', '2026-11-01T10:30:00Z')))).toMatchObject({ disposition: 'echo', delivered: false });
+  });
+
+  it('takes only a record whose marker names a create given up on as its echo, and the write then shows sent', async () => {
+    const record = (id: number) => change({ ...matter('Open', '2026-11-01T10:00:00Z'), id });
+    const failed = (id: string, key: string, settled: boolean) =>
+      db.insert(outboundWrites).values({
+        id,
+        connectionId: 'acme',
+        object: 'matters',
+        idempotencyKey: key,
+        requestHash: 'r',
+        contentHash: record(0).contentHash!,
+        echoMatch: { fields: { status: 'Open' }, foldCase: [] },
+        state: 'failed',
+        attempts: 2,
+        lastError: 'gave up after 2 attempts: 503',
+        ...(settled ? { settledAt: new Date() } : {}),
+      });
+    const givenUp = randomUUID();
+    const refused = randomUUID();
+    await failed(givenUp, 'k-5', false);
+    // Refused outright (a 4xx): nothing reached the CRM, so no record is its echo, even one naming it.
+    await failed(refused, 'k-6', true);
+    expect(await pass(change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 43 }, { originMarker: refused }))).toMatchObject({ disposition: 'accepted' });
+    // In one batch: a human's record showing the same fields is a real change; the record naming the write is its echo.
+    const outcomes = await db.transaction((tx) => passChanges(tx, [record(41), { ...record(44), originMarker: givenUp }]));
+    expect(outcomes.map((o) => [o.disposition, o.delivered])).toEqual([
+      ['accepted', true],
+      ['echo', false],
+    ]);
+    const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, givenUp));
+    expect(write).toMatchObject({ state: 'sent', crmId: '44', lastError: null, lastStatus: null });
+    expect(write!.settledAt).not.toBeNull();
   });
 
   it('delivers a delete once, and a repeated delete is a duplicate', async () => {

@@ -81,6 +81,8 @@ type Stamp = {
   crmId: string | null;
   echoMatch: { fields: Record<string, unknown>; foldCase: string[] } | null;
   createdAt: Date;
+  /** Given up on after an attempt that may have made the record: matched through its marker only. */
+  failed: boolean;
 };
 /** The columns of a record head read through raw SQL, as `HeadRow`. */
 const HEAD_COLUMNS = sql.raw('h.connection_id, h.object, h.crm_id, h.version, h.version_rank, h.content_hash, h.deleted, h.origin, h.last_event_id, h.delivered_hash');
@@ -358,7 +360,11 @@ export async function passChanges(
           delivered_hash = excluded.delivered_hash, updated_at = now()
       ),
       claims as (
-        update outbound_writes o set crm_id = c.crm_id, settled_at = now(), updated_at = now()
+        -- A write given up on whose record turned up was made after all: it is sent.
+        update outbound_writes o set crm_id = c.crm_id, settled_at = now(), updated_at = now(),
+          state = case when o.state = 'failed' then 'sent' else o.state end,
+          last_status = case when o.state = 'failed' then null else o.last_status end,
+          last_error = case when o.state = 'failed' then null else o.last_error end
         from w, jsonb_to_recordset(w.j->'claims') as c(id uuid, crm_id text)
         -- The id list again as an array, so the writes are found through their primary key and
         -- not by a hash join over every write ever made (see headsByKey). A stamp another
@@ -492,24 +498,41 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
 
 /**
  * The live outbound-write stamps any change of the batch could match: not settled (see
- * EchoStamps), not failed or skipped, of the batch's (connection, object) pairs. Only writes in
- * flight or not yet echoed are live, so this reads a handful of rows through a partial index;
- * EchoStamps picks the one a change matches.
+ * EchoStamps), of the batch's (connection, object) pairs, and with a CRM call that may have
+ * started (`attempts > 0`: the claim commits the attempt before the call, and a wait for
+ * re-authorisation gives it back). A write still queued has written nothing, so a change showing
+ * its fields is someone else's. Pending or sent writes are live; a failed one only when a change
+ * of the batch carries its id in the origin marker (see EchoStamps), so writes given up on are
+ * not read on every batch. Only writes in flight or not yet echoed are live, so this reads a
+ * handful of rows through a partial index; EchoStamps picks the one a change matches.
  */
 function stampsQuery(changes: readonly ObservedChange[]) {
   const pairs = new Map<string, { connection_id: string; object: string }>();
+  const markers = new Set<string>();
   for (const c of changes) {
     if (c.change !== 'delete' && c.contentHash !== null) pairs.set(`${c.connectionId}\u0000${c.object}`, { connection_id: c.connectionId, object: c.object });
+    if (c.originMarker !== undefined) markers.add(c.originMarker.toLowerCase());
   }
   return sql`
-    select w.id, w.connection_id, w.object, w.content_hash, w.crm_id, w.echo_match, w.created_at
+    select w.id, w.connection_id, w.object, w.content_hash, w.crm_id, w.echo_match, w.created_at, w.state = 'failed' as failed
     from outbound_writes w
-    where w.settled_at is null and w.state in ('pending', 'sent')
+    where w.settled_at is null and w.attempts > 0
+      and (w.state in ('pending', 'sent')
+        or (w.state = 'failed' and w.id::text in (select jsonb_array_elements_text(${JSON.stringify([...markers])}::jsonb))))
       and (w.connection_id, w.object) in (
         select connection_id, object from jsonb_to_recordset(${JSON.stringify([...pairs.values()])}::jsonb) as p(connection_id text, object text))`;
 }
 
-type StampRow = { id: string; connection_id: string; object: string; content_hash: string; crm_id: string | null; echo_match: Stamp['echoMatch'] | string; created_at: string | Date };
+type StampRow = {
+  id: string;
+  connection_id: string;
+  object: string;
+  content_hash: string;
+  crm_id: string | null;
+  echo_match: Stamp['echoMatch'] | string;
+  created_at: string | Date;
+  failed: boolean;
+};
 
 function stampOf(r: StampRow): Stamp {
   return {
@@ -520,6 +543,7 @@ function stampOf(r: StampRow): Stamp {
     crmId: r.crm_id,
     echoMatch: typeof r.echo_match === 'string' ? (JSON.parse(r.echo_match) as Stamp['echoMatch']) : r.echo_match,
     createdAt: new Date(r.created_at),
+    failed: r.failed,
   };
 }
 
@@ -540,6 +564,8 @@ function stampOf(r: StampRow): Stamp {
  *     updated without a new stamp) is compared like no marker, with writes to this record only;
  *   - without one, a record showing the written subset (fold-case fields compared
  *     case-insensitively) is taken as the echo.
+ * - A create given up on after an attempt that may have made the record is matched only by a
+ *   record whose marker names it (and that shows what it wrote); the write then turns `sent`.
  *
  * A matched stamp is settled: it never matches again. That is what keeps a later human edit of
  * a bridge-written record a real change although the record still carries the marker (the
@@ -564,6 +590,9 @@ class EchoStamps {
     const named = marker !== undefined && this.stamps.some((s) => s.id === marker && live(s));
     const stamp = this.stamps.find((s) => {
       if (!live(s)) return false;
+      // A write given up on may have made its record, which then names it; showing the same
+      // fields alone proves nothing (a human's record of the same lead).
+      if (s.failed && s.id !== marker) return false;
       if (s.crmId !== null && s.crmId !== change.crmId) return false;
       if (named) return s.id === marker && (s.contentHash === change.contentHash || showsWritten(fields, s.echoMatch));
       if (marker !== undefined && s.crmId === null) return false;

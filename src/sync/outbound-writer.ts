@@ -24,6 +24,8 @@ import { contentHash, identifyRecord, mapFields, observeRecord, readOriginMarker
  */
 const EARLIER_CREATE_MARGIN_MS = 10 * 60_000;
 
+const STOPPED_DURING_CALL = 'no answer: the writer stopped during its CRM call';
+
 export interface OutboundWriterOptions {
   db: Db;
   connectionId: string;
@@ -84,7 +86,10 @@ export class OutboundWriter extends Daemon {
     const context = { connection: connectionId, object: row.object, outboundId: row.id, attempt: row.attempts };
     switch (attempt.kind) {
       case 'stopped':
-        await releaseOutboundClaim(db, { id: row.id, owner });
+        // The writer is stopping (a deploy, SIGTERM) with its CRM call in flight: the CRM may
+        // have made the write, so the attempt counts as one that got no answer, and the next
+        // writer (due at once) looks for what it made before creating again.
+        await scheduleOutboundRetry(db, { id: row.id, owner, delayMs: 0, status: null, error: STOPPED_DURING_CALL });
         return;
       case 'waiting':
         // While a connection needs re-authorisation only polling pauses (DESIGN); the
@@ -119,14 +124,18 @@ export class OutboundWriter extends Daemon {
         }
         return;
       case 'rejected':
-        if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error: attempt.error })) {
+        // A definite refusal: this attempt made nothing, and an earlier one that may have made
+        // the record was looked for first (a failed look-up is retried, never rejected).
+        if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error: attempt.error, settle: true })) {
           log.warn({ ...context, status: attempt.status }, `outbound write ${row.id} to ${connectionId} failed: ${attempt.error}`);
         }
         return;
       case 'retry': {
         if (row.attempts >= outbound.maxAttempts) {
+          // An attempt may have made the record (a lost answer, a 5xx after the CRM acted): the
+          // stamp stays unsettled, so the record turning up with this write's marker is its echo.
           const error = `gave up after ${row.attempts} attempts: ${attempt.error}`;
-          if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error })) {
+          if (await markOutboundFailed(db, { id: row.id, owner, status: attempt.status, error, settle: false })) {
             log.warn({ ...context, status: attempt.status }, `outbound write ${row.id} to ${connectionId} failed: ${error}`);
           }
           return;
@@ -142,34 +151,44 @@ export class OutboundWriter extends Daemon {
   private async call(row: OutboundWrite, signal: AbortSignal): Promise<Attempt> {
     const connector = this.deps.connector();
     const fields = row.fields ?? {};
+    let looking = false;
     try {
       // An earlier attempt that ended without an answer (timeout, reset, a killed writer) may
       // have been made after all. If its echo has since come, it was: done, whatever became of
       // the record since. Staff may have edited the record or deleted it, and making the write
-      // again would undo their edit or bring back what they deleted. (A write matched before
-      // its first attempt met a record already showing what it writes: there is nothing to do.)
+      // again would undo their edit or bring back what they deleted. (A write matched during an
+      // attempt then given back to wait for re-authorisation met a record already showing what
+      // it writes: there is nothing to do.)
       if (row.settledAt !== null && row.crmId !== null) return { kind: 'made-earlier', crmId: row.crmId };
       if (row.operation === 'update') {
         if (row.crmId === null) return { kind: 'rejected', status: null, error: 'an update without a CRM id' };
         const raw = await connector.updateRecord(row.object, row.crmId, connector.toRecord(row.object, fields), { writeId: row.id, signal });
         return { kind: 'written', raw };
       }
-      if (row.attempts > 1 && row.lastStatus === null && row.lastError !== null) {
-        // The last attempt ended with no answer (timeout, reset) and no echo has come since:
-        // look for the record it may have made before making another.
+      // An earlier attempt may have made the record unless its answer proves it did not: a 429
+      // (the CRM turned it away) or a 401 (it was not let in). A 5xx (the CRM or its gateway
+      // may fail after the record was made), an answer cut off, no answer, a writer stopped
+      // mid-call, a failed look-up: no echo has come since, so look before making another.
+      if (row.attempts > 1 && row.lastStatus !== 429 && row.lastStatus !== 401) {
+        looking = true;
         const crmId = await this.findEarlierCreate(row, signal);
         if (crmId !== undefined) return { kind: 'found-earlier', crmId };
+        looking = false;
       }
       const raw = await connector.createRecord(row.object, connector.toRecord(row.object, fields), { writeId: row.id, signal });
       return { kind: 'written', raw };
     } catch (err) {
       if (signal.aborted) return { kind: 'stopped' };
-      return classify(err);
+      const attempt = classify(err);
+      // Whatever the listing answered (a 429, a 4xx), the record may still exist: the attempt is
+      // retried, with no status, so that the next one looks again.
+      if (looking && attempt.kind !== 'waiting') return { kind: 'retry', status: null, error: `looking for the record an earlier attempt may have made: ${attempt.error}` };
+      return attempt;
     }
   }
 
   /**
-   * The record an earlier, unanswered attempt of this create made, if the CRM shows one: among
+   * The record an earlier attempt of this create may have made, if the CRM shows one: among
    * the records changed since shortly before the write was queued (the margin covers the CRM's
    * clock running behind ours), the one carrying this write's origin marker, or, for an object
    * without a marker, the newest one showing every written field. A failed listing fails the
@@ -187,7 +206,7 @@ export class OutboundWriter extends Daemon {
       // answered (see call), so this happens only when the hook was dropped too.
       this.deps.log.warn(
         { connection: this.deps.connectionId, object: row.object, outboundId: row.id },
-        `outbound create ${row.id}: its last attempt got no answer and "${row.object}" has no list call to look for what it made; creating again, which may make the record twice`,
+        `outbound create ${row.id}: an earlier attempt may have made the record and "${row.object}" has no list call to look for it; creating again, which may make the record twice`,
       );
       return undefined;
     }
@@ -225,8 +244,9 @@ export class OutboundWriter extends Daemon {
         ? undefined
         : observeRecord({ connectionId, object: row.object, definition, raw, source: 'outbound', observedAt: new Date() });
     if (change === undefined) {
-      // The CRM said yes but its answer names no record: retrying could create a second one.
-      await markOutboundFailed(db, { id: row.id, owner, status: null, error: 'the CRM accepted the write but its answer has no record id' });
+      // The CRM said yes but its answer names no record: retrying could create a second one. The
+      // record exists, so the stamp stays unsettled for its echo to name it.
+      await markOutboundFailed(db, { id: row.id, owner, status: null, error: 'the CRM accepted the write but its answer has no record id', settle: false });
       log.warn({ connection: connectionId, outboundId: row.id }, `outbound write ${row.id}: the CRM's answer has no record id`);
       return;
     }
@@ -256,7 +276,7 @@ export class OutboundWriter extends Daemon {
  * 5xx, 408, 429, timeouts, network errors and token-endpoint trouble are worth another try; other
  * 4xx are not. A connection that needs re-authorisation is neither: the write waits for it.
  */
-function classify(err: unknown): Attempt {
+function classify(err: unknown): Extract<Attempt, { error: string }> {
   if (err instanceof NeedsReauthError) return { kind: 'waiting', error: err.message };
   if (err instanceof CrmHttpError) {
     const status = err.status === 0 ? null : err.status;

@@ -152,17 +152,19 @@ export async function scheduleOutboundRetry(db: Db, params: { id: string; owner:
 }
 
 /**
- * A permanent failure: nothing reached the CRM, so the stamp can never be echoed and is
- * settled with it (a failed write must not swallow a later change that happens to match it).
+ * A permanent failure. `settle` when nothing reached the CRM: the stamp can never be echoed, and
+ * a failed write must not swallow a later change that happens to match it. A write given up on
+ * after it may have reached the CRM stays unsettled: the gate then takes a record whose origin
+ * marker names it (and only such a record) as its echo, and the write turns `sent`.
  */
-export async function markOutboundFailed(db: Db, params: { id: string; owner: string; status: number | null; error: string }): Promise<boolean> {
+export async function markOutboundFailed(db: Db, params: { id: string; owner: string; status: number | null; error: string; settle: boolean }): Promise<boolean> {
   const rows = await db
     .update(outboundWrites)
     .set({
       state: 'failed',
       lastStatus: params.status,
       lastError: params.error,
-      settledAt: sql`now()`,
+      ...(params.settle ? { settledAt: sql`now()` } : {}),
       leaseOwner: null,
       leaseExpiresAt: null,
       updatedAt: sql`now()`,
@@ -173,19 +175,19 @@ export async function markOutboundFailed(db: Db, params: { id: string; owner: st
 }
 
 /**
- * A stopping writer, or one whose connection needs re-authorisation (`reason`, shown as the
- * write's last error), gives the row back untried: the attempt it counted is returned too. The
- * last status stays: with it, the next attempt still knows whether the one before this ended
- * without an answer.
+ * A writer whose connection needs re-authorisation (`reason`, shown as the write's last error)
+ * gives the row back untried: the attempt it counted is returned too. The last status stays:
+ * with it, the next attempt still knows whether the one before this may have made the record.
  */
-export async function releaseOutboundClaim(db: Db, params: { id: string; owner: string; reason?: string }): Promise<void> {
+export async function releaseOutboundClaim(db: Db, params: { id: string; owner: string; reason: string }): Promise<void> {
   await db
     .update(outboundWrites)
     .set({
       leaseOwner: null,
       leaseExpiresAt: null,
       attempts: sql`greatest(${outboundWrites.attempts} - 1, 0)`,
-      ...(params.reason === undefined ? {} : { lastError: params.reason, updatedAt: sql`now()` }),
+      lastError: params.reason,
+      updatedAt: sql`now()`,
     })
     .where(heldBy(params.id, params.owner));
 }
