@@ -12,7 +12,7 @@ import {
   type Disposition,
 } from '../db/schema/index.js';
 import { timeOrderedId } from '../ids.js';
-import { canonicalJson, versionRank } from './record.js';
+import { canonicalJson, sameVersion, versionRank } from './record.js';
 
 /** One observed change of one CRM record, from any path (hook, poll, sweep, fetched notification). */
 export interface ObservedChange {
@@ -281,7 +281,7 @@ export async function passChanges(
       if (disposition !== 'stale') {
         update = {
           version: change.version ?? (change.change === 'delete' ? head.version : null),
-          versionRank: change.version !== null ? rank : change.change === 'delete' ? head.versionRank : null,
+          versionRank: rank ?? (change.version !== null ? null : head.versionRank),
           contentHash: change.change === 'delete' ? head.contentHash : change.contentHash,
           deleted: change.change === 'delete',
           lastEventId: eventId,
@@ -469,7 +469,7 @@ function recordKey(r: Pick<ObservedChange, 'connectionId' | 'object' | 'crmId'>)
 function isDuplicate(head: Head, change: ObservedChange): boolean {
   if (change.change === 'delete') return head.deleted;
   if (head.deleted) return false;
-  if (change.version !== null) return change.version === head.version;
+  if (change.version !== null) return sameVersion(change.version, head.version);
   return change.contentHash === head.contentHash;
 }
 
@@ -486,7 +486,7 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
   if (isDuplicate(head, change)) return 'duplicate';
   if (change.change === 'delete') return 'accepted';
   // A version seen before the record was deleted does not bring it back.
-  if (change.version !== null && change.version === head.version) return 'stale';
+  if (change.version !== null && sameVersion(change.version, head.version)) return 'stale';
   // Rule 3: never back in time downstream.
   if (rank !== null && head.versionRank !== null && rank < head.versionRank) return 'stale';
   // Rule 5 before rule 4, so the ledger says why an echo was not delivered.
@@ -637,10 +637,12 @@ export async function recordNotification(
   const key = { connectionId: note.connectionId, object: note.object, crmId: note.crmId };
   const inserted = await tx.insert(pendingFetches).values({ ...key, eventId }).onConflictDoNothing().returning();
   if (inserted.length === 0) {
+    // Re-armed: a fetch already under way may have read the record before this change.
     const [pending] = await tx
-      .select({ eventId: pendingFetches.eventId })
-      .from(pendingFetches)
-      .where(and(eq(pendingFetches.connectionId, key.connectionId), eq(pendingFetches.object, key.object), eq(pendingFetches.crmId, key.crmId)));
+      .update(pendingFetches)
+      .set({ receivedAt: sql`date_trunc('milliseconds', clock_timestamp())` })
+      .where(and(eq(pendingFetches.connectionId, key.connectionId), eq(pendingFetches.object, key.object), eq(pendingFetches.crmId, key.crmId)))
+      .returning({ eventId: pendingFetches.eventId });
     return { disposition: 'duplicate', eventId: pending?.eventId ?? eventId, delivered: false };
   }
   await tx.insert(ledger).values({

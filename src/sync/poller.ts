@@ -24,7 +24,7 @@ import { passChanges, type GateOutcome, type ObservedChange } from './change-gat
 import { logsDebug } from '../logger.js';
 import { errorClass, redactFields } from '../privacy.js';
 import { Daemon } from './daemon.js';
-import { identifyRecord, observeRecord, type RecordIdentity } from './record.js';
+import { identifyRecord, observeRecord, sameVersion, type RecordIdentity } from './record.js';
 
 /** One (connection, object) stream of changes, and what polling it needs. */
 export interface StreamContext {
@@ -372,7 +372,7 @@ async function setAsideHeld(ctx: StreamContext, seen: SeenRecord[], observedAt: 
   for (const { raw, identity } of seen) {
     const head = listed.get(identity.crmId) === 1 ? heads.get(identity.crmId) : undefined;
     const live = head !== undefined && !head.deleted;
-    if (live && identity.version !== null && identity.version === head.version) {
+    if (live && identity.version !== null && sameVersion(identity.version, head.version)) {
       held.push({ disposition: 'duplicate', eventId: head.lastEventId, delivered: false });
       continue;
     }
@@ -419,7 +419,7 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
 
     const observedAt = new Date();
     const definition = ctx.connection.connector.objects[ctx.object]!;
-    const toFetch = [...listed].filter(([id, version]) => version === null || heads.get(id)?.version !== version).map(([id]) => id);
+    const toFetch = [...listed].filter(([id, version]) => version === null || !sameVersion(version, heads.get(id)?.version ?? null)).map(([id]) => id);
     // A head the listing missed that took a change while the listing ran was seen alive during
     // it (a hook, a poll): not a delete this time. The next sweep finds it if it is gone by then.
     const missing = [...heads.keys()].filter((id) => !listed.has(id));
@@ -593,7 +593,7 @@ export async function fetchPendingNotifications(ctx: StreamContext, signal?: Abo
           : observeRecord({ connectionId: stream.connectionId, object: ctx.object, definition, raw, source: 'notification', observedAt, deliverUnchanged: ctx.connection.deliverUnchanged });
       await ctx.db.transaction(async (tx) => {
         if (change) await passChanges(tx, [change]);
-        await deletePendingFetch(tx, stream, note.crmId, note.eventId);
+        await deletePendingFetch(tx, stream, note.crmId, note.eventId, note.receivedAt);
       });
       done++;
     }

@@ -87,6 +87,14 @@ export function versionRank(version: string | null): number | null {
   return null;
 }
 
+/** One version however it is written: equal text, or equal instants/numbers for versions that rank. */
+export function sameVersion(a: string | null, b: string | null): boolean {
+  if (a === null || b === null) return a === b;
+  if (a === b) return true;
+  const ra = versionRank(a);
+  return ra !== null && ra === versionRank(b);
+}
+
 /**
  * The write id in a record's origin marker (`crm-bridge:{{writeId}}` → the id), or undefined
  * when the object has no marker or the record does not carry one. The value, not a yes/no: the

@@ -141,7 +141,7 @@ export async function dropPendingFetch(db: Db, key: StreamKey & { crmId: string 
   return row;
 }
 
-export async function deletePendingFetch(db: Db, stream: StreamKey, crmId: string, eventId: string): Promise<void> {
+export async function deletePendingFetch(db: Db, stream: StreamKey, crmId: string, eventId: string, receivedAt?: Date): Promise<void> {
   await db
     .delete(pendingFetches)
     .where(
@@ -150,6 +150,7 @@ export async function deletePendingFetch(db: Db, stream: StreamKey, crmId: strin
         eq(pendingFetches.object, stream.object),
         eq(pendingFetches.crmId, crmId),
         eq(pendingFetches.eventId, eventId),
+        receivedAt === undefined ? undefined : sql`date_trunc('milliseconds', ${pendingFetches.receivedAt}) <= ${receivedAt.toISOString()}::timestamptz`,
       ),
     );
 }
