@@ -265,7 +265,13 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   };
 
   try {
-    await fetchPendingNotifications(ctx, options.signal);
+    // A notified record the CRM cannot give now (a 500 on that one record, a timeout) fails the
+    // run after the listing, not before it: the listing catches every other change meanwhile.
+    let notificationsFailed: { error: unknown } | undefined;
+    await fetchPendingNotifications(ctx, options.signal).catch((err: unknown) => {
+      if (err instanceof NeedsReauthError || options.signal?.aborted) throw err;
+      notificationsFailed = { error: err };
+    });
     try {
       await listPages();
     } catch (err) {
@@ -286,14 +292,18 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
       // seen minus the listing's duration (measured here, and on the database's clock when it
       // spans runs, so skew cannot bend it) is never later than that, so the next run's window
       // still covers the edit.
+      // A second more: a CRM that stamps whole seconds writes an edit made at X.9 s as X.000, up
+      // to a second before the moment it was made.
       let elapsed = Math.ceil(performance.now() - started);
       if (resumeStartedAt) elapsed = Math.max(elapsed, (await databaseNow(ctx.db)).getTime() - resumeStartedAt.getTime());
-      const finalCursor = { ...newest, rank: newest.rank - elapsed, updatedAt: new Date(newest.rank - elapsed).toISOString() };
+      const back = elapsed + 1_000;
+      const finalCursor = { ...newest, rank: newest.rank - back, updatedAt: new Date(newest.rank - back).toISOString() };
       await ctx.db.transaction(async (tx) => {
         if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
         await advanceStreamCursor(tx, stream, finalCursor);
       });
     }
+    if (notificationsFailed) throw notificationsFailed.error;
     // A listing of everything counts as a sweep from when it began (in an earlier run, when it went on from there).
     const sweptAt = listsEverything ? (resumeStartedAt ?? startedAt) : undefined;
     await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: report.caught, ...(sweptAt ? { sweptAt } : {}) });

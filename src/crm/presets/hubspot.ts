@@ -55,8 +55,13 @@ export const hubspot: ConnectorDefinitionInput = {
         pagination: { style: 'cursor', cursorPath: 'paging.next.after' },
         since: { format: 'epoch-ms', whenListingAll: '0' },
         order: 'updatedAt',
+        // Every page is a new query from the last record read (keyset paging), not the next
+        // `after` of one query: `after` is an offset into the sorted results, so a record read
+        // earlier and edited meanwhile moves to the end and shifts the rest back by one, and the
+        // record at the page boundary was never returned. Anchored, an edit only moves a record
+        // later in the order; the 10,000-result cap of one query is never reached either.
         restart: {
-          afterRecords: 10_000,
+          afterRecords: 1,
           request: {
             method: 'POST',
             path: '/crm/v3/objects/contacts/search',
