@@ -15,6 +15,7 @@ import {
   type TokenRow,
 } from '../db/queries/tokens.js';
 import { AppError } from '../errors.js';
+import { errorClass } from '../privacy.js';
 import type { TokenCipher } from './crypto.js';
 import { createCrmHttpClient, CrmHttpError, type CrmHttpClient } from './http-client.js';
 import { NeedsReauthError, reauthHint, type TokenProvider } from './token-provider.js';
@@ -232,9 +233,19 @@ export class TokenManager implements TokenProvider {
 
   // ---- shared refresh -------------------------------------------------------------------------
 
+  /** Shutting down: no new token request; the one in flight is awaited and stored (`drain`). */
+  #draining = false;
+
+  /** Waits for a token request in flight to be answered and stored, and starts no other: call before the database closes. */
+  async drain(): Promise<void> {
+    this.#draining = true;
+    await this.#inflight?.catch(() => {});
+  }
+
   /** One promise per connection in this process; callers join it rather than starting their own. */
   #shared(rejected: string | undefined): Promise<string> {
     if (this.#inflight) return this.#inflight;
+    if (this.#draining) return Promise.reject(new TokenEndpointError(this.connectionId, 'this replica is shutting down'));
     const run = this.#obtain(rejected);
     this.#inflight = run;
     run
@@ -321,7 +332,9 @@ export class TokenManager implements TokenProvider {
       const answer = await this.#requestToken(form);
       if (answer.kind === 'ok') {
         const sealed = this.#seal(answer);
-        const generation = await saveRefreshedTokens(this.#db, this.connectionId, row?.generation ?? 0, sealed);
+        // The CRM may have rotated the refresh token: the answer is kept until it is stored (a dropped
+        // connection or a database restart is waited out within the lease), or it is lost for good.
+        const generation = await this.#store(row?.generation ?? 0, sealed);
         // null: an operator stored a newer grant meanwhile; the next turn reads and uses it.
         if (generation === null) continue;
         this.#cache = this.#cacheOf(answer.accessToken, sealed.expiresAt, sealed.claimedLifetimeSeconds);
@@ -361,6 +374,26 @@ export class TokenManager implements TokenProvider {
       if (!(await renewLease(this.#db, this.#leaseName, this.#owner, delay + this.#leaseTtlMs))) return null;
       await sleep(delay);
       if (!(await renewLease(this.#db, this.#leaseName, this.#owner, this.#leaseTtlMs))) return null;
+    }
+  }
+
+  /**
+   * Stores a refresh's answer, retried (a dropped connection, a database restart) until the
+   * token lease runs short: only this process holds the rotated refresh token. A save whose
+   * commit landed and whose answer was lost finds its own generation on retry and returns null,
+   * and the caller reads the row again.
+   */
+  async #store(fromGeneration: number, sealed: SealedTokens): Promise<number | null> {
+    const until = this.#now() + this.#leaseTtlMs - LEASE_MARGIN_MS;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await saveRefreshedTokens(this.#db, this.connectionId, fromGeneration, sealed);
+      } catch (err) {
+        if (this.#now() > until) throw err;
+        // The class only: a failed insert's error quotes its parameters, the sealed tokens.
+        this.#log?.warn({ connection: this.connectionId, error: errorClass(err) }, 'storing the refreshed token failed; trying again');
+        await sleep(Math.min(2_000, 100 * 2 ** attempt));
+      }
     }
   }
 

@@ -42,6 +42,10 @@ export default fp(
         }),
       );
     }
+    // Before the pool closes (close hooks run in reverse order): a refresh in flight is stored, or a rotated refresh token is lost.
+    app.addHook('onClose', async () => {
+      await Promise.all([...managers.values()].map((m) => m.drain()));
+    });
     app.decorate('tokens', {
       get: (connectionId: string) => managers.get(connectionId),
       manager: (connectionId: string) => managers.get(connectionId),

@@ -9,6 +9,7 @@ import {
   markOutboundFailed,
   markOutboundSent,
   releaseOutboundClaim,
+  renewOutboundClaim,
   scheduleOutboundRetry,
   settleOutboundWrite,
   type OutboundWrite,
@@ -76,7 +77,19 @@ export class OutboundWriter extends Daemon {
 
   /** Returns what the attempt came to. */
   private async write(row: OutboundWrite, signal: AbortSignal): Promise<Attempt['kind']> {
-    const attempt = await this.call(row, signal);
+    // The call may outlast the lease (Retry-After waits, a token refresh elsewhere): renew it while
+    // the call runs, and stop the call if another writer has taken the write.
+    const { db, owner, outbound } = this.deps;
+    const lost = new AbortController();
+    const heartbeat = setInterval(() => {
+      renewOutboundClaim(db, { id: row.id, owner, leaseMs: outbound.lease }).then((held) => held || lost.abort(), () => {});
+    }, outbound.lease / 3);
+    let attempt: Attempt;
+    try {
+      attempt = await this.call(row, AbortSignal.any([signal, lost.signal]));
+    } finally {
+      clearInterval(heartbeat);
+    }
     await this.record(row, attempt);
     return attempt.kind;
   }

@@ -4,8 +4,8 @@ import type { AddressInfo } from 'node:net';
 export interface FaultProxyOptions {
   /** Where requests go; may be set later with `setTarget` (the bridge needs the proxy's URL first). */
   target?: string;
-  /** A status to answer instead of forwarding (a fault the sandbox has no switch for). */
-  fail?: (req: IncomingMessage, n: number) => number | undefined;
+  /** A status (and headers) to answer instead of forwarding (a fault the sandbox has no switch for). */
+  fail?: (req: IncomingMessage, n: number) => number | { status: number; headers: Record<string, string> } | undefined;
   /**
    * Sees the CRM's answer before the client does: may hold it (await something) or answer
    * itself (drop the connection, say). Returns true when it has answered.
@@ -22,9 +22,10 @@ export async function startFaultProxy(options: FaultProxyOptions) {
   let target = options.target ?? '';
   let n = 0;
   const server = createServer(async (req, res) => {
-    const status = options.fail?.(req, ++n);
-    if (status !== undefined) {
-      res.writeHead(status, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { type: 'ServerError', message: 'injected' } }));
+    const failed = options.fail?.(req, ++n);
+    if (failed !== undefined) {
+      const { status, headers } = typeof failed === 'number' ? { status: failed, headers: {} } : failed;
+      res.writeHead(status, { 'content-type': 'application/json', ...headers }).end(JSON.stringify({ error: { type: 'ServerError', message: 'injected' } }));
       return;
     }
     const chunks: Buffer[] = [];

@@ -102,6 +102,16 @@ function heldBy(id: string, owner: string) {
   return and(eq(outboundWrites.id, id), eq(outboundWrites.state, 'pending'), eq(outboundWrites.leaseOwner, owner));
 }
 
+/** Extends the lease of a write whose CRM call is still running; false when another writer has it. */
+export async function renewOutboundClaim(db: Db, params: { id: string; owner: string; leaseMs: number }): Promise<boolean> {
+  const rows = await db
+    .update(outboundWrites)
+    .set({ leaseExpiresAt: sql`now() + ${millis(params.leaseMs)}` })
+    .where(heldBy(params.id, params.owner))
+    .returning({ id: outboundWrites.id });
+  return rows.length === 1;
+}
+
 /**
  * The write reached the CRM: the row learns the CRM id and, when the CRM answered, the version
  * and the exact content hash of the record it returned. The stamp stays live until
