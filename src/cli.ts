@@ -18,11 +18,13 @@ program
     await serve();
   });
 
-/** A whole, non-negative number for an option, or a clear error (exit 2). */
-function wholeNumber(name: string, max = Number.MAX_SAFE_INTEGER) {
+/** A whole number from `min` (0 unless given) to `max` for an option, or a clear error (exit 2). */
+function wholeNumber(name: string, max = Number.MAX_SAFE_INTEGER, min = 0) {
   return (value: string): number => {
     const n = Number(value);
-    if (!Number.isInteger(n) || n < 0 || n > max) throw new InvalidArgumentError(`${name} must be a whole number from 0 to ${max}.`);
+    if (!Number.isInteger(n) || n < min || n > max) {
+      throw new InvalidArgumentError(max === Number.MAX_SAFE_INTEGER ? `${name} must be a whole number of at least ${min}.` : `${name} must be a whole number from ${min} to ${max}.`);
+    }
     return n;
   };
 }
@@ -87,7 +89,7 @@ program
   .command('dead-letters')
   .description('list changes the intake pipeline refused or that ran out of retries, newest first')
   .option('-c, --connection <id>', 'only this connection')
-  .option('-n, --limit <n>', 'how many to show', (v) => Number.parseInt(v, 10), 50)
+  .option('-n, --limit <n>', 'how many to show', wholeNumber('--limit', Number.MAX_SAFE_INTEGER, 1), 50)
   .action(async (options: { connection?: string; limit: number }) => {
     const { printDeadLetters } = await import('./sync/dead-letters.js');
     await withDatabase((db) => printDeadLetters(db, { connectionId: options.connection, limit: options.limit }, (t) => process.stdout.write(t)));
@@ -108,7 +110,7 @@ program
   .command('notifications')
   .description('list notified records (notification-mode hooks) not fetched from the CRM yet, oldest first; --drop gives up on one the CRM will never give')
   .option('-c, --connection <id>', 'only this connection (required with --drop)')
-  .option('-n, --limit <n>', 'how many to show', (v) => Number.parseInt(v, 10), 50)
+  .option('-n, --limit <n>', 'how many to show', wholeNumber('--limit', Number.MAX_SAFE_INTEGER, 1), 50)
   .option('--drop <object/id...>', 'stop fetching these records (as listed); the notification stays in the ledger')
   .action(async (options: { connection?: string; limit: number; drop?: string[] }) => {
     const { dropPendingFromCli, printPendingFetches } = await import('./sync/notifications-command.js');
@@ -123,7 +125,7 @@ program
 
 program
   .command('prune')
-  .description('delete the stored bodies of changes older than RETENTION_DAYS now (the server does it daily); keys, versions and hashes stay')
+  .description('delete the stored bodies of changes, and the fields of finished pipeline writes, older than RETENTION_DAYS now (the server does it daily); keys, versions and hashes stay')
   .action(async () => {
     const { loadEnv } = await import('./config/load.js');
     const { pruneFromCli } = await import('./sync/retention.js');
@@ -139,7 +141,7 @@ program
   .argument('<connection>', 'the connection id')
   .argument('<crmId>', "the record's id in the CRM")
   .option('-o, --object <name>', 'the object (needed when the id exists under several)')
-  .option('--force', 'also erase changes not yet delivered: they become dead letters marked ERASED instead of being sent')
+  .option('--force', 'also erase changes not yet delivered and pipeline writes not yet finished: the changes become dead letters and the writes not yet made fail, marked ERASED, instead of being sent')
   .action(async (connectionId: string, crmId: string, options: { object?: string; force?: boolean }) => {
     const { forgetFromCli } = await import('./sync/forget.js');
     const code = await withDatabase((db) => forgetFromCli(db, { connectionId, crmId, object: options.object, force: options.force === true }, (t) => process.stdout.write(t)));

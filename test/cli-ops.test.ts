@@ -3,7 +3,10 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openDatabase, type Database } from '../src/db/client.js';
+import { streamCursors } from '../src/db/schema/index.js';
 import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
+import { buildTestApp, SECRET } from './helpers/app.js';
 import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
 import { createTestDatabase } from './helpers/database.js';
 
@@ -59,11 +62,15 @@ afterAll(async () => {
   await database?.close();
 });
 
-/** Runs `crm-bridge <args>` on the embedded database in DATA_DIR (or the test's Postgres database); `stopWhen` sends SIGINT once the output matches. */
-function cli(args: string[], options: { stopWhen?: RegExp } = {}): Promise<{ code: number | null; out: string }> {
+/**
+ * Runs `crm-bridge <args>` on the embedded database in DATA_DIR (or the test's Postgres database)
+ * with the connections file `config` unless another is given; `stopWhen` sends SIGINT once the
+ * output matches.
+ */
+function cli(args: string[], options: { stopWhen?: RegExp; config?: string } = {}): Promise<{ code: number | null; out: string }> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
-      env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: database?.url ?? '' },
+      env: { ...process.env, CRM_BRIDGE_CONFIG: options.config ?? config, DATA_DIR: dir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: database?.url ?? '' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
@@ -79,6 +86,18 @@ function cli(args: string[], options: { stopWhen?: RegExp } = {}): Promise<{ cod
     child.stderr.on('data', take);
     child.on('exit', (code) => resolve({ code, out }));
   });
+}
+
+/** The database the CLI runs on, opened here between commands (the embedded one takes one process at a time). */
+async function withCliDatabase<T>(run: (db: Database) => Promise<T>): Promise<T> {
+  if (database) return run(database);
+  const embedded = openDatabase({ dataDir: join(dir, 'pgdata') });
+  await embedded.migrate();
+  try {
+    return await run(embedded);
+  } finally {
+    await embedded.close();
+  }
 }
 
 describe('crm-bridge status', () => {
@@ -100,6 +119,30 @@ describe('crm-bridge status', () => {
     expect(down.out.trim().split('\n')).toHaveLength(1);
     expect(down.out).toMatch(/cannot reach http:\/\/127\.0\.0\.1:9/);
   });
+
+  it('says "poll stale" (exit 1), as /health answers 503, for a poll that has not succeeded since it was set up an hour ago, whenever the server was started', async () => {
+    // A poll that has never once succeeded (a wrong baseUrl, a CRM answering 500), its first run an hour ago.
+    const failing = { id: 'failing', connector: 'clio', baseUrl: 'http://127.0.0.1:9', inbound: { secrets: [SECRET] }, poll: { objects: ['matters'], interval: '1m', staleAfter: '10m' } };
+    const failingConfig = join(dir, 'failing.json');
+    writeFileSync(failingConfig, JSON.stringify({ connections: [failing] }));
+    const hourAgo = new Date(Date.now() - 3_600_000);
+    await withCliDatabase(async (cliDatabase) => {
+      await cliDatabase.db.insert(streamCursors).values({ connectionId: 'failing', object: 'matters', createdAt: hourAgo, lastAttemptAt: hourAgo, lastError: 'CRM_HTTP_503' });
+      // A server started just now (a restart) does not give the poll another staleAfter.
+      const app = await buildTestApp({ database: cliDatabase, connections: [failing] });
+      try {
+        const health = await app.inject({ url: '/health' });
+        expect(health.statusCode).toBe(503);
+        expect(health.json().connections[0].poll.stale).toBe(true);
+      } finally {
+        await app.close();
+      }
+    });
+
+    const status = await cli(['status'], { config: failingConfig });
+    expect(status.out).toMatch(/^failing\s.*poll stale/m);
+    expect(status.code).toBe(1);
+  }, 60_000);
 
   it('tells an operator to replace a static token the CRM refused, not to run crm-bridge auth (which cannot authorise one)', async () => {
     const polled = await cli(['poll', 'keyed', '--once']);
@@ -201,6 +244,19 @@ describe('crm-bridge backfill', () => {
     expect(drop.code).toBe(2);
     expect(drop.out).toMatch(/--drop needs --connection <id>/);
   }, 60_000);
+
+  it('answers a --limit of dead-letters or notifications that is not a whole number of at least 1 with a usage error (exit 2), not an empty list', async () => {
+    for (const command of ['dead-letters', 'notifications']) {
+      for (const limit of ['all', '0', '-5', '2.5']) {
+        const res = await cli([command, '--limit', limit]);
+        expect({ command, limit, code: res.code }).toEqual({ command, limit, code: 2 });
+        expect(res.out).toMatch(/--limit must be a whole number of at least 1/);
+        expect(res.out).toMatch(new RegExp(`Usage: crm-bridge ${command}`));
+        expect(res.out).not.toMatch(/no dead letters|no notified records/);
+      }
+    }
+    expect((await cli(['dead-letters', '--limit', '1'])).code).toBe(0);
+  }, 120_000);
 
   it('lists notified records waiting to be fetched: none on a connection fed by full hooks', async () => {
     const listed = await cli(['notifications']);

@@ -45,6 +45,22 @@ describe('GET /health', () => {
     expect(acme.delivery.oldestPendingAgeSeconds).toBeGreaterThanOrEqual(0);
   });
 
+  it('does not count a hook it refused (422, nothing recorded) as the last hook received', async () => {
+    // The automation's body does not match the configuration (no record at inbound.recordPath).
+    const refusing = await buildTestApp({ database, connections: [connection({ inbound: { recordPath: 'data' } })] });
+    const post = (payload: unknown) =>
+      refusing.inject({ method: 'POST', url: '/hooks/acme', headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' }, payload: JSON.stringify(payload) });
+    try {
+      for (const payload of [{ id: 1, status: 'Open' }, { data: { status: 'Open' } }]) expect((await post(payload)).statusCode).toBe(422);
+      expect((await refusing.inject('/health')).json().connections[0].hooks.lastReceivedAt).toBeNull();
+
+      expect((await post({ data: { id: 1, status: 'Open', updated_at: '2026-11-01T00:00:00Z' } })).statusCode).toBe(202);
+      expect((await refusing.inject('/health')).json().connections[0].hooks.lastReceivedAt).toEqual(expect.any(String));
+    } finally {
+      await refusing.close();
+    }
+  });
+
   it('answers 503 when a connection needs re-authorisation', async () => {
     await database.db.insert(tokens).values({ connectionId: 'beta', state: 'needs_reauth' });
     const res = await app.inject('/health');

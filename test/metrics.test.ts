@@ -2,11 +2,35 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../src/db/client.js';
+import { backfillKey } from '../src/sync/backfill-command.js';
+import { runOnce } from '../src/sync/poller.js';
 import { startBridge } from './helpers/bridge.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
 const METRICS_TOKEN = 'metrics-token-0123456789';
+
+/** A CRM listing in updated_at order (HubSpot's search is one): a backfill checkpoints per page. */
+const timeOrderedConnector = {
+  objects: {
+    matters: {
+      idPath: 'id',
+      updatedAtPath: 'updated_at',
+      versionPath: 'etag',
+      volatile: ['etag'],
+      fields: { displayNumber: 'display_number', status: 'status' },
+      list: {
+        request: {
+          path: '/api/v4/matters.json',
+          query: { fields: 'id,etag,display_number,status,updated_at', order: 'updated_at(asc)', limit: '{{limit}}', offset: '{{offset}}', updated_since: '{{since}}' },
+        },
+        records: 'data',
+        pagination: { style: 'offset', totalPath: 'meta.records' },
+        order: 'updatedAt',
+      },
+    },
+  },
+};
 
 /** The value of one sample line, e.g. `crm_bridge_changes_total{connection="acme",...}`. */
 function sample(text: string, name: string, labels: Record<string, string>): number | undefined {
@@ -84,6 +108,27 @@ describe('GET /metrics', () => {
       await app.close();
     }
   });
+
+  it('shows only the streams the poller runs: a backfill stopped part-way (Ctrl-C) is not a poll stream years behind', async () => {
+    await resetDatabase(database);
+    const bridge = await startBridge({ database, sandbox: { records: 80 }, connection: { connector: timeOrderedConnector, poll: { objects: ['matters'], pageSize: 5, lookback: '0s' } } });
+    try {
+      const { app } = bridge;
+      // The scheduled poll is healthy and current.
+      await app.poller.daemons[0]!.tick(new AbortController().signal);
+      // `crm-bridge backfill firm` stopped after its first page, run as runBackfillCommand runs it: its checkpoint stays.
+      const stop = new AbortController();
+      const report = await runOnce('poll', app.poller.stream('firm', 'matters'), { cursorKey: backfillKey('matters'), countCaught: false, signal: stop.signal, onPage: () => stop.abort() });
+      expect(report.status).toBe('failed');
+
+      const text = (await app.inject({ url: '/metrics' })).body;
+      const streams = text.split('\n').filter((l) => /^crm_bridge_(poll_lag_seconds|poll_last_success_age_seconds|caught_by_poll|sweep_held_deletes)\{/.test(l));
+      expect(streams.filter((l) => l.includes('#backfill'))).toEqual([]);
+      expect(sample(text, 'crm_bridge_poll_lag_seconds', { connection: 'firm', object: 'matters' })).toBeGreaterThanOrEqual(0);
+    } finally {
+      await bridge.close();
+    }
+  }, 60_000);
 
   it('records poll runs (duration, changes by source, lag), token refreshes and delivery outcomes against the sandbox', async () => {
     await resetDatabase(database);

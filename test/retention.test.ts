@@ -1,12 +1,15 @@
-import { eq, inArray } from 'drizzle-orm';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { eq, inArray, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { rowsOf } from '../src/db/client.js';
 import { acquireLease, releaseLease } from '../src/db/queries/leases.js';
-import { ledger, ledgerBodies, outbox, recordHeads } from '../src/db/schema/index.js';
+import { ledger, ledgerBodies, outbox, outboundWrites, recordHeads } from '../src/db/schema/index.js';
 import { forgetFromCli, forgetRecord } from '../src/sync/forget.js';
 import { pruneExpiredBodies, RETENTION_LEASE } from '../src/sync/retention.js';
 import { startSink, type Sink } from './fixtures/delivery-sink.js';
 import { buildTestApp, connection, SECRET } from './helpers/app.js';
+import { startBridge } from './helpers/bridge.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
 const DAY = 86_400_000;
@@ -62,6 +65,45 @@ async function bodiesOf(eventIds: string[]) {
   return new Set(rows.map((r) => r.eventId));
 }
 
+const PIPELINE_KEY = 'pipeline-api-key-0123456789';
+/** The sandbox CRM with the pipeline's writes enabled (the writer is ticked by the tests). */
+const startWritingBridge = () => startBridge({ database, sandbox: { records: 10 }, connection: { outbound: { apiKeys: [PIPELINE_KEY], maxAttempts: 3, backoff: { base: '1ms', max: '5ms' } } } });
+const LEAD = 'Jane Roe slipped at Acme Mart';
+
+/** The pipeline asks for a write (a create, or an update of `crmId`); the outbound id. */
+async function pipelineWrite(bridge: { app: FastifyInstance }, key: string, crmId?: string) {
+  const res = await bridge.app.inject({
+    method: 'POST',
+    url: '/v1/connections/firm/records',
+    headers: { authorization: `Bearer ${PIPELINE_KEY}`, 'content-type': 'application/json', 'idempotency-key': key },
+    payload: JSON.stringify({ object: 'matters', externalId: `lead-${key}`, ...(crmId ? { crmId } : {}), fields: { description: LEAD, status: 'Open', clientId: 100000001 } }),
+  });
+  expect(res.statusCode).toBe(202);
+  return (res.json() as { outboundId: string }).outboundId;
+}
+
+/** Ticks the writer until the write is made (and settled by its returned record). */
+async function makeWrite(bridge: { app: FastifyInstance }, id: string) {
+  const writer = bridge.app.outboundWriters.get('firm')!;
+  for (let i = 0; i < 100; i++) {
+    await writer.tick(new AbortController().signal);
+    if ((await writeRow(id)).state !== 'pending') break;
+    await sleep(5);
+  }
+  return writeRow(id);
+}
+
+async function writeRow(id: string) {
+  const [row] = await database.db.select().from(outboundWrites).where(eq(outboundWrites.id, id));
+  return row!;
+}
+
+/** The whole stored row as text: whatever column it sits in, the lead's words must be gone. */
+async function storedWrite(id: string) {
+  const [stored] = await rowsOf<{ row: string }>(database.db.execute(sql`select row_to_json(w)::text as row from outbound_writes w where id = ${id}`));
+  return stored!.row;
+}
+
 const prune = (daysLater: number, batchSize?: number) =>
   pruneExpiredBodies({ db: database.db, retentionDays: 30, owner: 'test', now: new Date(Date.now() + daysLater * DAY), ...(batchSize ? { batchSize } : {}) });
 
@@ -108,6 +150,28 @@ describe('retention', () => {
     const report = await prune(31, 2);
     expect(report).toMatchObject({ status: 'ok', pruned: 5, batches: 3 });
   });
+
+  it('clears what a settled pipeline write kept of the lead (fields and the values its echo is matched by) once older than the retention age; a write not yet made keeps its fields', async () => {
+    const bridge = await startWritingBridge();
+    try {
+      const sent = await makeWrite(bridge, await pipelineWrite(bridge, 'k-sent'));
+      expect(sent).toMatchObject({ state: 'sent', settledAt: expect.any(Date) });
+      const queued = await pipelineWrite(bridge, 'k-queued');
+
+      expect(await prune(29)).toMatchObject({ outboundWrites: 0 });
+      expect(await storedWrite(sent.id)).toContain(LEAD);
+
+      const report = await prune(31);
+      expect(report).toMatchObject({ status: 'ok', outboundWrites: 1 });
+      expect(report.pruned).toBeGreaterThan(0); // the ledger body of the write's own change
+      expect(await storedWrite(sent.id)).not.toContain(LEAD);
+      expect(await writeRow(sent.id)).toMatchObject({ state: 'sent', fields: null, echoMatch: null, crmId: sent.crmId });
+      // Still to be made: the writer needs its fields, and then the gate its echo_match.
+      expect(await writeRow(queued)).toMatchObject({ state: 'pending', fields: { description: LEAD }, echoMatch: expect.anything() });
+    } finally {
+      await bridge.close();
+    }
+  }, 60_000);
 
   it('leaves the prune to the replica holding the lease', async () => {
     await hook(matter(1, 1));
@@ -156,6 +220,52 @@ describe('crm-bridge forget', () => {
     const [row] = await database.db.select().from(outbox).where(eq(outbox.eventId, pending.eventId));
     expect(row).toMatchObject({ state: 'dead', lastError: 'ERASED' });
   });
+
+  it('erases what a pipeline write put into the record: its fields and the values its echo was matched by', async () => {
+    const bridge = await startWritingBridge();
+    try {
+      const sent = await makeWrite(bridge, await pipelineWrite(bridge, 'k-1'));
+      expect(sent).toMatchObject({ state: 'sent', settledAt: expect.any(Date) });
+
+      const out: string[] = [];
+      expect(await forgetFromCli(database.db, { connectionId: 'firm', crmId: sent.crmId! }, (t) => out.push(t))).toBe(0);
+      expect(out.join('')).toContain('1 outbound write(s) cleared of their fields and of the values their echo was matched by');
+      expect(await storedWrite(sent.id)).not.toContain(LEAD);
+      expect(await writeRow(sent.id)).toMatchObject({ state: 'sent', fields: null, echoMatch: null });
+    } finally {
+      await bridge.close();
+    }
+  }, 60_000);
+
+  it('refuses while a pipeline write to the record is not finished; --force fails it as ERASED, never made, and erases what it held', async () => {
+    const bridge = await startWritingBridge();
+    try {
+      const created = await makeWrite(bridge, await pipelineWrite(bridge, 'k-create'));
+      const crmId = created.crmId!;
+      // An update the writer has not made yet: its fields are still to go into the CRM, its echo still to come.
+      const update = await pipelineWrite(bridge, 'k-update', crmId);
+
+      const out: string[] = [];
+      expect(await forgetFromCli(database.db, { connectionId: 'firm', crmId }, (t) => out.push(t))).toBe(1);
+      expect(out.join('')).toContain(`refused: 1 pipeline write(s) to firm/matters/${crmId} are not finished`);
+      expect(out.join('')).toContain(update);
+      expect(await storedWrite(update)).toContain(LEAD);
+      expect(await storedWrite(created.id)).toContain(LEAD);
+
+      const forced = await forgetRecord(database.db, { connectionId: 'firm', crmId, force: true });
+      expect(forced).toMatchObject({ status: 'erased', erasedWrites: [update], clearedOutboundWrites: 2 });
+      expect(await writeRow(update)).toMatchObject({ state: 'failed', lastError: 'ERASED', settledAt: expect.any(Date), fields: null, echoMatch: null });
+      expect(await storedWrite(update)).not.toContain(LEAD);
+      expect(await storedWrite(created.id)).not.toContain(LEAD);
+
+      // Never made: the writer has nothing left to claim.
+      const writer = bridge.app.outboundWriters.get('firm')!;
+      await writer.tick(new AbortController().signal);
+      expect(await writeRow(update)).toMatchObject({ state: 'failed', attempts: 0 });
+    } finally {
+      await bridge.close();
+    }
+  }, 60_000);
 
   it('asks for --object when the id exists under several objects, and says when there is nothing to erase', async () => {
     await hook(matter(5, 1));

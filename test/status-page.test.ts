@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { chromium, type BrowserContext } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../src/db/client.js';
+import { fetchPendingNotifications, pollStream } from '../src/sync/poller.js';
 import { clioConnection, startBridge, TEST_TOKEN_KEY } from './helpers/bridge.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
 import { createTestDatabase } from './helpers/database.js';
@@ -76,6 +77,40 @@ describe('status page access', () => {
       await app.close();
     }
   });
+});
+
+describe('status page automation miss rate', () => {
+  let database: Database;
+  beforeAll(async () => {
+    database = await createTestDatabase();
+  });
+  afterAll(() => database.close());
+
+  it('counts notification hooks (the recommended Clio set-up) as announced: 9 announced and 1 caught by the poll is "automation missed 10.0%"', async () => {
+    const bridge = await startBridge({ database, env: { ADMIN_TOKEN: ADMIN }, connection: { inbound: { payload: 'notification' } } });
+    try {
+      const { app, sandbox } = bridge;
+      const stream = app.poller.stream('firm', 'matters');
+      expect((await pollStream(stream)).status).toBe('ok'); // the first run reads everything, none of it "missed"
+      const items = sandbox.state.store.matters.items;
+      // The automation announces nine edits...
+      for (const item of items.slice(0, 9)) {
+        sandbox.state.updateRecord('matters', item.id, { description: 'Called back' });
+        const res = await app.inject({ method: 'POST', url: '/hooks/firm?object=matters', headers: { authorization: `Bearer ${SECRET}` }, payload: { data: { id: item.id } } });
+        expect(res.statusCode).toBe(202);
+      }
+      await fetchPendingNotifications(stream);
+      // ...and misses one, which the next poll catches.
+      sandbox.state.updateRecord('matters', items[20]!.id, { description: 'Edited, no hook fired' });
+      expect((await pollStream(stream)).caught).toBe(1);
+
+      const page = await app.inject({ url: '/', headers: { authorization: `Bearer ${ADMIN}` } });
+      expect(page.statusCode).toBe(200);
+      expect(/automation missed ([\d.]+)%/.exec(page.body)?.[1]).toBe('10.0');
+    } finally {
+      await bridge.close();
+    }
+  }, 60_000);
 });
 
 describe.skipIf(skipBrowser)('status page in headless Chromium', () => {

@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { pollObjects } from '../config/schema.js';
 import { getDeliveryStats } from '../db/queries/health.js';
 import { listStreamCursors } from '../db/queries/streams.js';
 
@@ -104,7 +105,10 @@ export default fp(
           const now = Date.now();
           this.reset();
           for (const row of rows) {
-            if (!app.connections.has(row.connectionId)) continue;
+            // Only the streams the poller runs: a backfill keeps its checkpoint in a cursor row of
+            // its own (`matters#backfill`), years behind while it re-reads old records.
+            const connection = app.connections.get(row.connectionId);
+            if (connection === undefined || !pollObjects(connection).includes(row.object)) continue;
             const v = value(row, now);
             if (v !== null) this.set({ connection: row.connectionId, object: row.object }, v);
           }

@@ -16,7 +16,7 @@ const DB_CHECK_TIMEOUT_MS = 2_000;
  * `downstream.degradedAfter`, when a poll goes stale, and when a sweep held deletes for an operator.
  */
 export default async function healthRoutes(app: FastifyInstance) {
-  // A stream that has not succeeded since start is judged from the start, not from never.
+  // A stream the poller has not run yet (no cursor row) is judged from the start, not from never.
   const startedAt = Date.now();
   app.get('/health/live', { schema: liveSchema }, async () => ({ status: 'ok' }));
 
@@ -28,7 +28,7 @@ export default async function healthRoutes(app: FastifyInstance) {
 
 /**
  * The /health answer as data, for the route, the status page and `crm-bridge status`.
- * `startedAt`: streams that never succeeded are judged stale from then.
+ * `startedAt`: streams the poller has not run yet (no cursor row) are judged stale from then.
  */
 export async function healthReport(app: FastifyInstance, startedAt: number) {
   const started = performance.now();
@@ -112,7 +112,13 @@ function pollReport(connection: Connection, cursors: StreamCursor[], fetches: Pe
   const staleAfter = connection.poll?.staleAfter ?? 3 * interval;
   const streams = objects.map((object) => {
     const cursor = cursors.find((row) => row.connectionId === connection.id && row.object === object);
-    const lastSuccess = cursor?.lastSuccessAt?.getTime() ?? null;
+    // A stream that never succeeded is stale staleAfter from its first run (its row's
+    // created_at; rows older than the column count from the upgrade), not from this process's
+    // start: a restart, or `crm-bridge status` building the app just now, must not make a poll
+    // that has failed since it was set up look fresh again (a bridge restarting every few
+    // minutes would never be stale). Only a stream with no row, never run, is judged from the
+    // start; the CLI cannot know the server's start, so there it has no age until a first run.
+    const since = cursor?.lastSuccessAt?.getTime() ?? cursor?.createdAt.getTime() ?? startedAt;
     return {
       object,
       lastSuccessAt: iso(cursor?.lastSuccessAt),
@@ -124,7 +130,7 @@ function pollReport(connection: Connection, cursors: StreamCursor[], fetches: Pe
       sweepHeld: cursor?.sweepHeld ?? null,
       cursor: cursor?.cursorUpdatedAt ?? null,
       caughtByPoll: cursor?.caughtByPoll ?? 0,
-      stale: now - (lastSuccess ?? startedAt) > staleAfter,
+      stale: now - since > staleAfter,
       // Notified records not fetched yet, and those the CRM refused when last asked (a 403 on one record).
       ...(connection.inbound.payload === 'notification' ? { notifications: notificationsOf(fetches, connection.id, object) } : {}),
     };

@@ -61,7 +61,6 @@ export default async function hookRoutes(app: FastifyInstance) {
     async (request, reply) => {
       const connection = request.hookConnection!;
       const observedAt = new Date();
-      app.hookActivity.set(connection.id, observedAt);
 
       const objects = connection.connector.objects;
       const object = request.query.object ?? connection.inbound.object ?? Object.keys(objects)[0]!;
@@ -110,6 +109,10 @@ export default async function hookRoutes(app: FastifyInstance) {
         connection.inbound.payload === 'notification' && !deleted
           ? await app.changeWriter.submitNotification({ connectionId: connection.id, object, crmId, observedAt, raw: body })
           : await app.changeWriter.submit(change);
+      // Set once the hook was taken, never for a refused one (a 422 body the configuration cannot
+      // read): /health's lastReceivedAt must not say the automation works while nothing is recorded.
+      // Kept in memory as well as read from the ledger because a duplicate writes no ledger row.
+      app.hookActivity.set(connection.id, observedAt);
 
       if (outcome.disposition === 'notified') app.poller.notified(connection.id, object);
       request.log.info({ connection: connection.id, object, crmId, eventId: outcome.eventId, disposition: outcome.disposition }, `${HOOK_STORY[outcome.disposition]}: ${connection.id} ${object} ${crmId}`);

@@ -1,7 +1,7 @@
 import type { FastifyBaseLogger } from 'fastify';
 import type { Db } from '../db/client.js';
 import { acquireLease, releaseLease, renewLease } from '../db/queries/leases.js';
-import { pruneBodiesBatch } from '../db/queries/retention.js';
+import { pruneBodiesBatch, pruneOutboundWritesBatch } from '../db/queries/retention.js';
 import { Daemon } from './daemon.js';
 
 /** Held while a prune runs: one at a time, CLI or daemon. */
@@ -12,7 +12,7 @@ export const RETENTION_LEASE = 'retention';
  */
 const DAILY_LEASE = 'retention:daily';
 const DAY_MS = 86_400_000;
-/** A batch is one short DELETE; the lease outlives many of them. */
+/** A batch is a short DELETE (and UPDATE); the lease outlives many of them. */
 const LEASE_MS = 10 * 60_000;
 
 export interface RetentionOptions {
@@ -30,27 +30,42 @@ export interface RetentionReport {
   /** `busy`: another replica holds the lease (or pruned recently). */
   status: 'ok' | 'busy' | 'stopped';
   pruned: number;
+  /** Settled outbound writes whose fields and echo_match were cleared. */
+  outboundWrites: number;
   batches: number;
   cutoff: string;
 }
 
 /**
  * Deletes the bodies of changes received more than `retentionDays` ago, batch by batch, except
- * those whose delivery is pending or dead (DESIGN "Retention"). One replica at a time, through
- * the `retention` lease, renewed between batches; a replica that lost it stops.
+ * those whose delivery is pending or dead (DESIGN "Retention"), and clears the fields and
+ * echo_match of the outbound writes the pipeline asked for as long ago, except those pending
+ * or not settled (they still need them). One replica at a time, through the `retention` lease,
+ * renewed between batches; a replica that lost it stops.
  */
 export async function pruneExpiredBodies(options: RetentionOptions): Promise<RetentionReport> {
   const now = options.now ?? new Date();
   const cutoff = new Date(now.getTime() - options.retentionDays * DAY_MS);
-  const report: RetentionReport = { status: 'ok', pruned: 0, batches: 0, cutoff: cutoff.toISOString() };
+  const report: RetentionReport = { status: 'ok', pruned: 0, outboundWrites: 0, batches: 0, cutoff: cutoff.toISOString() };
   if (!(await acquireLease(options.db, RETENTION_LEASE, options.owner, LEASE_MS))) return { ...report, status: 'busy' };
   const limit = options.batchSize ?? 1_000;
+  // Each batch takes up to `limit` of each kind; a kind with a short batch is done.
+  let bodies = true;
+  let writes = true;
   for (;;) {
     if (options.signal?.aborted) return { ...report, status: 'stopped' };
-    const pruned = await pruneBodiesBatch(options.db, { cutoff, limit });
-    report.pruned += pruned.length;
+    if (bodies) {
+      const pruned = await pruneBodiesBatch(options.db, { cutoff, limit });
+      report.pruned += pruned.length;
+      bodies = pruned.length === limit;
+    }
+    if (writes) {
+      const cleared = await pruneOutboundWritesBatch(options.db, { cutoff, limit });
+      report.outboundWrites += cleared.length;
+      writes = cleared.length === limit;
+    }
     report.batches++;
-    if (pruned.length < limit) break;
+    if (!bodies && !writes) break;
     if (!(await renewLease(options.db, RETENTION_LEASE, options.owner, LEASE_MS))) return { ...report, status: 'busy' };
   }
   await releaseLease(options.db, RETENTION_LEASE, options.owner);
@@ -69,7 +84,10 @@ export class RetentionDaemon extends Daemon {
     const report = await pruneExpiredBodies({ ...this.deps, signal });
     if (report.status !== 'ok') return;
     const ms = Math.round(performance.now() - started);
-    this.deps.log[report.pruned > 0 ? 'info' : 'debug']({ pruned: report.pruned, batches: report.batches, cutoff: report.cutoff, ms }, `retention: pruned ${report.pruned} body(ies) of changes received before ${report.cutoff}`);
+    this.deps.log[report.pruned + report.outboundWrites > 0 ? 'info' : 'debug'](
+      { pruned: report.pruned, outboundWrites: report.outboundWrites, batches: report.batches, cutoff: report.cutoff, ms },
+      `retention: pruned ${report.pruned} body(ies) of changes received before ${report.cutoff} and the fields of ${report.outboundWrites} pipeline write(s) asked for before then`,
+    );
   }
 }
 
@@ -80,6 +98,9 @@ export async function pruneFromCli(db: Db, options: { retentionDays: number; own
     write('another prune is running: nothing done\n');
     return 1;
   }
-  write(`pruned ${report.pruned} body(ies) of changes received before ${report.cutoff} (kept: pending and dead deliveries)\n`);
+  write(
+    `pruned ${report.pruned} body(ies) of changes received before ${report.cutoff} and the fields of ${report.outboundWrites} pipeline write(s) asked for before then ` +
+      '(kept: pending and dead deliveries, writes not yet made or not yet echoed)\n',
+  );
   return 0;
 }

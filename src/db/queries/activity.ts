@@ -1,4 +1,4 @@
-import { and, count, desc, eq, gte, sql } from 'drizzle-orm';
+import { and, count, desc, eq, gte, inArray, sql } from 'drizzle-orm';
 import type { Db } from '../client.js';
 import { ledger, streamCursors, type ChangeKind, type ChangeSource, type Disposition } from '../schema/index.js';
 
@@ -58,13 +58,15 @@ export async function listRecentEvents(db: Db, params: { limit: number; connecti
 
 /**
  * Changes the hooks delivered, per connection: the denominator of the automation's miss rate
- * (`caughtByPoll` / (hook-announced + caught)).
+ * (`caughtByPoll` / (hook-announced + caught)). A notification-mode hook is stored as
+ * `notified` (its record is fetched later, as source `notification`): it announced the change
+ * all the same, so it counts.
  */
 export async function countHookAccepted(db: Db): Promise<Map<string, number>> {
   const rows = await db
     .select({ connectionId: ledger.connectionId, n: count() })
     .from(ledger)
-    .where(and(eq(ledger.source, 'hook'), eq(ledger.disposition, 'accepted')))
+    .where(and(eq(ledger.source, 'hook'), inArray(ledger.disposition, ['accepted', 'notified'])))
     .groupBy(ledger.connectionId);
   return new Map(rows.map((r) => [r.connectionId, Number(r.n)]));
 }

@@ -1,10 +1,11 @@
-import { and, eq, inArray, isNotNull, ne, sql } from 'drizzle-orm';
+import { and, eq, inArray, isNotNull, isNull, ne, or, sql } from 'drizzle-orm';
 import type { Db } from '../client.js';
 import { ledger, ledgerBodies, outbox, outboundWrites, pendingFetches } from '../schema/index.js';
 
 /**
- * Retention and erasure of client data. Only bodies go (`ledger_bodies`, and the excerpt an
- * outbox row kept of the pipeline's refusal): the ledger's keys, versions, hashes, sources and
+ * Retention and erasure of client data. Only bodies go (`ledger_bodies`, the excerpt an outbox
+ * row kept of the pipeline's refusal, and what a finished outbound write kept of the pipeline's
+ * fields: `fields` and `echo_match`): the ledger's keys, versions, hashes, sources and
  * dispositions and the record heads stay, so the gate still deduplicates, orders and recognises
  * echoes, and the audit trail still says what happened.
  */
@@ -33,6 +34,34 @@ export async function pruneBodiesBatch(db: Db, params: { cutoff: Date; limit: nu
     .limit(params.limit);
   const rows = await db.delete(ledgerBodies).where(inArray(ledgerBodies.eventId, candidates)).returning({ eventId: ledgerBodies.eventId });
   return rows.map((r) => r.eventId);
+}
+
+/**
+ * A finished outbound write: not pending (`fields` is what it has yet to write) and settled
+ * (until then the gate compares changes with its `echo_match` to recognise its echo). Neither
+ * column is read again once both hold.
+ */
+const finishedWrite = and(ne(outboundWrites.state, 'pending'), isNotNull(outboundWrites.settledAt));
+const holdsFields = or(isNotNull(outboundWrites.fields), isNotNull(outboundWrites.echoMatch));
+
+/**
+ * Clears the fields and echo_match of up to `limit` finished outbound writes the pipeline asked
+ * for before `cutoff`. One short statement per batch, like pruneBodiesBatch. Safe without a
+ * lock: a settled write never becomes unsettled, and a write that is not pending never becomes
+ * pending again. Returns the ids of the writes cleared.
+ */
+export async function pruneOutboundWritesBatch(db: Db, params: { cutoff: Date; limit: number }): Promise<string[]> {
+  const candidates = db
+    .select({ id: outboundWrites.id })
+    .from(outboundWrites)
+    .where(and(sql`${outboundWrites.createdAt} < ${params.cutoff.toISOString()}::timestamptz`, finishedWrite, holdsFields))
+    .limit(params.limit);
+  const rows = await db
+    .update(outboundWrites)
+    .set({ fields: null, echoMatch: null, updatedAt: sql`now()` })
+    .where(inArray(outboundWrites.id, candidates))
+    .returning({ id: outboundWrites.id });
+  return rows.map((r) => r.id);
 }
 
 export interface RecordKey {
@@ -65,6 +94,44 @@ export async function lockUndeliveredRows(db: Db, key: RecordKey) {
     .for('update');
 }
 
+/**
+ * The record's outbound writes that still need what they hold: pending ones (their fields are
+ * still to be written) and unsettled ones (their echo_match recognises the echo still to come).
+ * Locked like lockUndeliveredRows; `leased` is a write whose CRM call is under way.
+ */
+export async function lockUnfinishedWrites(db: Db, key: RecordKey) {
+  return db
+    .select({ id: outboundWrites.id, state: outboundWrites.state, leased: sql<boolean>`${outboundWrites.leaseExpiresAt} > now()` })
+    .from(outboundWrites)
+    .where(
+      and(
+        eq(outboundWrites.connectionId, key.connectionId),
+        eq(outboundWrites.object, key.object),
+        eq(outboundWrites.crmId, key.crmId),
+        or(eq(outboundWrites.state, 'pending'), isNull(outboundWrites.settledAt)),
+      ),
+    )
+    .orderBy(outboundWrites.createdAt)
+    .for('update');
+}
+
+/**
+ * Unfinished writes erased with `--force`: a pending one is never made (failed, marked ERASED,
+ * as a delivery is dead-lettered); every one is settled, so no later change is taken for its
+ * echo. Its fields and echo_match then go with the record's other bodies.
+ */
+export async function settleErasedWrites(db: Db, ids: string[]): Promise<void> {
+  if (ids.length === 0) return;
+  await db
+    .update(outboundWrites)
+    .set({ state: 'failed', lastStatus: null, lastError: 'ERASED', leaseOwner: null, leaseExpiresAt: null })
+    .where(and(inArray(outboundWrites.id, ids), eq(outboundWrites.state, 'pending')));
+  await db
+    .update(outboundWrites)
+    .set({ settledAt: sql`coalesce(${outboundWrites.settledAt}, now())`, updatedAt: sql`now()` })
+    .where(inArray(outboundWrites.id, ids));
+}
+
 /** Pending rows become dead letters that say why: a change without its body is not sent on its own. */
 export async function deadLetterErased(db: Db, ids: number[]): Promise<void> {
   if (ids.length === 0) return;
@@ -81,14 +148,15 @@ export interface ErasedBodies {
   pendingFetchEventId: string | null;
   /** Outbox rows whose stored error text (an excerpt of the pipeline's answer) was cleared. */
   clearedErrors: number;
-  /** Outbound writes of the record (no longer in flight) whose requested fields were cleared. */
+  /** Finished outbound writes to the record whose fields and echo_match were cleared. */
   clearedOutboundWrites: number;
 }
 
 /**
  * Deletes every stored body of one record: each ledger row's body (the notification's among
  * them), the excerpts of the pipeline's answers kept on its outbox rows (they may quote it),
- * and the fields of finished outbound writes to it. Its ledger rows and head stay.
+ * and the fields and echo_match of finished outbound writes to it (the caller settles or
+ * refuses the unfinished ones first: lockUnfinishedWrites). Its ledger rows and head stay.
  */
 export async function eraseRecordBodies(db: Db, key: RecordKey): Promise<ErasedBodies> {
   const events = db.select({ eventId: ledger.eventId }).from(ledger).where(recordOf(key));
@@ -106,14 +174,14 @@ export async function eraseRecordBodies(db: Db, key: RecordKey): Promise<ErasedB
     .returning({ id: outbox.id });
   const writes = await db
     .update(outboundWrites)
-    .set({ fields: null, updatedAt: sql`now()` })
+    .set({ fields: null, echoMatch: null, updatedAt: sql`now()` })
     .where(
       and(
         eq(outboundWrites.connectionId, key.connectionId),
         eq(outboundWrites.object, key.object),
         eq(outboundWrites.crmId, key.crmId),
-        ne(outboundWrites.state, 'pending'),
-        isNotNull(outboundWrites.fields),
+        finishedWrite,
+        holdsFields,
       ),
     )
     .returning({ id: outboundWrites.id });

@@ -1,5 +1,5 @@
 import { doublePrecision, integer, jsonb, pgTable, primaryKey, text } from 'drizzle-orm/pg-core';
-import { connectionId, timestamptz } from './columns.js';
+import { connectionId, createdAt, timestamptz } from './columns.js';
 
 /**
  * An id-ordered listing (Clio's) stopped part-way: the CRM's link or token for its next page, the
@@ -51,6 +51,11 @@ export const streamCursors = pgTable(
     /** Where an id-ordered listing stopped part-way, so the next run goes on from there; null once it ends. */
     resume: jsonb('resume').$type<ListingResume>(),
     sweepHeld: jsonb('sweep_held').$type<SweepHold>(),
+    /**
+     * The stream's first run (the row is made by its first attempt): a stream that has never
+     * succeeded is stale `staleAfter` from then, whenever the process that asks was started.
+     */
+    createdAt: createdAt(),
   },
   (t) => [primaryKey({ name: 'stream_cursors_pkey', columns: [t.connectionId, t.object] })],
 );
