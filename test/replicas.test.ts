@@ -9,7 +9,8 @@ import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import postgres from 'postgres';
 import { pino } from 'pino';
-import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { pollStream } from '../src/sync/poller.js';
+import { afterAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildApp } from '../src/app.js';
 import { loadConfig } from '../src/config/load.js';
 import { createTokenManager } from '../src/crm/token-manager.js';
@@ -169,6 +170,34 @@ describe.skipIf(!onPostgres)('replicas on one Postgres', () => {
       expect({ next, revoked: revokedGrants(sandbox) }).toEqual({ next: 200, revoked: [] });
     } finally {
       await locker.end();
+      await sandbox.close();
+    }
+  }, 30_000);
+
+  it("answers /health by the database's clock: a stream another replica polled a moment ago is not stale though that replica's clock is 16 minutes behind", async () => {
+    const sandbox = await startSandbox({ records: 10 });
+    const apps: FastifyInstance[] = [];
+    try {
+      // Default poll timing: every 5 minutes, stale after 15.
+      const conn = clioConnection(sandbox, { poll: { objects: ['matters'], interval: '5m', pageSize: 50 } });
+      const env = { TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY };
+      const poller = await buildTestApp({ database, connections: [conn], env });
+      apps.push(poller);
+      const other = await buildTestApp({ database, connections: [conn], env });
+      apps.push(other);
+      // The replica holding the poll lease runs 16 minutes behind (its NTP broke); the lease goes
+      // by the database's clock, so it polls as usual.
+      vi.useFakeTimers({ toFake: ['Date'], now: Date.now() - 16 * 60_000, shouldAdvanceTime: true });
+      try {
+        expect((await pollStream(poller.poller.stream('firm', 'matters'))).status).toBe('ok');
+      } finally {
+        vi.useRealTimers();
+      }
+      // A moment later the load balancer asks the other replica, whose clock is right.
+      const res = await other.inject({ method: 'GET', url: '/health' });
+      expect({ status: res.statusCode, stale: res.json().connections[0].poll.stale }).toEqual({ status: 200, stale: false });
+    } finally {
+      for (const app of apps) await app.close();
       await sandbox.close();
     }
   }, 30_000);

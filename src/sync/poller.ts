@@ -126,7 +126,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   const started = performance.now();
   const startedAt = new Date();
   const runId = randomUUID();
-  await markStreamAttempt(ctx.db, stream, startedAt);
+  await markStreamAttempt(ctx.db, stream);
   const cursor = await getStreamCursor(ctx.db, stream);
   // A stream that never completed a run is a backfill: its changes are not "missed hooks".
   const hadCursor = cursor?.cursorRank !== null && cursor?.cursorRank !== undefined;
@@ -306,7 +306,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
     if (notificationsFailed) throw notificationsFailed.error;
     // A listing of everything counts as a sweep from when it began (in an earlier run, when it went on from there).
     const sweptAt = listsEverything ? (resumeStartedAt ?? startedAt) : undefined;
-    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: report.caught, ...(sweptAt ? { sweptAt } : {}) });
+    await finishStreamRun(ctx.db, stream, { error: null, counts: report.counts, caught: report.caught, ...(sweptAt ? { sweptAt } : {}) });
     return report;
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
@@ -411,7 +411,7 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
   // The sweep finds the deletes made before its listing began, not those made while it ran: that
   // is the time it vouches for (`lastSweepAt`).
   const listingFrom = new Date();
-  await markStreamAttempt(ctx.db, stream, listingFrom);
+  await markStreamAttempt(ctx.db, stream);
 
   try {
     // The heads as they were before the listing began: the listing vouches for those alone. A
@@ -454,7 +454,7 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
     await commitGuarded(ctx, lease, settings.lease, gone.map((crmId) => deleteChange(stream, crmId, 'sweep', observedAt)), report);
     report.deleted = gone.length;
     if (held) report.held = held;
-    await finishStreamRun(ctx.db, stream, { at: new Date(), error: null, counts: report.counts, caught: 0, sweptAt: listingFrom, sweepHeld: held ?? null });
+    await finishStreamRun(ctx.db, stream, { error: null, counts: report.counts, caught: 0, sweptAt: listingFrom, sweepHeld: held ?? null });
     return report;
   } catch (err) {
     return failRun(ctx, stream, report, err, options.signal);
@@ -653,7 +653,7 @@ function emptyReport(ctx: StreamContext, kind: RunReport['kind']): RunReport {
 async function failRun(ctx: StreamContext, stream: { connectionId: string; object: string }, report: RunReport, err: unknown, signal?: AbortSignal): Promise<RunReport> {
   const error = signal?.aborted ? 'ABORTED' : errorSummary(err);
   // Changes of committed pages count, even though the run did not finish.
-  await finishStreamRun(ctx.db, stream, { at: new Date(), error, counts: report.counts, caught: report.caught }).catch(() => {});
+  await finishStreamRun(ctx.db, stream, { error, counts: report.counts, caught: report.caught }).catch(() => {});
   if (err instanceof LeaseLostError) ctx.log.warn({ stream }, `${report.kind} of ${stream.connectionId}/${stream.object} stopped: another replica took the stream over`);
   return { ...report, status: 'failed', error, ...(err instanceof NeedsReauthError ? { needsReauth: true } : {}) };
 }

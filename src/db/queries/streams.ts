@@ -32,12 +32,17 @@ export async function countPendingFetches(db: Db): Promise<PendingFetchCounts> {
     .groupBy(pendingFetches.connectionId, pendingFetches.object);
 }
 
-/** Records the start of a run; creates the stream's row on its first run. */
-export async function markStreamAttempt(db: Db, stream: StreamKey, at: Date): Promise<void> {
+/**
+ * Records the start of a run; creates the stream's row on its first run. Run times are the
+ * database's clock, as leases are: /health on any replica compares them with that clock too,
+ * so a replica whose clock is minutes off neither makes a live stream look stale nor hides a
+ * stalled one.
+ */
+export async function markStreamAttempt(db: Db, stream: StreamKey): Promise<void> {
   await db
     .insert(streamCursors)
-    .values({ ...stream, lastAttemptAt: at })
-    .onConflictDoUpdate({ target: [streamCursors.connectionId, streamCursors.object], set: { lastAttemptAt: at } });
+    .values({ ...stream, lastAttemptAt: sql`now()` })
+    .onConflictDoUpdate({ target: [streamCursors.connectionId, streamCursors.object], set: { lastAttemptAt: sql`now()` } });
 }
 
 /**
@@ -65,13 +70,13 @@ export async function databaseNow(db: Db): Promise<Date> {
 export async function finishStreamRun(
   db: Db,
   stream: StreamKey,
-  result: { at: Date; error: string | null; counts: Record<string, number>; caught: number; sweptAt?: Date; sweepHeld?: SweepHold | null },
+  result: { error: string | null; counts: Record<string, number>; caught: number; sweptAt?: Date; sweepHeld?: SweepHold | null },
 ): Promise<void> {
   await db
     .update(streamCursors)
     .set({
       // A listing that ended leaves nothing to resume.
-      ...(result.error === null ? { lastSuccessAt: result.at, lastError: null, resume: null } : { lastError: result.error }),
+      ...(result.error === null ? { lastSuccessAt: sql`now()`, lastError: null, resume: null } : { lastError: result.error }),
       counts: result.counts,
       caughtByPoll: sql`${streamCursors.caughtByPoll} + ${result.caught}`,
       ...(result.sweptAt ? { lastSweepAt: result.sweptAt } : {}),
