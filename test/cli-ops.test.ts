@@ -7,7 +7,7 @@ import { openDatabase, type Database } from '../src/db/client.js';
 import { streamCursors } from '../src/db/schema/index.js';
 import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
-import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
+import { clioConnection, TEST_TOKEN_KEY, timeOrderedConnector } from './helpers/bridge.js';
 import { createTestDatabase } from './helpers/database.js';
 
 let sandbox: Sandbox;
@@ -15,31 +15,6 @@ let sandbox: Sandbox;
 const database = process.env.DATABASE_URL ? await createTestDatabase() : undefined;
 const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-cli-ops-'));
 const config = join(dir, 'connections.json');
-
-/**
- * The sandbox lists matters by updated_at with offset paging too; with that listing the
- * backfill checkpoints every page, so a resumed run reads only what is left.
- */
-const timeOrderedConnector = {
-  objects: {
-    matters: {
-      idPath: 'id',
-      updatedAtPath: 'updated_at',
-      versionPath: 'etag',
-      volatile: ['etag'],
-      fields: { displayNumber: 'display_number', status: 'status' },
-      list: {
-        request: {
-          path: '/api/v4/matters.json',
-          query: { fields: 'id,etag,display_number,status,updated_at', order: 'updated_at(asc)', limit: '{{limit}}', offset: '{{offset}}', updated_since: '{{since}}' },
-        },
-        records: 'data',
-        pagination: { style: 'offset', totalPath: 'meta.records' },
-        order: 'updatedAt',
-      },
-    },
-  },
-};
 
 beforeAll(async () => {
   sandbox = await startSandbox({ records: 80 });

@@ -8,7 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { outbox } from '../src/db/schema/index.js';
 import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
-import { buildTestApp, captureLogs, connection, SECRET } from './helpers/app.js';
+import { buildTestApp, captureLogs, connection, hookAccepted, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
 const ADMIN_TOKEN = 'admin-token-0123456789abcdef';
@@ -92,17 +92,6 @@ const matter = (id: number, version: number) => ({
   updated_at: new Date(Date.UTC(2026, 10, 20, 10, version)).toISOString(),
 });
 
-async function hook(app: FastifyInstance, record: Record<string, unknown>): Promise<string> {
-  const res = await app.inject({
-    method: 'POST',
-    url: '/hooks/acme',
-    headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
-    payload: JSON.stringify(record),
-  });
-  expect(res.statusCode).toBe(202);
-  return res.json().eventId;
-}
-
 const tickOnce = (worker: DeliveryWorker) => worker.tick(new AbortController().signal);
 
 async function drain(worker: DeliveryWorker): Promise<void> {
@@ -121,7 +110,7 @@ describe('secrets in a refused answer', () => {
     const pipeline = await startPipeline(() => ({ apply: false, status: 401, body: JSON.stringify({ error: 'invalid api key', received: PIPELINE_KEY }) }));
     pipelines.push(pipeline);
     const { app, worker } = await startApp(pipeline.url, {}, logs.logger);
-    await hook(app, matter(1, 1));
+    await hookAccepted(app, matter(1, 1));
     await tickOnce(worker);
 
     const [row] = await database.db.select().from(outbox);
@@ -137,7 +126,7 @@ describe('secrets in a refused answer', () => {
     const pipeline = await startPipeline(() => ({ apply: false, status: 400, chunks: ['x'.repeat(280) + secret.slice(0, 25), secret.slice(25) + ' end'] }));
     pipelines.push(pipeline);
     const { app, worker } = await startApp(pipeline.url);
-    await hook(app, matter(2, 1));
+    await hookAccepted(app, matter(2, 1));
     await tickOnce(worker);
 
     const [row] = await database.db.select().from(outbox);
@@ -158,9 +147,9 @@ describe('replay and a later change whose outcome is unknown', () => {
     pipelines.push(pipeline);
     const { app, worker } = await startApp(pipeline.url, { timeout: '200ms', lease: '5s', backoff: { base: '1h', max: '1h' } });
 
-    const v1 = await hook(app, matter(5, 1));
+    const v1 = await hookAccepted(app, matter(5, 1));
     await tickOnce(worker);
-    const v2 = await hook(app, matter(5, 2));
+    const v2 = await hookAccepted(app, matter(5, 2));
     await tickOnce(worker);
     expect(pipeline.current.get('5')).toBe(matter(5, 2).updated_at);
     const rows = await database.db.select({ eventId: outbox.eventId, state: outbox.state, attempts: outbox.attempts, lastError: outbox.lastError }).from(outbox).orderBy(outbox.id);
@@ -190,7 +179,7 @@ describe('Retry-After that is not a delay or an HTTP date', () => {
     );
     pipelines.push(pipeline);
     const { app, worker } = await startApp(pipeline.url);
-    const eventId = await hook(app, matter(3, 1));
+    const eventId = await hookAccepted(app, matter(3, 1));
     await tickOnce(worker);
     const [row] = await database.db.select().from(outbox);
     // maxAttempts is 15 and maxAge a day: one 503 is no reason to give up.

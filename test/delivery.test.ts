@@ -9,7 +9,7 @@ import { outbox } from '../src/db/schema/index.js';
 import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
 import { passChanges } from '../src/sync/change-gate.js';
 import { printDeadLetters, replayFromCli } from '../src/sync/dead-letters.js';
-import { buildTestApp, captureLogs, connection, SECRET } from './helpers/app.js';
+import { buildTestApp, captureLogs, connection, hookAccepted, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startSink, type Sink } from './fixtures/delivery-sink.js';
 
@@ -61,17 +61,6 @@ const matter = (id: number, version: number, overrides: Record<string, unknown> 
 });
 
 /** Sends a change the way a CRM automation does; returns its event id. */
-async function hook(app: FastifyInstance, record: Record<string, unknown>): Promise<string> {
-  const res = await app.inject({
-    method: 'POST',
-    url: '/hooks/acme',
-    headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
-    payload: JSON.stringify(record),
-  });
-  expect(res.statusCode).toBe(202);
-  return res.json().eventId;
-}
-
 async function states() {
   return database.db.select({ eventId: outbox.eventId, state: outbox.state, attempts: outbox.attempts, lastStatus: outbox.lastStatus, lastError: outbox.lastError, leaseOwner: outbox.leaseOwner }).from(outbox).orderBy(outbox.id);
 }
@@ -104,7 +93,7 @@ describe('delivery to the intake pipeline', () => {
     for (let version = 1; version <= 4; version++) {
       for (const id of [1, 2, 3]) {
         if (id === 3 && version > 2) continue;
-        sent[String(id)]!.push(await hook(app, matter(id, version)));
+        sent[String(id)]!.push(await hookAccepted(app, matter(id, version)));
       }
     }
     const eventIds = Object.values(sent).flat();
@@ -130,7 +119,7 @@ describe('delivery to the intake pipeline', () => {
 
   it('posts the body DESIGN.md describes with the Idempotency-Key and the configured headers', async () => {
     const { app, worker } = await startApp();
-    const eventId = await hook(app, matter(42, 1));
+    const eventId = await hookAccepted(app, matter(42, 1));
     await drain(worker);
     const [request] = sink.requests;
     expect(request!.headers['idempotency-key']).toBe(eventId);
@@ -155,7 +144,7 @@ describe('delivery to the intake pipeline', () => {
     const logs = captureLogs();
     const { app, worker } = await startApp({}, logs.logger);
     sink.behave(() => ({ status: 400, body: JSON.stringify({ error: 'practiceArea is not a known value', youSent: `Bearer ${PIPELINE_KEY}` }) }));
-    const eventId = await hook(app, matter(7, 1));
+    const eventId = await hookAccepted(app, matter(7, 1));
 
     await tickOnce(worker);
     const [dead] = await states();
@@ -194,7 +183,7 @@ describe('delivery to the intake pipeline', () => {
     try {
       const { app, worker } = await startApp();
       sink.behave(() => ({ status: 307, headers: { location: elsewhere.url } }));
-      await hook(app, matter(8, 1));
+      await hookAccepted(app, matter(8, 1));
 
       await tickOnce(worker);
       expect((await states())[0]).toMatchObject({ state: 'dead', attempts: 1, lastStatus: 307 });
@@ -208,7 +197,7 @@ describe('delivery to the intake pipeline', () => {
   it('keeps only the start of a long error answer, then delivers the row', async () => {
     const { app, worker } = await startApp();
     sink.behave((_r, index) => (index === 0 ? { status: 503, body: `busy ${'x'.repeat(4 * 1024 * 1024)}` } : { status: 200 }));
-    await hook(app, matter(9, 1));
+    await hookAccepted(app, matter(9, 1));
 
     await tickOnce(worker);
     const [retrying] = await states();
@@ -224,8 +213,8 @@ describe('delivery to the intake pipeline', () => {
   it('lists and replays dead letters through the CLI functions', async () => {
     const { app, worker } = await startApp();
     sink.behave(() => ({ status: 422, body: '{"error":"missing email"}' }));
-    const first = await hook(app, matter(1, 1));
-    const second = await hook(app, matter(2, 1));
+    const first = await hookAccepted(app, matter(1, 1));
+    const second = await hookAccepted(app, matter(2, 1));
     await tickOnce(worker);
 
     let out = '';
@@ -248,9 +237,9 @@ describe('delivery to the intake pipeline', () => {
   it('refuses to replay a dead letter once a later change of its record was delivered, naming it, and replays it when forced', async () => {
     const { app, worker } = await startApp();
     sink.behave((_r, index) => (index === 0 ? { status: 400 } : { status: 200 }));
-    const older = await hook(app, matter(5, 1));
+    const older = await hookAccepted(app, matter(5, 1));
     await tickOnce(worker);
-    const newer = await hook(app, matter(5, 2));
+    const newer = await hookAccepted(app, matter(5, 2));
     await drain(worker);
     expect((await states()).map((r) => r.state)).toEqual(['dead', 'delivered']);
 
@@ -276,9 +265,9 @@ describe('delivery to the intake pipeline', () => {
   it('refuses a replay while a later change of the record is being delivered, and replays ahead of one still waiting, through the CLI with --force too', async () => {
     const { app, worker } = await startApp();
     sink.behave((_r, index) => (index === 0 ? { status: 400 } : 'hold'));
-    const older = await hook(app, matter(6, 1));
+    const older = await hookAccepted(app, matter(6, 1));
     await tickOnce(worker);
-    const newer = await hook(app, matter(6, 2));
+    const newer = await hookAccepted(app, matter(6, 2));
     const inFlight = tickOnce(worker);
     await sink.until(() => sink.heldCount === 1, 'the newer change in flight');
     let out = '';
@@ -294,11 +283,11 @@ describe('delivery to the intake pipeline', () => {
     expect(sink.applied.map((b) => b.id)).toEqual([older, newer]);
 
     // Forced through the CLI once the newer one was delivered.
-    const third = await hook(app, matter(7, 1));
+    const third = await hookAccepted(app, matter(7, 1));
     sink.behave(() => ({ status: 400 }));
     await tickOnce(worker);
     sink.behave(() => ({ status: 200 }));
-    const fourth = await hook(app, matter(7, 2));
+    const fourth = await hookAccepted(app, matter(7, 2));
     await drain(worker);
     out = '';
     expect(await replayFromCli(database.db, third, (t) => (out += t), { force: true })).toBe(0);
@@ -310,7 +299,7 @@ describe('delivery to the intake pipeline', () => {
   it('answers the dead-letter API with one 401 problem for a missing or wrong admin token, and pages the list', async () => {
     const { app, worker } = await startApp();
     sink.behave(() => ({ status: 400 }));
-    for (const id of [1, 2, 3]) await hook(app, matter(id, 1));
+    for (const id of [1, 2, 3]) await hookAccepted(app, matter(id, 1));
     await tickOnce(worker);
 
     const missing = await app.inject({ method: 'GET', url: '/v1/dead-letters' });
@@ -341,7 +330,7 @@ describe('delivery to the intake pipeline', () => {
   it('sends nothing before a 429 Retry-After (delay-seconds) has passed', async () => {
     const { app, worker } = await startApp();
     sink.behave((_r, index) => (index === 0 ? { status: 429, headers: { 'retry-after': '1' } } : { status: 200 }));
-    const eventId = await hook(app, matter(9, 1));
+    const eventId = await hookAccepted(app, matter(9, 1));
     await drain(worker);
     const [limited, next] = sink.requests;
     expect(limited!.status).toBe(429);
@@ -357,7 +346,7 @@ describe('delivery to the intake pipeline', () => {
       retryAt = Math.ceil((Date.now() + 1_500) / 1000) * 1000;
       return { status: 503, headers: { 'retry-after': new Date(retryAt).toUTCString() } };
     });
-    await hook(app, matter(10, 1));
+    await hookAccepted(app, matter(10, 1));
     await drain(worker);
     expect(sink.requests).toHaveLength(2);
     expect(sink.requests[1]!.receivedAt).toBeGreaterThanOrEqual(retryAt);
@@ -366,7 +355,7 @@ describe('delivery to the intake pipeline', () => {
   it('dead-letters a retryable failure once maxAttempts is used up, and not before', async () => {
     const { app, worker } = await startApp({ maxAttempts: 3 });
     sink.behave(() => ({ status: 500, body: 'boom' }));
-    await hook(app, matter(11, 1));
+    await hookAccepted(app, matter(11, 1));
     await drain(worker);
     expect(sink.requests).toHaveLength(3);
     const [row] = await states();
@@ -380,7 +369,7 @@ describe('delivery to the intake pipeline', () => {
     const { port } = closed.address() as AddressInfo;
     await new Promise((resolve) => closed.close(resolve));
     const { app, worker } = await startApp({ url: `http://127.0.0.1:${port}/closed`, maxAttempts: 2 });
-    await hook(app, matter(12, 1));
+    await hookAccepted(app, matter(12, 1));
     await drain(worker);
     const [row] = await states();
     expect(row).toMatchObject({ state: 'dead', attempts: 2, lastStatus: null });
@@ -388,7 +377,7 @@ describe('delivery to the intake pipeline', () => {
 
     const slow = await startApp({ timeout: '200ms', lease: '5s' });
     sink.behave((_r, index) => (index === 0 ? 'hold' : { status: 200 }));
-    const eventId = await hook(slow.app, matter(13, 1));
+    const eventId = await hookAccepted(slow.app, matter(13, 1));
     await drain(slow.worker);
     sink.release();
     expect(sink.requests.map((r) => r.key)).toEqual([eventId, eventId]);
@@ -404,7 +393,7 @@ describe('delivery to the intake pipeline', () => {
     await new Promise((resolve) => setTimeout(resolve, 200));
     // Every lease it can offer is promised elsewhere, so the hook's row is written unleased.
     const held = worker.offerLeases(10_000)!;
-    const eventId = await hook(app, matter(41, 1));
+    const eventId = await hookAccepted(app, matter(41, 1));
     await sink.until(() => sink.requests.some((r) => r.key === eventId), 'the hook to be delivered without waiting an hour');
     expect(await states()).toMatchObject([{ eventId, attempts: 1 }]);
     worker.takeLeased(held, []);
@@ -417,7 +406,7 @@ describe('delivery to the intake pipeline', () => {
     expect(a.worker.owner).not.toBe(b.worker.owner);
     sink.behave(() => 'hold');
     const eventIds: string[] = [];
-    for (const id of [1, 2, 3, 4, 5, 6]) eventIds.push(await hook(a.app, matter(id, 1)));
+    for (const id of [1, 2, 3, 4, 5, 6]) eventIds.push(await hookAccepted(a.app, matter(id, 1)));
 
     // A claims the whole batch (several rows per slot) and has three in flight.
     const first = tickOnce(a.worker);
@@ -443,10 +432,10 @@ describe('delivery to the intake pipeline', () => {
     const a = await startApp({ backoff: { base: '1h', max: '1h' } });
     const b = await startApp();
     sink.behave((_r, index) => (index === 0 ? { status: 503 } : { status: 200 }));
-    const v1 = await hook(a.app, matter(5, 1));
+    const v1 = await hookAccepted(a.app, matter(5, 1));
     await tickOnce(a.worker);
-    const v2 = await hook(a.app, matter(5, 2));
-    const other = await hook(a.app, matter(6, 1));
+    const v2 = await hookAccepted(a.app, matter(5, 2));
+    const other = await hookAccepted(a.app, matter(6, 1));
 
     await tickOnce(b.worker);
     expect(sink.requests.map((r) => r.key)).toEqual([v1, other]);
@@ -460,7 +449,7 @@ describe('delivery to the intake pipeline', () => {
   it('gives an in-flight row back untried when the worker is stopped, so another replica can take it at once', async () => {
     const { app, worker } = await startApp();
     sink.behave(() => 'hold');
-    await hook(app, matter(3, 1));
+    await hookAccepted(app, matter(3, 1));
     worker.start();
     await sink.until(() => sink.heldCount === 1, 'the worker to send');
     await worker.stop();
@@ -470,7 +459,7 @@ describe('delivery to the intake pipeline', () => {
   it('gives every claimed row back untried when stopped mid-batch: the one in flight and those queued behind it', async () => {
     const { app, worker } = await startApp({ concurrency: 1 });
     sink.behave(() => 'hold');
-    for (const id of [1, 2, 3, 4, 5]) await hook(app, matter(id, 1));
+    for (const id of [1, 2, 3, 4, 5]) await hookAccepted(app, matter(id, 1));
     worker.start();
     await sink.until(() => sink.heldCount === 1, 'the worker to send its first row');
     await worker.stop();
@@ -482,10 +471,10 @@ describe('delivery to the intake pipeline', () => {
     const { app, worker } = await startApp({ pollInterval: '1h' });
     sink.behave((_r, index) => (index === 0 ? 'hold' : { status: 202 }));
     worker.start();
-    const first = await hook(app, matter(1, 1));
+    const first = await hookAccepted(app, matter(1, 1));
     await sink.until(() => sink.heldCount === 1, 'the first change to be sent');
     // The first request is still unanswered, so the tick that sent it has not ended.
-    const second = await hook(app, matter(2, 1));
+    const second = await hookAccepted(app, matter(2, 1));
     await sink.until(() => sink.applied.some((b) => b.id === second), 'the second change to be delivered beside the first');
     expect(sink.heldCount).toBe(1);
     sink.release({ status: 202 });
@@ -497,7 +486,7 @@ describe('delivery to the intake pipeline', () => {
 
   it('keeps a delivered row pending and leased when marking it delivered fails, and sends it again with the same key once the lease runs out', async () => {
     const { app, worker } = await startApp({ timeout: '300ms', lease: '1s' });
-    const eventId = await hook(app, matter(7, 1));
+    const eventId = await hookAccepted(app, matter(7, 1));
     // The database refuses the mark, as it would if it went away between the answer and the mark.
     await database.db.execute(sql.raw(`create function refuse_delivered() returns trigger language plpgsql as $$ begin raise exception 'mark refused'; end $$`));
     await database.db.execute(sql.raw(`create trigger refuse_delivered before update on outbox for each row when (new.state = 'delivered') execute function refuse_delivered()`));
@@ -523,9 +512,9 @@ describe('delivery to the intake pipeline', () => {
   it('reports pending, the oldest pending age and dead letters in /health, and 503 degraded once the backlog is older than degradedAfter', async () => {
     const { app, worker } = await startApp({ degradedAfter: '60s' });
     sink.behave(() => ({ status: 400 }));
-    await hook(app, matter(1, 1));
+    await hookAccepted(app, matter(1, 1));
     await tickOnce(worker);
-    await hook(app, matter(2, 1));
+    await hookAccepted(app, matter(2, 1));
 
     const fresh = await app.inject({ method: 'GET', url: '/health' });
     expect(fresh.statusCode).toBe(200);
@@ -559,7 +548,7 @@ describe('a hook handed to the delivery worker as it commits', () => {
     sink.behave(() => 'hold');
     worker.start();
     await sleep(200);
-    const eventId = await hook(app, matter(1, 1));
+    const eventId = await hookAccepted(app, matter(1, 1));
     await sink.until(() => sink.heldCount === 1, 'the hook to be sent');
     expect(sink.requests.map((r) => r.key)).toEqual([eventId]);
     expect(await states()).toMatchObject([{ eventId, state: 'pending', attempts: 1, leaseOwner: worker.owner }]);
@@ -576,7 +565,7 @@ describe('a hook handed to the delivery worker as it commits', () => {
     sink.behave((_r, index) => (index === 0 ? { status: 503 } : { status: 202 }));
     worker.start();
     await sleep(200);
-    const eventId = await hook(app, matter(7, 1, { notes: 'a "quoted" ünïcode note', nested: { z: 1, a: [1.5, null, 1e3] } }));
+    const eventId = await hookAccepted(app, matter(7, 1, { notes: 'a "quoted" ünïcode note', nested: { z: 1, a: [1.5, null, 1e3] } }));
     await sink.until(() => sink.applied.length === 1, 'the retry to be delivered');
     await worker.stop();
     expect(sink.requests.map((r) => [r.key, r.status])).toEqual([
@@ -592,10 +581,10 @@ describe('a hook handed to the delivery worker as it commits', () => {
     sink.behave((_r, index) => (index === 0 ? { status: 503 } : { status: 202 }));
     worker.start();
     await sleep(200);
-    const v1 = await hook(app, matter(5, 1));
+    const v1 = await hookAccepted(app, matter(5, 1));
     await sink.until(() => sink.requests.length === 1, 'the first version to be tried');
     for (let i = 0; i < 200 && (await states())[0]?.leaseOwner !== null; i++) await sleep(10);
-    const v2 = await hook(app, matter(5, 2));
+    const v2 = await hookAccepted(app, matter(5, 2));
     const rows = await states();
     expect(rows.map((r) => [r.eventId, r.state, r.attempts, r.leaseOwner])).toEqual([
       [v1, 'pending', 1, null],

@@ -4,33 +4,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../src/db/client.js';
 import { backfillKey } from '../src/sync/backfill-command.js';
 import { runOnce } from '../src/sync/poller.js';
-import { startBridge } from './helpers/bridge.js';
+import { startBridge, timeOrderedConnector } from './helpers/bridge.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
 const METRICS_TOKEN = 'metrics-token-0123456789';
-
-/** A CRM listing in updated_at order (HubSpot's search is one): a backfill checkpoints per page. */
-const timeOrderedConnector = {
-  objects: {
-    matters: {
-      idPath: 'id',
-      updatedAtPath: 'updated_at',
-      versionPath: 'etag',
-      volatile: ['etag'],
-      fields: { displayNumber: 'display_number', status: 'status' },
-      list: {
-        request: {
-          path: '/api/v4/matters.json',
-          query: { fields: 'id,etag,display_number,status,updated_at', order: 'updated_at(asc)', limit: '{{limit}}', offset: '{{offset}}', updated_since: '{{since}}' },
-        },
-        records: 'data',
-        pagination: { style: 'offset', totalPath: 'meta.records' },
-        order: 'updatedAt',
-      },
-    },
-  },
-};
 
 /** The value of one sample line, e.g. `crm_bridge_changes_total{connection="acme",...}`. */
 function sample(text: string, name: string, labels: Record<string, string>): number | undefined {

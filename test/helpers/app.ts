@@ -1,5 +1,7 @@
 import { Writable } from 'node:stream';
+import type { FastifyInstance } from 'fastify';
 import { pino } from 'pino';
+import { expect } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { loadConfig } from '../../src/config/load.js';
 import type { Database } from '../../src/db/client.js';
@@ -54,4 +56,16 @@ export async function buildTestApp(options: {
     loggerInstance: options.logger ?? pino({ level: 'silent' }),
     startDaemons: options.startDaemons ?? false,
   });
+}
+
+/** Posts `record` as a hook of connection `acme` and returns its event id; the change must be new (202). */
+export async function hookAccepted(app: FastifyInstance, record: Record<string, unknown>): Promise<string> {
+  const res = await app.inject({
+    method: 'POST',
+    url: '/hooks/acme',
+    headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+    payload: JSON.stringify(record),
+  });
+  expect(res.statusCode).toBe(202);
+  return (res.json() as { eventId: string }).eventId;
 }

@@ -60,3 +60,28 @@ export async function startBridge(options: {
     },
   };
 }
+
+/**
+ * The clio preset's matters, listed in updated_at order with offset paging (the sandbox serves
+ * that too), as HubSpot's search pages: a backfill or poll checkpoints every page.
+ */
+export const timeOrderedConnector = {
+  objects: {
+    matters: {
+      idPath: 'id',
+      updatedAtPath: 'updated_at',
+      versionPath: 'etag',
+      volatile: ['etag'],
+      fields: { displayNumber: 'display_number', status: 'status' },
+      list: {
+        request: {
+          path: '/api/v4/matters.json',
+          query: { fields: 'id,etag,display_number,status,updated_at', order: 'updated_at(asc)', limit: '{{limit}}', offset: '{{offset}}', updated_since: '{{since}}' },
+        },
+        records: 'data',
+        pagination: { style: 'offset', totalPath: 'meta.records' },
+        order: 'updatedAt',
+      },
+    },
+  },
+};
