@@ -5,7 +5,7 @@ import { logsDebug } from '../logger.js';
 import type { Connection } from '../plugins/config.js';
 import { redactFields } from '../privacy.js';
 import { bearerToken, matchesAnySecret } from '../security.js';
-import type { GateDisposition } from '../sync/change-gate.js';
+import { deleteChange, type GateDisposition } from '../sync/change-gate.js';
 import { getPath, observeRecord } from '../sync/record.js';
 
 declare module 'fastify' {
@@ -95,7 +95,7 @@ export default async function hookRoutes(app: FastifyInstance) {
       // delete (for the ledger), but the change is the delete (DESIGN: deletes reach a hook or the sweep).
       const deleteWhen = connection.inbound.deleteWhen;
       const deleted = deleteWhen !== undefined && deleteWhen.equals.includes(String(getPath(body, deleteWhen.path)));
-      const change = observed && deleted ? { ...observed, change: 'delete' as const, version: null, rank: null, fields: null, contentHash: null } : observed;
+      const change = observed && deleted ? deleteChange({ connectionId: connection.id, object }, observed.crmId, 'hook', observedAt, record) : observed;
       if (change === undefined) {
         throw new UnprocessableError(`The record has no usable id at "${definition.idPath}" (a non-empty string or a number).`, 'RECORD_ID_MISSING');
       }

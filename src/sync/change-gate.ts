@@ -45,6 +45,15 @@ export interface ObservedChange {
   deliverUnchanged?: boolean;
 }
 
+/**
+ * A delete of one record, as the sweep, a fetch that found the record gone, or the CRM's deleted
+ * event observes it: no version, fields or hash; `raw` is what came with it (a hook's last
+ * version of the record), kept for the ledger.
+ */
+export function deleteChange(stream: { connectionId: string; object: string }, crmId: string, source: ChangeSource, observedAt: Date, raw: unknown = null): ObservedChange {
+  return { ...stream, crmId, source, change: 'delete', version: null, rank: null, raw, fields: null, contentHash: null, observedAt };
+}
+
 export type GateDisposition = Disposition | 'duplicate';
 
 export interface GateOutcome {

@@ -20,7 +20,7 @@ import {
   saveListingResume,
 } from '../db/queries/streams.js';
 import type { SweepHold } from '../db/schema/index.js';
-import { passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
+import { deleteChange, passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
 import { logsDebug } from '../logger.js';
 import { errorClass, redactFields } from '../privacy.js';
 import { Daemon } from './daemon.js';
@@ -633,10 +633,6 @@ async function commitGuarded(ctx: StreamContext, lease: string, ttl: number, cha
     return passChanges(tx, changes);
   });
   tally(report, outcomes, false);
-}
-
-function deleteChange(stream: { connectionId: string; object: string }, crmId: string, source: ObservedChange['source'], observedAt: Date): ObservedChange {
-  return { ...stream, crmId, source, change: 'delete', version: null, rank: null, raw: null, fields: null, contentHash: null, observedAt };
 }
 
 function tally(report: RunReport, outcomes: GateOutcome[], countCaught: boolean) {

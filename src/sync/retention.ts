@@ -86,7 +86,7 @@ export class RetentionDaemon extends Daemon {
     const ms = Math.round(performance.now() - started);
     this.deps.log[report.pruned + report.outboundWrites > 0 ? 'info' : 'debug'](
       { pruned: report.pruned, outboundWrites: report.outboundWrites, batches: report.batches, cutoff: report.cutoff, ms },
-      `retention: pruned ${report.pruned} body(ies) of changes received before ${report.cutoff} and the fields of ${report.outboundWrites} pipeline write(s) asked for before then`,
+      `retention: ${prunedText(report)}`,
     );
   }
 }
@@ -98,9 +98,11 @@ export async function pruneFromCli(db: Db, options: { retentionDays: number; own
     write('another prune is running: nothing done\n');
     return 1;
   }
-  write(
-    `pruned ${report.pruned} body(ies) of changes received before ${report.cutoff} and the fields of ${report.outboundWrites} pipeline write(s) asked for before then ` +
-      '(kept: pending and dead deliveries, writes not yet made or not yet echoed)\n',
-  );
+  write(`${prunedText(report)} (kept: pending and dead deliveries, writes not yet made or not yet echoed)\n`);
   return 0;
+}
+
+/** What a prune did, for the daemon's log line and the CLI. */
+function prunedText(report: RetentionReport): string {
+  return `pruned ${report.pruned} body(ies) of changes received before ${report.cutoff} and the fields of ${report.outboundWrites} pipeline write(s) asked for before then`;
 }
