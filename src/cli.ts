@@ -148,6 +148,18 @@ program
     if (code !== 0) process.exitCode = code;
   });
 
+/**
+ * Ctrl-C or SIGTERM (a deploy, a cron timeout) stops a stream command's run where it is, so the
+ * run records how far it got and gives its lease back instead of keeping the stream from the
+ * server until the lease runs out. A second one kills the process as usual.
+ */
+function stopSignal(): AbortSignal {
+  const stop = new AbortController();
+  process.once('SIGINT', () => stop.abort());
+  process.once('SIGTERM', () => stop.abort());
+  return stop.signal;
+}
+
 /** The exit statuses of the one-shot stream commands, for their help. */
 const streamExitStatus = (failed: string) => `
 Exit status:
@@ -156,7 +168,7 @@ Exit status:
   2   a usage error
   ${EXIT_BUSY}  another process (the server, another crm-bridge command) was running a stream, so
       nothing was read for it; try again when it ends
-Each stream's lease is given back when its run ends, done or failed.`;
+Each stream's lease is given back when its run ends, done, failed or stopped (Ctrl-C, SIGTERM).`;
 
 program
   .command('poll')
@@ -167,9 +179,7 @@ program
   .addHelpText('after', streamExitStatus('a stream failed'))
   .action(async (connectionId: string, options: { once?: boolean; object?: string }) => {
     const { runPollCommand } = await import('./sync/poll-command.js');
-    const stop = new AbortController();
-    process.once('SIGINT', () => stop.abort());
-    const code = await runPollCommand({ connectionId, object: options.object, kind: 'poll', follow: !options.once, signal: stop.signal, print: (t) => process.stdout.write(t) });
+    const code = await runPollCommand({ connectionId, object: options.object, kind: 'poll', follow: !options.once, signal: stopSignal(), print: (t) => process.stdout.write(t) });
     if (code !== 0) process.exitCode = code;
   });
 
@@ -182,7 +192,7 @@ program
   .addHelpText('after', streamExitStatus('a stream failed'))
   .action(async (connectionId: string, options: { object?: string; allowDeletes?: boolean }) => {
     const { runPollCommand } = await import('./sync/poll-command.js');
-    const code = await runPollCommand({ connectionId, object: options.object, kind: 'sweep', allowDeletes: options.allowDeletes === true, print: (t) => process.stdout.write(t) });
+    const code = await runPollCommand({ connectionId, object: options.object, kind: 'sweep', allowDeletes: options.allowDeletes === true, signal: stopSignal(), print: (t) => process.stdout.write(t) });
     if (code !== 0) process.exitCode = code;
   });
 
@@ -199,14 +209,11 @@ program
   .addHelpText('after', streamExitStatus('a stream failed, or was stopped (Ctrl-C: run it again to continue)'))
   .action(async (connectionId: string, options: { object?: string; since?: Date }) => {
     const { runBackfillCommand } = await import('./sync/backfill-command.js');
-    const stop = new AbortController();
-    process.once('SIGINT', () => stop.abort());
-    process.once('SIGTERM', () => stop.abort());
     const code = await runBackfillCommand({
       connectionId,
       object: options.object,
       since: options.since,
-      signal: stop.signal,
+      signal: stopSignal(),
       columns: process.stdout.isTTY ? process.stdout.columns : 0,
       print: (t) => process.stdout.write(t),
     });

@@ -165,6 +165,50 @@ describe('crm-bridge poll and sweep', () => {
     expect(help.out).toMatch(/^ {2}75 {2}another process .* was running a stream, so\s+nothing was read for it/m);
   });
 
+  it('gives the stream back when Ctrl-C stops a sweep or SIGTERM a poll mid-listing: the next run goes ahead at once, not 75', async () => {
+    // The CRM holds each stopped run's listing until the bridge hangs up; later listings are answered.
+    // (relay/matters: the test before left relay/contacts leased to the process it killed.)
+    const held: (() => void)[] = [];
+    let hold = true;
+    const listed: (() => void)[] = [];
+    const proxy = await startFaultProxy({
+      target: sandbox.url,
+      answer: async (req, res) => {
+        if (!hold || !req.url!.startsWith('/api/v4/matters.json')) return false;
+        listed.shift()?.();
+        await new Promise<void>((resolve) => {
+          held.push(resolve);
+          res.once('close', () => resolve());
+        });
+        return true;
+      },
+    });
+    try {
+      writeConfig({ token: await issuedToken(), relay: proxy.url });
+      for (const [args, signal] of [
+        [['sweep', 'relay', '--object', 'matters'], 'SIGINT'],
+        [['poll', 'relay', '--object', 'matters'], 'SIGTERM'],
+      ] as const) {
+        hold = true;
+        const listing = new Promise<void>((resolve) => listed.push(resolve));
+        const stopped = start([...args]);
+        expect(await Promise.race([listing.then(() => 'listing'), stopped.exited.then(() => 'exited')]), stopped.out()).toBe('listing');
+        stopped.child.kill(signal);
+        const { code, out } = await stopped.exited;
+        expect(code, out).toBe(1);
+        expect(out).toMatch(new RegExp(`^relay/matters: ${args[0]} failed: ABORTED`, 'm'));
+
+        hold = false;
+        const next = await cli(['poll', 'relay', '--once', '--object', 'matters']);
+        expect(next.out).not.toMatch(/not run|lease/);
+        expect(next.code).toBe(0);
+      }
+    } finally {
+      for (const release of held) release();
+      await proxy.close();
+    }
+  });
+
   it('answers an unknown connection with one line and exit status 2', async () => {
     const res = await cli(['poll', 'nope', '--once']);
     expect(res.code).toBe(2);

@@ -43,6 +43,8 @@ export async function runPollCommand(options: PollCommandOptions): Promise<numbe
   try {
     do {
       for (const object of objects) {
+        // Stopped (Ctrl-C, SIGTERM): the streams not begun are left for the next run.
+        if (options.signal?.aborted) break;
         const stream = app.poller.stream(connection.id, object);
         const started = performance.now();
         const progress = (r: RunReport) => {
