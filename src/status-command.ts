@@ -47,7 +47,7 @@ export async function runStatusCommand(options: StatusOptions): Promise<number> 
     const config = loadConfig();
     const app = await buildApp({ config, loggerInstance: pino({ level: 'silent' }) });
     try {
-      const report = await healthReport(app, Date.now());
+      const report = await healthReport(app, performance.now());
       answer = report.body as HealthAnswer;
       code = report.code;
     } finally {

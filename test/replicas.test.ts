@@ -1,6 +1,7 @@
 // Replicas on one Postgres where a slow CRM call, a graceful stop or a dropped connection meets
 // work another replica takes over: a pipeline lead must be made once, and a rotated refresh
-// token must never be lost (a CRM that detects its reuse revokes the whole grant).
+// token must never be lost (a CRM that detects its reuse revokes the whole grant); and where one
+// replica's clock is wrong, which the schedules and /health must not follow.
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,17 +10,17 @@ import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import postgres from 'postgres';
 import { pino } from 'pino';
-import { pollStream } from '../src/sync/poller.js';
+import { pollStream, sweepStream } from '../src/sync/poller.js';
 import { afterAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildApp } from '../src/app.js';
 import { loadConfig } from '../src/config/load.js';
 import { createTokenManager } from '../src/crm/token-manager.js';
 import { openDatabase } from '../src/db/client.js';
-import { outboundWrites, tokens } from '../src/db/schema/index.js';
+import { outboundWrites, streamCursors, tokens } from '../src/db/schema/index.js';
 import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
 import { authorise, callApi, oauthAuth, TEST_KEY, testCipher } from './fixtures/token-helpers.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
-import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
+import { clioConnection, startBridge, TEST_TOKEN_KEY } from './helpers/bridge.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startFaultProxy } from './helpers/fault-proxy.js';
 
@@ -201,4 +202,43 @@ describe.skipIf(!onPostgres)('replicas on one Postgres', () => {
       await sandbox.close();
     }
   }, 30_000);
+
+  it("keeps the sweep's schedule by the database's clock: a replica a day ahead neither stamps its sweep a day ahead nor sweeps on every poll", async () => {
+    const bridge = await startBridge({ database, connection: { poll: { pageSize: 50, sweepInterval: '1h' } } });
+    const firstPages = () => bridge.sandbox.state.requestLog.list({ pathPrefix: '/api/v4/matters.json' }).filter((e) => e.query.page_token === undefined).length;
+    const lastSweepAt = async () => (await database.db.select().from(streamCursors))[0]!.lastSweepAt!.getTime();
+    try {
+      const daemon = bridge.app.poller.daemons[0]!;
+      await daemon.tick(new AbortController().signal); // the first run, from the beginning: the stream's first sweep
+      expect(firstPages()).toBe(1);
+      // This replica's clock runs a day ahead (its NTP broke).
+      vi.useFakeTimers({ toFake: ['Date'], now: Date.now() + 24 * 3600_000, shouldAdvanceTime: true });
+      try {
+        daemon.wake();
+        await daemon.tick(new AbortController().signal);
+        expect(firstPages()).toBe(2); // the poll's listing, and no sweep: the last began moments ago
+        expect((await sweepStream(bridge.app.poller.stream('firm', 'matters'))).status).toBe('ok');
+      } finally {
+        vi.useRealTimers();
+      }
+      expect(Math.abs((await lastSweepAt()) - Date.now())).toBeLessThan(60_000);
+    } finally {
+      await bridge.close();
+    }
+  });
+
+  it("judges a stream never run from this process's uptime on the database's clock: a replica whose clock is a day behind is not stale the moment it starts", async () => {
+    vi.useFakeTimers({ toFake: ['Date'], now: Date.now() - 24 * 3600_000, shouldAdvanceTime: true });
+    try {
+      const bridge = await startBridge({ database, connection: { poll: { staleAfter: '10m' } } });
+      try {
+        const res = await bridge.app.inject('/health');
+        expect({ status: res.statusCode, stale: res.json().connections[0].poll.streams[0].stale }).toEqual({ status: 200, stale: false });
+      } finally {
+        await bridge.close();
+      }
+    } finally {
+      vi.useRealTimers();
+    }
+  });
 });

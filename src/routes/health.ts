@@ -18,7 +18,7 @@ const DB_CHECK_TIMEOUT_MS = 2_000;
  */
 export default async function healthRoutes(app: FastifyInstance) {
   // A stream the poller has not run yet (no cursor row) is judged from the start, not from never.
-  const startedAt = Date.now();
+  const startedAt = performance.now();
   app.get('/health/live', { schema: liveSchema }, async () => ({ status: 'ok' }));
 
   app.get('/health', { schema: healthSchema }, async (_request, reply) => {
@@ -29,7 +29,9 @@ export default async function healthRoutes(app: FastifyInstance) {
 
 /**
  * The /health answer as data, for the route, the status page and `crm-bridge status`.
- * `startedAt`: streams the poller has not run yet (no cursor row) are judged stale from then.
+ * `startedAt` (a `performance.now()`): streams the poller has not run yet (no cursor row) are
+ * judged stale from then, measured back from the database's clock by this process's uptime, so a
+ * replica's wrong wall clock cannot make them stale or fresh.
  */
 export async function healthReport(app: FastifyInstance, startedAt: number) {
   const started = performance.now();
@@ -50,7 +52,7 @@ export async function healthReport(app: FastifyInstance, startedAt: number) {
     };
   }
   const latencyMs = Math.round(performance.now() - started);
-  const { connections } = await buildReport(app, startedAt, dbNow);
+  const { connections } = await buildReport(app, dbNow - (performance.now() - startedAt), dbNow);
   const healthy = connections.every((c) => c.auth.state !== 'needs_reauth' && !c.delivery.degraded && !c.poll?.stale && !c.poll?.heldDeletes);
   return {
     code: healthy ? (200 as const) : (503 as const),

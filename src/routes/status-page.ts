@@ -23,7 +23,7 @@ const SERIES = [
 ] as const;
 
 export default async function statusPageRoutes(app: FastifyInstance) {
-  const startedAt = Date.now();
+  const startedAt = performance.now();
   app.get(
     '/',
     {

@@ -16,6 +16,7 @@ import {
   listPendingFetches,
   listStreamHeads,
   markStreamAttempt,
+  sweepDue,
   notePendingFetchError,
   saveListingResume,
 } from '../db/queries/streams.js';
@@ -124,9 +125,9 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
   if (!(await acquireLease(ctx.db, lease, ctx.owner, settings.lease))) return { ...report, status: 'busy' };
 
   const started = performance.now();
-  const startedAt = new Date();
   const runId = randomUUID();
-  await markStreamAttempt(ctx.db, stream);
+  // The database's clock, as every replica reads it (what lastSweepAt and a resume's start are in).
+  const startedAt = await markStreamAttempt(ctx.db, stream);
   const cursor = await getStreamCursor(ctx.db, stream);
   // A stream that never completed a run is a backfill: its changes are not "missed hooks".
   const hadCursor = cursor?.cursorRank !== null && cursor?.cursorRank !== undefined;
@@ -240,8 +241,7 @@ export async function pollStream(ctx: StreamContext, options: RunOptions = {}): 
             if (!(await renewLease(tx, lease, ctx.owner, settings.lease))) throw new LeaseLostError(lease);
             if (checkpoint) await advanceStreamCursor(tx, stream, checkpoint);
             if (place) {
-              // Measured back on the database's clock from this run's start, once.
-              resumeStartedAt ??= new Date((await databaseNow(tx)).getTime() - (performance.now() - started));
+              resumeStartedAt ??= startedAt;
               await saveListingResume(tx, stream, { ...place, startedAt: resumeStartedAt.toISOString(), listsEverything });
             }
             return result;
@@ -409,9 +409,8 @@ export async function sweepStream(ctx: StreamContext, options: RunOptions = {}):
   const report = emptyReport(ctx, 'sweep');
   if (!(await acquireLease(ctx.db, lease, ctx.owner, settings.lease))) return { ...report, status: 'busy' };
   // The sweep finds the deletes made before its listing began, not those made while it ran: that
-  // is the time it vouches for (`lastSweepAt`).
-  const listingFrom = new Date();
-  await markStreamAttempt(ctx.db, stream);
+  // is the time it vouches for (`lastSweepAt`), by the database's clock (`sweepDue`).
+  const listingFrom = await markStreamAttempt(ctx.db, stream);
 
   try {
     // The heads as they were before the listing began: the listing vouches for those alone. A
@@ -720,9 +719,8 @@ export class PollDaemon extends Daemon {
     this.logRun(report);
     const settings = pollSettings(this.ctx);
     if (report.status === 'ok' && settings.sweepInterval > 0) {
-      const cursor = await getStreamCursor(this.ctx.db, { connectionId: this.ctx.connection.id, object: this.ctx.object });
-      const lastSweep = cursor?.lastSweepAt?.getTime() ?? 0;
-      if (Date.now() - lastSweep >= settings.sweepInterval) this.logRun(await this.timed(() => sweepStream(this.ctx, { signal })));
+      const stream = { connectionId: this.ctx.connection.id, object: this.ctx.object };
+      if (await sweepDue(this.ctx.db, stream, settings.sweepInterval)) this.logRun(await this.timed(() => sweepStream(this.ctx, { signal })));
     }
   }
 

@@ -38,11 +38,26 @@ export async function countPendingFetches(db: Db): Promise<PendingFetchCounts> {
  * so a replica whose clock is minutes off neither makes a live stream look stale nor hides a
  * stalled one.
  */
-export async function markStreamAttempt(db: Db, stream: StreamKey): Promise<void> {
-  await db
+export async function markStreamAttempt(db: Db, stream: StreamKey): Promise<Date> {
+  const [row] = await db
     .insert(streamCursors)
     .values({ ...stream, lastAttemptAt: sql`now()` })
-    .onConflictDoUpdate({ target: [streamCursors.connectionId, streamCursors.object], set: { lastAttemptAt: sql`now()` } });
+    .onConflictDoUpdate({ target: [streamCursors.connectionId, streamCursors.object], set: { lastAttemptAt: sql`now()` } })
+    .returning({ at: streamCursors.lastAttemptAt });
+  return row!.at!;
+}
+
+/**
+ * Whether a stream's sweep is due: its last sweep began `intervalMs` ago or more, or never. By
+ * the database's clock, which wrote `lastSweepAt`: a replica whose clock runs a day ahead would
+ * otherwise sweep (a full listing) on every poll, and one behind would not sweep for days.
+ */
+export async function sweepDue(db: Db, stream: StreamKey, intervalMs: number): Promise<boolean> {
+  const [row] = await db
+    .select({ due: sql<boolean>`${streamCursors.lastSweepAt} is null or ${streamCursors.lastSweepAt} <= now() - ${intervalMs} * interval '1 millisecond'` })
+    .from(streamCursors)
+    .where(keyOf(stream));
+  return row?.due ?? true;
 }
 
 /**
