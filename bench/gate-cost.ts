@@ -1,12 +1,15 @@
 // What the change gate costs Postgres per transaction and per change: passChanges in sequential
 // transactions of 1 to 100 new ~1 KB records (as the hook path commits them, its write with the
 // COMMIT), the backend's CPU read from /proc, the client's from process.cpuUsage().
-// Run: npx tsx bench/gate-cost.ts [--batches 1,12,25,50] [--changes 3000] [--prefill 3000000] [--lz4]
+// Run: npx tsx bench/gate-cost.ts [--batches 1,12,25,50] [--changes 3000] [--prefill 3000000] [--lz4] [--given-up 20000]
 // Postgres at DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres), on this
 // machine (the backend's CPU is read from /proc); a throwaway database is created and dropped.
 // --prefill N first writes N changes' rows (ledger, small bodies, delivered outbox rows), as a
 // ledger in service for a while holds: the event-id indexes then outgrow shared_buffers.
 // --lz4 compresses the body columns with lz4 instead of pglz (the server must have it).
+// --given-up N then adds N pipeline writes given up on after a call that may have reached the CRM
+// (failed, unsettled: their echo is still recognised by origin marker) and measures again, with
+// the ratio to the first pass: what a CRM outage's worth of such writes costs every later batch.
 import { sql } from 'drizzle-orm';
 import { openDatabase, rowsOf } from '../src/db/client.js';
 import type { ObjectDefinition } from '../src/config/schema.js';
@@ -25,6 +28,7 @@ const BATCHES = (arg('batches') ?? '1,4,12,25,50,100').split(',').map(Number);
 const CHANGES = Number(arg('changes') ?? 3000);
 const WARMUP_TRANSACTIONS = 10;
 const PREFILL = Number(arg('prefill') ?? 0);
+const GIVEN_UP = Number(arg('given-up') ?? 0);
 
 const definition: ObjectDefinition = { ...BENCH_MATTERS, volatile: [] };
 
@@ -56,8 +60,7 @@ try {
     return db.transaction((tx) => passChanges(tx, changes, { last: true }));
   };
 
-  console.log('changes/tx  Postgres µs/tx  Postgres µs/change  client µs/change  wall ms/tx');
-  for (const batch of BATCHES) {
+  const measure = async (batch: number) => {
     for (let i = 0; i < WARMUP_TRANSACTIONS; i++) await transaction(batch);
     const transactions = Math.max(40, Math.round(CHANGES / batch));
     const before = processCpuSeconds(backend!.pid, 'postgres')!;
@@ -67,12 +70,27 @@ try {
     const wall = performance.now() - started;
     const own = process.cpuUsage(client);
     const pgPerTx = ((processCpuSeconds(backend!.pid, 'postgres')! - before) * 1e6) / transactions;
-    const clientPerChange = (own.user + own.system) / transactions / batch;
-    console.log(
-      [batch, pgPerTx.toFixed(0), (pgPerTx / batch).toFixed(0), clientPerChange.toFixed(0), (wall / transactions).toFixed(2)]
-        .map((v, i) => v.toString().padStart([10, 15, 19, 17, 11][i]!))
-        .join(' '),
-    );
+    return { pgPerTx, clientPerChange: (own.user + own.system) / transactions / batch, wallPerTx: wall / transactions };
+  };
+  const row = (cells: (string | number)[]) => console.log(cells.map((v, i) => v.toString().padStart([10, 15, 19, 17, 11, 22][i]!)).join(' '));
+
+  console.log('changes/tx  Postgres µs/tx  Postgres µs/change  client µs/change  wall ms/tx');
+  const first = new Map<number, number>();
+  for (const batch of BATCHES) {
+    const m = await measure(batch);
+    first.set(batch, m.pgPerTx);
+    row([batch, m.pgPerTx.toFixed(0), (m.pgPerTx / batch).toFixed(0), m.clientPerChange.toFixed(0), m.wallPerTx.toFixed(2)]);
+  }
+  if (GIVEN_UP > 0) {
+    await db.execute(sql`insert into outbound_writes (id, connection_id, object, idempotency_key, request_hash, content_hash, operation, state, attempts, last_status, last_error)
+      select gen_random_uuid(), 'bench', 'matters', 'given-up-' || g, 'h', 'h' || g, 'create', 'failed', 5, 503, 'CRM_HTTP_STATUS (HTTP 503)' from generate_series(1, ${GIVEN_UP}::int) g`);
+    await db.execute(sql`analyze outbound_writes`);
+    console.log(`\nwith ${GIVEN_UP} writes given up on (failed, unsettled):`);
+    console.log('changes/tx  Postgres µs/tx  Postgres µs/change  client µs/change  wall ms/tx  Postgres ÷ without');
+    for (const batch of BATCHES) {
+      const m = await measure(batch);
+      row([batch, m.pgPerTx.toFixed(0), (m.pgPerTx / batch).toFixed(0), m.clientPerChange.toFixed(0), m.wallPerTx.toFixed(2), (m.pgPerTx / first.get(batch)!).toFixed(2)]);
+    }
   }
   const [size] = await rowsOf<{ bytes: string; rows: string }>(
     db.execute(sql`select pg_total_relation_size('ledger_bodies') as bytes, (select count(*) from ledger_bodies) as rows`),

@@ -215,6 +215,30 @@ describe('the change gate', () => {
     expect(write!.settledAt).not.toBeNull();
   });
 
+  it("reads a marker as the write id it names whatever its case, and one that is no write id (someone's text in the field) as no write's", async () => {
+    const record = (id: number, originMarker: string) => ({ ...change({ ...matter('Open', '2026-11-01T10:00:00Z'), id }), originMarker });
+    const givenUp = randomUUID();
+    await db.insert(outboundWrites).values({
+      id: givenUp,
+      connectionId: 'acme',
+      object: 'matters',
+      idempotencyKey: 'k-7',
+      requestHash: 'r',
+      contentHash: record(0, '').contentHash!,
+      echoMatch: { fields: { status: 'Open' }, foldCase: [] },
+      state: 'failed',
+      attempts: 3,
+      lastError: 'gave up after 3 attempts: 503',
+    });
+    const outcomes = await db.transaction((tx) => passChanges(tx, [record(45, 'see file 2019/44'), record(46, "'); drop table ledger; --"), record(47, givenUp.toUpperCase())]));
+    expect(outcomes.map((o) => [o.disposition, o.delivered])).toEqual([
+      ['accepted', true],
+      ['accepted', true],
+      ['echo', false],
+    ]);
+    expect((await db.select().from(outboundWrites).where(eq(outboundWrites.id, givenUp)))[0]).toMatchObject({ state: 'sent', crmId: '47' });
+  });
+
   it('delivers a delete once, and a repeated delete is a duplicate', async () => {
     await pass(change(matter('Open', '2026-11-01T10:00:00Z')));
     const del: ObservedChange = { ...change(matter('Open', '2026-11-01T10:00:00Z')), change: 'delete', version: null, fields: null, contentHash: null, raw: null, source: 'sweep' };

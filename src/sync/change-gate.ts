@@ -510,27 +510,36 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
  * EchoStamps), of the batch's (connection, object) pairs, and with a CRM call that may have
  * started (`attempts > 0`: the claim commits the attempt before the call, and a wait for
  * re-authorisation gives it back). A write still queued has written nothing, so a change showing
- * its fields is someone else's. Pending or sent writes are live; a failed one only when a change
- * of the batch carries its id in the origin marker (see EchoStamps), so writes given up on are
- * not read on every batch. Only writes in flight or not yet echoed are live, so this reads a
- * handful of rows through a partial index; EchoStamps picks the one a change matches.
+ * its fields is someone else's. Pending or sent writes are live: only writes in flight or not
+ * yet echoed, a handful of rows read through a partial index. A failed one is read only by its
+ * id, when a change of the batch carries it in the origin marker (see EchoStamps): writes given
+ * up on stay unsettled for good unless their echo comes, and a CRM outage's worth of them read
+ * on every batch made each hook's transaction ten times dearer (bench/gate-cost.ts --given-up).
+ * EchoStamps picks the stamp a change matches.
  */
 function stampsQuery(changes: readonly ObservedChange[]) {
   const pairs = new Map<string, { connection_id: string; object: string }>();
   const markers = new Set<string>();
   for (const c of changes) {
     if (c.change !== 'delete' && c.contentHash !== null) pairs.set(`${c.connectionId}\u0000${c.object}`, { connection_id: c.connectionId, object: c.object });
-    if (c.originMarker !== undefined) markers.add(c.originMarker.toLowerCase());
+    // A marker that is no write id (someone's text in the field) names no write.
+    if (c.originMarker !== undefined && WRITE_ID.test(c.originMarker)) markers.add(c.originMarker.toLowerCase());
   }
+  const columns = sql`w.id, w.connection_id, w.object, w.content_hash, w.crm_id, w.echo_match, w.created_at, w.state = 'failed' as failed`;
+  const ofBatch = sql`(w.connection_id, w.object) in (
+    select connection_id, object from jsonb_to_recordset(${JSON.stringify([...pairs.values()])}::jsonb) as p(connection_id text, object text))`;
+  // The first through the partial index outbound_writes_live_idx, whose predicate it repeats;
+  // the second by primary key (none without markers: one statement text either way).
   return sql`
-    select w.id, w.connection_id, w.object, w.content_hash, w.crm_id, w.echo_match, w.created_at, w.state = 'failed' as failed
-    from outbound_writes w
-    where w.settled_at is null and w.attempts > 0
-      and (w.state in ('pending', 'sent')
-        or (w.state = 'failed' and w.id::text in (select jsonb_array_elements_text(${JSON.stringify([...markers])}::jsonb))))
-      and (w.connection_id, w.object) in (
-        select connection_id, object from jsonb_to_recordset(${JSON.stringify([...pairs.values()])}::jsonb) as p(connection_id text, object text))`;
+    select ${columns} from outbound_writes w
+    where w.settled_at is null and w.state in ('pending', 'sent') and w.attempts > 0 and ${ofBatch}
+    union all
+    select ${columns} from outbound_writes w
+    where w.id in (select (jsonb_array_elements_text(${JSON.stringify([...markers])}::jsonb))::uuid)
+      and w.state = 'failed' and w.settled_at is null and w.attempts > 0 and ${ofBatch}`;
 }
+
+const WRITE_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 type StampRow = {
   id: string;

@@ -54,7 +54,10 @@ export const outboundWrites = pgTable(
     index('outbound_writes_record_idx').on(t.connectionId, t.object, t.crmId),
     index('outbound_writes_hash_idx').on(t.connectionId, t.object, t.contentHash),
     index('outbound_writes_due_idx').on(t.state, t.nextAttemptAt),
-    // The gate reads live stamps on every batch; only in-flight writes are live, so this stays small.
-    index('outbound_writes_live_idx').on(t.connectionId, t.object, t.crmId).where(sql`settled_at is null`),
+    // The gate reads live stamps on every batch; only writes in flight or not yet echoed are live,
+    // so this stays small. Writes given up on after a call that may have reached the CRM stay
+    // unsettled for good unless their echo comes: they are looked up by id (an origin marker),
+    // never through this index, or a CRM outage's worth of them would be read on every batch.
+    index('outbound_writes_live_idx').on(t.connectionId, t.object, t.crmId).where(sql`settled_at is null and state in ('pending', 'sent')`),
   ],
 );

@@ -1,0 +1,2 @@
+DROP INDEX "outbound_writes_live_idx";--> statement-breakpoint
+CREATE INDEX "outbound_writes_live_idx" ON "outbound_writes" USING btree ("connection_id","object","crm_id") WHERE settled_at is null and state in ('pending', 'sent');
