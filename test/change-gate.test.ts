@@ -131,6 +131,22 @@ describe('the change gate', () => {
     expect((await db.select({ origin: recordHeads.origin }).from(recordHeads).orderBy(asc(recordHeads.crmId))).map((h) => h.origin)).toEqual(['pipeline', 'pipeline']);
   });
 
+  /** A create of status Open given up on after its attempts (a 503 each); `settled` when nothing reached the CRM. */
+  const givenUpCreate = (id: string, key: string, contentHash: string, settled: boolean) =>
+    db.insert(outboundWrites).values({
+      id,
+      connectionId: 'acme',
+      object: 'matters',
+      idempotencyKey: key,
+      requestHash: 'r',
+      contentHash,
+      echoMatch: { fields: { status: 'Open' }, foldCase: [] },
+      state: 'failed',
+      attempts: 2,
+      lastError: 'gave up after 2 attempts: 503',
+      ...(settled ? { settledAt: new Date() } : {}),
+    });
+
   it('recognises an echo that arrives before the bridge learned the CRM id, and learns it', async () => {
     const created = change({ ...matter('Open', '2026-11-01T10:00:00Z'), id: 9001 });
     const stampId = randomUUID();
@@ -184,20 +200,7 @@ describe('the change gate', () => {
 
   it('takes only a record whose marker names a create given up on as its echo, and the write then shows sent', async () => {
     const record = (id: number) => change({ ...matter('Open', '2026-11-01T10:00:00Z'), id });
-    const failed = (id: string, key: string, settled: boolean) =>
-      db.insert(outboundWrites).values({
-        id,
-        connectionId: 'acme',
-        object: 'matters',
-        idempotencyKey: key,
-        requestHash: 'r',
-        contentHash: record(0).contentHash!,
-        echoMatch: { fields: { status: 'Open' }, foldCase: [] },
-        state: 'failed',
-        attempts: 2,
-        lastError: 'gave up after 2 attempts: 503',
-        ...(settled ? { settledAt: new Date() } : {}),
-      });
+    const failed = (id: string, key: string, settled: boolean) => givenUpCreate(id, key, record(0).contentHash!, settled);
     const givenUp = randomUUID();
     const refused = randomUUID();
     await failed(givenUp, 'k-5', false);
@@ -218,18 +221,7 @@ describe('the change gate', () => {
   it("reads a marker as the write id it names whatever its case, and one that is no write id (someone's text in the field) as no write's", async () => {
     const record = (id: number, originMarker: string) => ({ ...change({ ...matter('Open', '2026-11-01T10:00:00Z'), id }), originMarker });
     const givenUp = randomUUID();
-    await db.insert(outboundWrites).values({
-      id: givenUp,
-      connectionId: 'acme',
-      object: 'matters',
-      idempotencyKey: 'k-7',
-      requestHash: 'r',
-      contentHash: record(0, '').contentHash!,
-      echoMatch: { fields: { status: 'Open' }, foldCase: [] },
-      state: 'failed',
-      attempts: 3,
-      lastError: 'gave up after 3 attempts: 503',
-    });
+    await givenUpCreate(givenUp, 'k-7', record(0, '').contentHash!, false);
     const outcomes = await db.transaction((tx) => passChanges(tx, [record(45, 'see file 2019/44'), record(46, "'); drop table ledger; --"), record(47, givenUp.toUpperCase())]));
     expect(outcomes.map((o) => [o.disposition, o.delivered])).toEqual([
       ['accepted', true],
