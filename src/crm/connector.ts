@@ -155,6 +155,9 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
     let template = list.request;
     let vars: Vars = { since, limit: list.limit, page: firstPage, offset: 0 };
     let nextUrl: string | undefined;
+    // The links and cursors this query has followed: one handed back again (a CRM bug, a cache in
+    // front of it) would page forever, spending the rate limit while the run holds its lease.
+    let followed = new Set<string | number>(from === undefined ? [] : [from]);
     // Going on from a page a stopped listing reached: its `next`, in the pagination's own terms.
     if (from !== undefined) {
       const style = list.pagination.style;
@@ -208,6 +211,10 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
         case 'none':
           next = undefined;
       }
+      if (next !== undefined && (p.style === 'nextUrl' || p.style === 'cursor')) {
+        if (followed.has(next)) throw new ConnectorError('CONNECTOR_BAD_RESPONSE', `${res.url}: the next page it names repeats one this "${object}" listing already followed; it would never end`);
+        followed.add(next);
+      }
 
       const last = next === undefined;
       const total = list.totalPath === undefined ? NaN : Number(getPath(res.body, list.totalPath));
@@ -237,6 +244,7 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
         template = list.restart.request;
         vars = { since, limit: list.limit, page: firstPage, offset: 0, 'anchor.updatedAt': updatedAt, 'anchor.id': id };
         nextUrl = undefined;
+        followed = new Set();
         readInQuery = 0;
         query++;
       }

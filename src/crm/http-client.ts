@@ -27,7 +27,9 @@ export type CrmHttpErrorCode =
   /** A link the CRM gave (a next page) points away from the connection's host: the token is not sent there. */
   | 'CRM_OTHER_ORIGIN'
   /** The caller's signal aborted the call. */
-  | 'CRM_ABORTED';
+  | 'CRM_ABORTED'
+  /** The request could not be built (a token or header value with a character HTTP forbids): it was never sent. */
+  | 'CRM_INVALID_REQUEST';
 
 export class CrmHttpError extends AppError {
   declare readonly code: CrmHttpErrorCode;
@@ -47,7 +49,7 @@ export class CrmHttpError extends AppError {
     this.retryAfterMs = options?.retryAfterMs;
   }
 
-  /** A 429's Retry-After, when it gave one: how long the CRM asked to be left alone. */
+  /** A 429's or 5xx's Retry-After, when it gave one: how long the CRM asked to be left alone. */
   readonly retryAfterMs: number | undefined;
 }
 
@@ -71,7 +73,7 @@ export interface CrmHttpClientOptions {
   retryMaxMs?: number;
   /** The unit of Retry-After on a 429: seconds (RFC 9110, Clio) or milliseconds (HubSpot). */
   retryAfterUnit?: 'seconds' | 'milliseconds';
-  /** The longest Retry-After the client will sleep for; longer ones fail the call. Default 10 min. */
+  /** The longest Retry-After (on a 429 or a 5xx) the client will sleep for; longer ones fail the call. Default 10 min. */
   maxRetryAfterMs?: number;
   /** A floor between request starts, for a limit the CRM does not announce (HubSpot search: 4/s). */
   minIntervalMs?: number;
@@ -131,6 +133,8 @@ interface PacingState {
 const NETWORK_RETRYABLE = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'UND_ERR_SOCKET', 'UND_ERR_CONNECT_TIMEOUT', 'ECONNABORTED', 'EAI_AGAIN']);
 /** Refused means the request never reached the CRM, so even a create may be sent again. */
 const NEVER_SENT = new Set(['ECONNREFUSED', 'UND_ERR_CONNECT_TIMEOUT', 'EAI_AGAIN']);
+const REDIRECTS = new Set([301, 302, 303, 307, 308]);
+const MAX_REDIRECTS = 10;
 
 export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClient {
   const timeoutMs = options.timeoutMs ?? 30_000;
@@ -143,6 +147,7 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
   const pacingOn = options.pacing ?? true;
   const log = options.log;
   const base = options.baseUrl.endsWith('/') ? options.baseUrl : `${options.baseUrl}/`;
+  const baseOrigin = new URL(base).origin;
   const pacing: PacingState = { limit: null, remaining: null, resetAt: null, nextSlotAt: 0 };
 
   function resolveUrl(req: CrmRequest): URL {
@@ -182,8 +187,12 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
     if (remaining === null || !Number.isFinite(Number(remaining))) return;
     if (Number.isFinite(limit) && limit > 0) pacing.limit = limit;
     // Clio sends the reset as unix seconds; others send seconds until the reset. A value past
-    // 10^9 can only be an epoch.
-    const resetAt = Number.isFinite(reset) && reset > 0 ? (reset > 1e9 ? reset * 1000 : Date.now() + reset * 1000) : null;
+    // 10^9 can only be an epoch, on the CRM's clock: read against its Date header when the two
+    // clocks are seconds apart, or a host minutes behind waits minutes for each window (and one
+    // minutes ahead stops pacing and meets 429s). Date has whole seconds, so closer is left be.
+    const serverNow = Date.parse(headers.get('date') ?? '');
+    const skew = Number.isFinite(serverNow) && Math.abs(serverNow - Date.now()) > 2_000 ? serverNow - Date.now() : 0;
+    const resetAt = Number.isFinite(reset) && reset > 0 ? (reset > 1e9 ? reset * 1000 - skew : Date.now() + reset * 1000) : null;
     // Answers arrive out of order under concurrency: keep the lowest remaining for a window.
     if (pacing.resetAt !== null && resetAt !== null && Math.abs(resetAt - pacing.resetAt) < 1000 && pacing.remaining !== null) {
       pacing.remaining = Math.min(pacing.remaining, Number(remaining));
@@ -216,13 +225,13 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
   }
 
   async function request<T>(req: CrmRequest): Promise<CrmResponse<T>> {
-    const method = (req.method ?? 'GET').toUpperCase();
-    const url = resolveUrl(req);
-    const shownUrl = safeUrl(url.toString());
+    let method = (req.method ?? 'GET').toUpperCase();
+    let url = resolveUrl(req);
+    let shownUrl = safeUrl(url.toString());
     const useAuth = (req.auth ?? true) && options.tokens !== undefined;
     // The access token goes to the connection's own host only, whatever a CRM's answer links to.
-    if (useAuth && url.origin !== new URL(base).origin) {
-      throw new CrmHttpError('CRM_OTHER_ORIGIN', `${method} ${shownUrl}: not on ${new URL(base).origin}, the connection's host; the access token is not sent elsewhere`, shownUrl, 0);
+    if (useAuth && url.origin !== baseOrigin) {
+      throw new CrmHttpError('CRM_OTHER_ORIGIN', `${method} ${shownUrl}: not on ${baseOrigin}, the connection's host; the access token is not sent elsewhere`, shownUrl, 0);
     }
     const idempotent = req.idempotent ?? !(method === 'POST' || method === 'PATCH');
     const expect = req.expect ?? 'json';
@@ -242,6 +251,7 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
     let token = useAuth ? await options.tokens!.getAccessToken(req.signal) : undefined;
     let replayedAfter401 = false;
     let attempt = 0;
+    let redirects = 0;
     for (;;) {
       await wait(reserveSlot(), req.signal, shownUrl);
       if (req.signal?.aborted) throw new CrmHttpError('CRM_ABORTED', `Call to ${shownUrl} aborted`, shownUrl, 0);
@@ -251,11 +261,17 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
 
       let res: Response;
       try {
-        res = await fetch(url, { method, headers: sentHeaders, ...(body === undefined ? {} : { body }), signal, redirect: 'follow' });
+        res = await fetch(url, { method, headers: sentHeaders, ...(body === undefined ? {} : { body }), signal, redirect: 'manual' });
       } catch (err) {
         if (req.signal?.aborted) throw new CrmHttpError('CRM_ABORTED', `Call to ${shownUrl} aborted`, shownUrl, 0, undefined, { cause: err });
         const timedOut = timeout.aborted;
         const code = networkCode(err);
+        if (!timedOut && code === undefined && err instanceof TypeError) {
+          // fetch refused to build the request: no retry can send it. Its message quotes the
+          // offending header value, which may be the token, so only the rest of it is kept.
+          const reason = err.message.replace(/"[^]*"/g, '"…"');
+          throw new CrmHttpError('CRM_INVALID_REQUEST', `${method} ${shownUrl}: the request could not be sent (${reason}); is a token or header value pasted with quotes, a line break or an invisible character?`, shownUrl, 0);
+        }
         const retryable = timedOut ? idempotent : NETWORK_RETRYABLE.has(code ?? '') && (idempotent || NEVER_SENT.has(code ?? ''));
         if (retryable && attempt < maxRetries) {
           const delay = backoffMs(attempt++);
@@ -268,6 +284,28 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
       }
 
       observeRateHeaders(res.headers);
+
+      // Redirects are followed here, not by fetch: fetch follows one to another host without the
+      // token (and with a create's body), and that host's 401 read as our token refused, which
+      // spent a refresh or declared a static token dead when the base URL was what was wrong.
+      const location = REDIRECTS.has(res.status) ? res.headers.get('location') : null;
+      if (location !== null) {
+        await res.body?.cancel();
+        const to = new URL(location, url);
+        if (token !== undefined && to.origin !== baseOrigin) {
+          throw new CrmHttpError('CRM_OTHER_ORIGIN', `${method} ${shownUrl} redirects to ${safeUrl(to.toString())}, not on ${baseOrigin}, the connection's host; the access token is not sent elsewhere (should the base URL be ${to.origin}?)`, shownUrl, res.status);
+        }
+        if (++redirects > MAX_REDIRECTS) throw new CrmHttpError('CRM_HTTP_STATUS', `${method} ${shownUrl}: more than ${MAX_REDIRECTS} redirects`, shownUrl, res.status);
+        // As fetch does: a 303, or a 301/302 answering a POST, is followed by a GET without the body.
+        if (res.status === 303 || ((res.status === 301 || res.status === 302) && method === 'POST')) {
+          method = 'GET';
+          body = undefined;
+          for (const h of Object.keys(headers)) if (h.toLowerCase() === 'content-type') delete headers[h];
+        }
+        url = to;
+        shownUrl = safeUrl(url.toString());
+        continue;
+      }
 
       if (res.status === 401 && token !== undefined) {
         await res.body?.cancel();
@@ -295,9 +333,12 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
         throw new CrmHttpError('CRM_RATE_LIMITED', `${method} ${shownUrl}: still 429 after ${attempt + 1} attempts`, shownUrl, 429, undefined, { retryAfterMs: after ?? undefined });
       }
 
-      if (res.status >= 500 && idempotent && attempt < maxRetries) {
+      // A CRM down for maintenance may ask for hours: that fails the call (as on a 429) rather
+      // than hold the run, its lease and a shutdown for as long.
+      const serverAsked = res.status >= 500 ? retryAfterMs(res.headers) : null;
+      if (res.status >= 500 && idempotent && attempt < maxRetries && (serverAsked === null || serverAsked <= maxRetryAfterMs)) {
         await res.body?.cancel();
-        const delay = Math.max(backoffMs(attempt), retryAfterMs(res.headers) ?? 0);
+        const delay = Math.max(backoffMs(attempt), serverAsked ?? 0);
         attempt++;
         log?.warn({ url: shownUrl, method, status: res.status, attempt, delayMs: Math.round(delay) }, 'CRM answered 5xx; retrying');
         await wait(delay, req.signal, shownUrl);
@@ -331,13 +372,14 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
             shownUrl,
             res.status,
             text.slice(0, 200),
+            { retryAfterMs: serverAsked ?? undefined },
           );
         }
       } else if (expect === 'text') {
         parsed = text;
       }
       if (!ok) {
-        throw new CrmHttpError('CRM_HTTP_STATUS', `${method} ${shownUrl} answered ${res.status}${describeBody(parsed)}`, shownUrl, res.status, parsed);
+        throw new CrmHttpError('CRM_HTTP_STATUS', `${method} ${shownUrl} answered ${res.status}${describeBody(parsed)}`, shownUrl, res.status, parsed, { retryAfterMs: serverAsked ?? undefined });
       }
       return { status: res.status, headers: res.headers, body: parsed as T, url: shownUrl };
     }
@@ -354,7 +396,7 @@ function networkCode(err: unknown): string | undefined {
     if (typeof code === 'string') return code;
     current = (current as { cause?: unknown }).cause;
   }
-  if (err instanceof TypeError) return 'ECONNRESET';
+  if (err instanceof TypeError && err.message === 'fetch failed') return 'ECONNRESET';
   return undefined;
 }
 

@@ -59,8 +59,8 @@ export interface ProbeOptions {
   signal?: AbortSignal;
 }
 
-/** The host failed in a way another host might not: wrong page, no answer, or a region's 401. */
-const HOST_FAILURES = new Set(['CRM_NOT_JSON', 'CRM_UNREACHABLE', 'CRM_TIMEOUT', 'CRM_UNAUTHORIZED']);
+/** The host failed in a way another host might not: wrong page, no answer, a region's 401, or a redirect to another host. */
+const HOST_FAILURES = new Set(['CRM_NOT_JSON', 'CRM_UNREACHABLE', 'CRM_TIMEOUT', 'CRM_UNAUTHORIZED', 'CRM_OTHER_ORIGIN']);
 
 class TokenRejected extends Error {}
 

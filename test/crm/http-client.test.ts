@@ -3,6 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { CrmHttpError, createCrmHttpClient } from '../../src/crm/http-client.js';
+import { safeLoggedError } from '../../src/privacy.js';
 import { startSandbox } from '../../src/sandbox/index.js';
 import type { Sandbox } from '../../src/sandbox/index.js';
 import { captureLog, sandboxTokens } from './helpers.js';
@@ -152,6 +153,35 @@ describe('CRM HTTP client', () => {
     expect(log.filter((e) => e.status === 429)).toEqual([]);
   });
 
+  it('paces by X-RateLimit-Reset on the CRM\'s clock when its clock and ours disagree by minutes', async () => {
+    for (const skewMs of [5 * 60_000, -5 * 60_000]) {
+      // A CRM whose clock runs five minutes off ours: its Date and its unix-seconds reset agree with each other.
+      const window = { start: 0, count: 0 };
+      const statuses: number[] = [];
+      const local = await startLocal((app) => {
+        app.get('/api/v4/practice_areas.json', async (_request, reply) => {
+          const now = Date.now() + skewMs;
+          if (now >= window.start + 1_000) Object.assign(window, { start: now, count: 0 });
+          window.count++;
+          reply.header('date', new Date(now).toUTCString());
+          reply.header('x-ratelimit-limit', '4').header('x-ratelimit-remaining', String(Math.max(0, 4 - window.count)));
+          reply.header('x-ratelimit-reset', String(Math.ceil((window.start + 1_000) / 1_000)));
+          const status = window.count > 4 ? 429 : 200;
+          statuses.push(status);
+          return reply.code(status).header('retry-after', '1').send({ data: [] });
+        });
+      });
+      try {
+        const client = createCrmHttpClient({ baseUrl: local.url, maxRetries: 0 });
+        const signal = AbortSignal.timeout(15_000);
+        for (let i = 0; i < 9; i++) expect((await client.request({ url: '/api/v4/practice_areas.json', signal })).status).toBe(200);
+        expect(statuses.filter((s) => s === 429)).toEqual([]);
+      } finally {
+        await local.app.close();
+      }
+    }
+  });
+
   it('turns an HTML page where JSON was expected into CRM_NOT_JSON naming the URL and status, secrets stripped', async () => {
     sb.state.setSwitches({ documentedHostBroken: true });
     const tokens = sandboxTokens(sb);
@@ -211,6 +241,96 @@ describe('CRM HTTP client', () => {
       for (const t of tokens.issued) expect(err.message).not.toContain(t);
     } finally {
       await elsewhere.app.close();
+    }
+  });
+
+  it('follows a redirect on its own host with the token, and refuses one to another host without calling it or refreshing the token', async () => {
+    const seen: Array<[string, string, string | undefined]> = [];
+    const elsewhere = await startLocal((app) => {
+      app.all('/*', async (request, reply) => {
+        seen.push(['elsewhere', request.url, request.headers.authorization]);
+        return reply.code(401).send({ error: 'unauthorized' });
+      });
+    });
+    const crm = await startLocal((app) => {
+      app.get('/old/*', async (request, reply) => reply.code(301).header('location', request.url.replace('/old/', '/api/v4/')).send());
+      // A base URL on http:// or a legacy host: the CRM sends every call to its new address.
+      app.all('/moved/*', async (request, reply) => reply.code(request.method === 'GET' ? 301 : 307).header('location', `${elsewhere.url}${request.url}`).send());
+      app.get('/api/v4/*', async (request) => {
+        seen.push(['crm', request.url, request.headers.authorization]);
+        return { data: [] };
+      });
+    });
+    try {
+      let refreshed = 0;
+      const tokens = { getAccessToken: async () => 'tok-1', handleUnauthorized: async () => `tok-${2 + refreshed++}` };
+      const client = createCrmHttpClient({ baseUrl: crm.url, tokens, maxRetries: 0 });
+      expect((await client.request({ url: '/old/matters.json' })).body).toEqual({ data: [] });
+      expect(seen).toEqual([['crm', '/api/v4/matters.json', 'Bearer tok-1']]);
+
+      const read = await rejection(client.request({ url: '/moved/matters.json' }));
+      expect(read.code).toBe('CRM_OTHER_ORIGIN');
+      expect(read.message).toContain(elsewhere.url);
+      const write = await rejection(client.request({ method: 'POST', url: '/moved/contacts.json', json: { data: { first_name: 'Ada' } } }));
+      expect(write.code).toBe('CRM_OTHER_ORIGIN');
+      // Not a token the CRM refused: nothing was refreshed (a static token is not declared dead),
+      // and neither the call nor the record in it went to the other host.
+      expect(refreshed).toBe(0);
+      expect(seen.filter(([host]) => host === 'elsewhere')).toEqual([]);
+    } finally {
+      await crm.app.close();
+      await elsewhere.app.close();
+    }
+  });
+
+  it('fails at once on a 5xx whose Retry-After is longer than it may wait, instead of sleeping through it', async () => {
+    let calls = 0;
+    const local = await startLocal((app) => {
+      app.get('/maintenance', async (_request, reply) => {
+        calls++;
+        return reply.code(503).header('retry-after', '3600').send({ error: 'down for maintenance' });
+      });
+      app.get('/maintenance-until', async (_request, reply) => {
+        calls++;
+        return reply.code(503).header('retry-after', new Date(Date.now() + 2 * 3_600_000).toUTCString()).send('<html>maintenance</html>');
+      });
+      app.get('/briefly', async (_request, reply) => (++calls === 3 ? reply.code(503).header('retry-after', '1').send({}) : { ok: true }));
+    });
+    try {
+      const client = createCrmHttpClient({ baseUrl: local.url, maxRetries: 3, retryBaseMs: 1, maxRetryAfterMs: 60_000 });
+      for (const path of ['/maintenance', '/maintenance-until']) {
+        calls = 0;
+        // Not aborted by the 5 s signal: it did not sleep.
+        const err = await rejection(client.request({ url: path, signal: AbortSignal.timeout(5_000) }));
+        expect(err.code).not.toBe('CRM_ABORTED');
+        expect(err.status).toBe(503);
+        expect(err.retryAfterMs).toBeGreaterThan(3_500_000);
+        expect(calls).toBe(1);
+      }
+      // One it may wait for is still waited for.
+      calls = 2;
+      const started = Date.now();
+      expect((await client.request({ url: '/briefly' })).body).toEqual({ ok: true });
+      expect(Date.now() - started).toBeGreaterThanOrEqual(999);
+    } finally {
+      await local.app.close();
+    }
+  });
+
+  it('names a token that cannot go in a header as such, never retries it as a connection reset, and never quotes it', async () => {
+    // Pasted from a web page with its quotes, or wrapped onto two lines in a YAML block.
+    for (const pasted of ['“pat-na1-sekrit-value”', 'pat-na1-sekrit\nvalue']) {
+      const tokens = { getAccessToken: async () => pasted, handleUnauthorized: async () => pasted };
+      const log = captureLog();
+      const since = sinceNow();
+      const client = createCrmHttpClient({ baseUrl: sb.url, tokens, log, maxRetries: 3, retryBaseMs: 1 });
+      const err = await rejection(client.request({ url: '/api/v4/practice_areas.json' }));
+      expect(err.code).toBe('CRM_INVALID_REQUEST');
+      expect(err.message).toMatch(/header/);
+      expect(JSON.stringify(safeLoggedError(err))).not.toContain('sekrit');
+      expect(log.text()).not.toContain('sekrit');
+      expect(log.lines.filter((l) => l.msg.includes('retrying'))).toEqual([]);
+      expect(apiLog(since)).toEqual([]);
     }
   });
 

@@ -7,6 +7,8 @@ import { presets } from '../../src/crm/presets/index.js';
 import { startSandbox } from '../../src/sandbox/index.js';
 import type { Sandbox } from '../../src/sandbox/index.js';
 import { sandboxTokens } from './helpers.js';
+import { startFaultProxy } from '../helpers/fault-proxy.js';
+import { ConnectorError } from '../../src/crm/connector.js';
 
 async function collect(pages: AsyncIterable<ListPage>): Promise<ListPage[]> {
   const out: ListPage[] = [];
@@ -62,6 +64,36 @@ describe('clio preset against the sandbox', () => {
     const records = (await collect(clio.listChanges({ object: 'matters', since: before }))).flatMap((p) => p.records);
     expect(records.map((r) => clio.mapRecord('matters', r).fields.description)).toContain('Changed for the poll');
     expect(records.length).toBeLessThan(sb.state.store.matters.size);
+  });
+
+  it('stops a listing whose next-page link repeats one it already followed, instead of paging forever', async () => {
+    // A cache in front of the CRM that answers every page link with the page it first saw there.
+    const proxy = await startFaultProxy({
+      target: sb.url,
+      answer: async (req, res, text) => {
+        if (!req.url!.includes('page_token')) return false;
+        const body = JSON.parse(text) as { meta: { paging: { next?: string } } };
+        body.meta.paging.next = `${proxy.url}${req.url}`;
+        res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+        return true;
+      },
+    });
+    try {
+      const viaProxy = createConnector({ definition: connectorDefinitionSchema.parse(presets.clio), baseUrl: proxy.url, tokens: sandboxTokens(sb), http: { retryBaseMs: 1 } });
+      const pages: ListPage[] = [];
+      let error: unknown;
+      try {
+        for await (const page of viaProxy.listChanges({ object: 'matters', since: EPOCH })) if (pages.push(page) > 20) break;
+      } catch (err) {
+        error = err;
+      }
+      expect(error).toBeInstanceOf(ConnectorError);
+      expect((error as ConnectorError).code).toBe('CONNECTOR_BAD_RESPONSE');
+      expect((error as Error).message).toContain('repeats');
+      expect(pages).toHaveLength(1);
+    } finally {
+      await proxy.close();
+    }
   });
 
   it('lists all ids and versions for the sweep, matching the CRM', async () => {

@@ -15,6 +15,7 @@ import { getTokenRow } from '../../src/db/queries/tokens.js';
 import { startSandbox } from '../../src/sandbox/index.js';
 import type { Sandbox } from '../../src/sandbox/index.js';
 import { createTestDatabase } from '../helpers/database.js';
+import { startFaultProxy } from '../helpers/fault-proxy.js';
 
 const SECRET = 'probe-hook-secret-0123456789';
 
@@ -113,6 +114,20 @@ describe('crm-bridge probe against the sandbox, lies switched on', () => {
     // The rest of the check still runs on the record the working host gave.
     expect(report.record).not.toBeNull();
     expect(formatProbeReport(report)).toContain(`set the connection's baseUrl to ${sb.url}`);
+  });
+
+  it('when the configured host redirects every call to another host, says so and names the host that answers', async () => {
+    // A legacy host (app.goclio.com) or an http:// base URL: every call is sent on to the real host.
+    const legacy = await startFaultProxy({ fail: (req) => ({ status: 301, headers: { location: `${sb.url}${req.url}` } }) });
+    try {
+      const connector = { ...structuredClone(presets.clio), regionalHosts: [legacy.url, sb.url] };
+      const report = await probeConnection(probeOptions(connectionOf(connector, { baseUrl: legacy.url })));
+      expect(report.host.status).toBe('fails');
+      expect(report.host.detail).toContain(`redirects to ${sb.url}/api/v4/matters.json`);
+      expect(report.alternatives).toEqual([{ url: sb.url, status: 'answers' }]);
+    } finally {
+      await legacy.close();
+    }
   });
 
   it('the CLI prints the report and exits 1 on a mismatch, 0 when the record matches', async () => {
