@@ -295,6 +295,10 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
         if (token !== undefined && to.origin !== baseOrigin) {
           throw new CrmHttpError('CRM_OTHER_ORIGIN', `${method} ${shownUrl} redirects to ${safeUrl(to.toString())}, not on ${baseOrigin}, the connection's host; the access token is not sent elsewhere (should the base URL be ${to.origin}?)`, shownUrl, res.status);
         }
+        // Nor a body: a token request's carries the refresh token and the client secret.
+        if (body !== undefined && to.origin !== url.origin) {
+          throw new CrmHttpError('CRM_OTHER_ORIGIN', `${method} ${shownUrl} redirects to ${safeUrl(to.toString())}, on another host; what it sends is not sent elsewhere (should the URL be on ${to.origin}?)`, shownUrl, res.status);
+        }
         if (++redirects > MAX_REDIRECTS) throw new CrmHttpError('CRM_HTTP_STATUS', `${method} ${shownUrl}: more than ${MAX_REDIRECTS} redirects`, shownUrl, res.status);
         // As fetch does: a 303, or a 301/302 answering a POST, is followed by a GET without the body.
         if (res.status === 303 || ((res.status === 301 || res.status === 302) && method === 'POST')) {

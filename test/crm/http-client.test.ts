@@ -334,6 +334,35 @@ describe('CRM HTTP client', () => {
     }
   });
 
+  it("never sends a token request's secrets to another host a redirect names, and follows one on its own host", async () => {
+    const elsewhere: string[] = [];
+    const other = await startLocal((app) => {
+      app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string' }, (_req, text, done) => done(null, text));
+      app.all('/*', async (request) => {
+        elsewhere.push(String(request.body));
+        return { access_token: 'theirs', expires_in: 3600 };
+      });
+    });
+    const idp = await startLocal((app) => {
+      app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string' }, (_req, text, done) => done(null, text));
+      app.post('/oauth/token', async (_request, reply) => reply.code(307).header('location', `${other.url}/oauth/token`).send());
+      app.post('/old/oauth/token', async (_request, reply) => reply.code(308).header('location', '/oauth2/token').send());
+      app.post('/oauth2/token', async () => ({ access_token: 'ours', expires_in: 3600 }));
+    });
+    try {
+      const client = createCrmHttpClient({ baseUrl: idp.url, maxRetries: 0 });
+      const form = { grant_type: 'refresh_token', refresh_token: 'rt-sekrit', client_id: 'c', client_secret: 'cs-sekrit' };
+      const err = await rejection(client.request({ method: 'POST', url: '/oauth/token', auth: false, form }));
+      expect(err.code).toBe('CRM_OTHER_ORIGIN');
+      expect(err.message).not.toContain('sekrit');
+      expect(elsewhere).toEqual([]);
+      expect((await client.request({ method: 'POST', url: '/old/oauth/token', auth: false, form })).body).toEqual({ access_token: 'ours', expires_in: 3600 });
+    } finally {
+      await idp.app.close();
+      await other.app.close();
+    }
+  });
+
   it('sends form bodies without auth for token endpoints and hands back error bodies', async () => {
     const client = createCrmHttpClient({ baseUrl: sb.url, tokens: sandboxTokens(sb) });
     const ok = await client.request<{ access_token: string; expires_in: number }>({
