@@ -252,7 +252,9 @@ function wronglyTyped(route: Route, rng: Rng): Array<[string, unknown]> {
       ['fields as an array', { ...write, fields: [1, 2] }],
       ['fields as a string', { ...write, fields: 'description=x' }],
       ['fields as null', { ...write, fields: null }],
-      // (Extra properties are not here: Fastify's default Ajv strips them, like unknown query parameters.)
+      // Unknown keys are refused: stripped, a misspelt crmId would turn an update into a create.
+      ['crm_id for crmId', { ...write, crm_id: '1' }],
+      ['an unknown key', { ...write, note: 'x' }],
     ];
     for (let i = 0; i < 10; i++) variants.push([`externalId as random number ${i}`, { ...write, externalId: { n: rng() } }]);
     return variants;

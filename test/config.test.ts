@@ -115,4 +115,16 @@ connections:
     expect(() => loadConfig({ TOKEN_ENCRYPTION_KEY: Buffer.alloc(32, 1).toString('base64') }, conns)).not.toThrow();
     expect(problemsOf(() => loadConfig({ TOKEN_ENCRYPTION_KEY: 'abc' }, conns)).join()).toMatch(/TOKEN_ENCRYPTION_KEY: must be 32 bytes/);
   });
+
+  it('refuses an ADMIN_TOKEN, METRICS_TOKEN or pipeline API key with a space in it, which no Authorization: Bearer header can carry', () => {
+    const passphrase = 'correct horse battery staple';
+    const conns = { connections: [{ id: 'a', connector: { objects: { m: {} } }, inbound: { secrets: ['0123456789abcdef'] }, outbound: { apiKeys: ['pipeline-key-0123456789', passphrase] } }] };
+    const text = problemsOf(() => loadConfig({ ADMIN_TOKEN: passphrase, METRICS_TOKEN: `metrics ${passphrase}` }, conns)).join('\n');
+    expect(text).toMatch(/environment variable ADMIN_TOKEN: must not contain spaces/);
+    expect(text).toMatch(/environment variable METRICS_TOKEN: must not contain spaces/);
+    expect(text).toMatch(/connections\[0\]\.outbound\.apiKeys\[1\]: a pipeline API key must not contain spaces/);
+    // Trailing whitespace (a file's newline) is trimmed, as before.
+    const good = { connections: [{ ...conns.connections[0]!, outbound: { apiKeys: ['pipeline-key-0123456789\n'] } }] };
+    expect(loadConfig({ ADMIN_TOKEN: 'admin-token-0123456789\n', METRICS_TOKEN: ' metrics-token-0123456789' }, good).env).toMatchObject({ ADMIN_TOKEN: 'admin-token-0123456789', METRICS_TOKEN: 'metrics-token-0123456789' });
+  });
 });

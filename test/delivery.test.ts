@@ -320,6 +320,20 @@ describe('delivery to the intake pipeline', () => {
     expect(unknown.statusCode).toBe(404);
   });
 
+  it('answers a paging cursor past any outbox id with a 400 problem naming it, not a 500', async () => {
+    const { app } = await startApp();
+    const auth = { authorization: `Bearer ${ADMIN_TOKEN}` };
+    // 2^63 and beyond do not fit the outbox's bigint id; 2^53 and beyond do not survive JSON as a number.
+    for (const before of ['9223372036854775808', '99999999999999999999', '1e300']) {
+      const res = await app.inject({ method: 'GET', url: `/v1/dead-letters?before=${before}`, headers: auth });
+      expect(res.statusCode, `before=${before}`).toBe(400);
+      expect(res.headers['content-type']).toContain('application/problem+json');
+      expect(res.json()).toMatchObject({ code: 'VALIDATION_FAILED', detail: expect.stringContaining('before') });
+    }
+    const largest = await app.inject({ method: 'GET', url: `/v1/dead-letters?before=${Number.MAX_SAFE_INTEGER}`, headers: auth });
+    expect(largest.statusCode).toBe(200);
+  });
+
   it('answers 401 on the dead-letter API when ADMIN_TOKEN is not set', async () => {
     const app = await buildTestApp({ database });
     apps.push(app);

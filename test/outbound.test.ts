@@ -123,6 +123,23 @@ describe('POST /v1/connections/:connection/records', () => {
     });
   });
 
+  it('refuses a write with a misspelt key (crm_id for crmId) with a 400 naming it, instead of taking an update for a create of a second record', async () => {
+    await withBridge(async (app, sandbox) => {
+      const matterId = String(sandbox.state.store.matters.items[0]!.id);
+      const before = sandbox.state.store.matters.items.length;
+      for (const [key, misspelt] of [['k-snake', 'crm_id'], ['k-case', 'crmID']] as const) {
+        const res = await post(app, { object: 'matters', externalId: 'lead-9', [misspelt]: matterId, fields: { description: 'Updated after the call' } }, { 'idempotency-key': key });
+        expect(res.statusCode, misspelt).toBe(400);
+        expect(res.headers['content-type']).toMatch(/application\/problem\+json/);
+        expect(res.json()).toMatchObject({ code: 'VALIDATION_FAILED', detail: expect.stringContaining(`"${misspelt}"`) });
+      }
+      const [counted] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(outboundWrites);
+      expect(counted!.n).toBe(0);
+      await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+      expect(sandbox.state.store.matters.items.length).toBe(before);
+    });
+  });
+
   it('gives the same 401 for a missing key, a wrong key and an unknown connection, and accepts every configured key', async () => {
     await withBridge(async (app) => {
       const missing = await app.inject({ method: 'POST', url: '/v1/connections/firm/records', headers: { 'content-type': 'application/json', 'idempotency-key': 'k' }, payload: JSON.stringify(lead) });

@@ -30,6 +30,19 @@ function isProxyAddress(value: string): boolean {
   return prefix === undefined || (/^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128));
 }
 
+/**
+ * A credential presented as `Authorization: Bearer <token>`, which carries one token without
+ * whitespace (RFC 6750): one with a space could never match, and every request would get a 401.
+ * Trimmed first, like hook secrets, for a value read with its trailing newline.
+ */
+function bearerCredential(what: string) {
+  return z
+    .string()
+    .trim()
+    .min(16, `${what}must be at least 16 characters`)
+    .regex(/^\S+$/, `${what}must not contain spaces or other whitespace: it is sent as Authorization: Bearer <token>`);
+}
+
 export const envSchema = z.object({
   DATABASE_URL: z
     .string()
@@ -46,9 +59,9 @@ export const envSchema = z.object({
     .string()
     .refine((v) => Buffer.from(v, 'base64').length === 32, 'must be 32 bytes, base64-encoded')
     .optional(),
-  ADMIN_TOKEN: z.string().trim().min(16, 'must be at least 16 characters').optional(),
+  ADMIN_TOKEN: bearerCredential('').optional(),
   /** Set: GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`; unset: /metrics is open (it carries no client data). */
-  METRICS_TOKEN: z.string().trim().min(16, 'must be at least 16 characters').optional(),
+  METRICS_TOKEN: bearerCredential('').optional(),
   INSTANCE_ID: z.string().min(1).optional(),
   /**
    * Days a change's raw and mapped bodies are kept (ledger_bodies); the daily retention job
@@ -383,7 +396,7 @@ export type AuthConfig = z.infer<typeof authSchema>;
  */
 export const outboundSchema = z
   .object({
-    apiKeys: z.array(z.string().trim().min(16, 'a pipeline API key must be at least 16 characters')).min(1, 'at least one pipeline API key is required'),
+    apiKeys: z.array(bearerCredential('a pipeline API key ')).min(1, 'at least one pipeline API key is required'),
     /** CRM calls in flight at once per writer (each replica runs one writer per connection). */
     concurrency: z.number().int().min(1).max(32).default(4),
     /** Attempts before a retryable CRM failure (5xx, 408, 429, network) marks the write failed. */

@@ -50,8 +50,8 @@ export default async function deadLetterRoutes(app: FastifyInstance) {
           properties: {
             connection: { type: 'string', maxLength: 63 },
             limit: { type: 'integer', minimum: 1, maximum: 500, default: 50 },
-            /** `nextBefore` from the previous page. */
-            before: { type: 'integer', minimum: 1 },
+            /** `nextBefore` from the previous page. Bounded: a larger number would be past the outbox's bigint id (a database error, not a 400). */
+            before: { type: 'integer', minimum: 1, maximum: Number.MAX_SAFE_INTEGER },
           },
           additionalProperties: false,
         },

@@ -38,6 +38,23 @@ const writeBodySchema = {
   additionalProperties: false,
 } as const;
 
+const WRITE_KEYS: readonly string[] = Object.keys(writeBodySchema.properties);
+
+/**
+ * Fastify's Ajv strips keys the schema does not name (`removeAdditional`) instead of refusing
+ * them, and a write without `crmId` is a create: `crm_id` or `crmID` for `crmId` would make a
+ * second record in the CRM instead of updating the first. So unknown keys are refused, before
+ * validation strips them.
+ */
+async function refuseUnknownKeys(request: FastifyRequest) {
+  const body = request.body;
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) return;
+  const unknown = Object.keys(body).filter((k) => !WRITE_KEYS.includes(k));
+  if (unknown.length === 0) return;
+  const named = unknown.slice(0, 5).map((k) => JSON.stringify(k.slice(0, 64)));
+  throw new BadRequestError(`The body has unknown key(s) ${named.join(', ')}: a write takes ${WRITE_KEYS.join(', ')}.`, 'VALIDATION_FAILED');
+}
+
 const acceptedSchema = {
   type: 'object',
   properties: { outboundId: { type: 'string' }, status: { type: 'string' } },
@@ -110,6 +127,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
     '/v1/connections/:connection/records',
     {
       onRequest: authenticate,
+      preValidation: refuseUnknownKeys,
       schema: {
         params: { type: 'object', properties: { connection: { type: 'string', maxLength: 63 } }, required: ['connection'] },
         body: writeBodySchema,
