@@ -127,4 +127,11 @@ connections:
     const good = { connections: [{ ...conns.connections[0]!, outbound: { apiKeys: ['pipeline-key-0123456789\n'] } }] };
     expect(loadConfig({ ADMIN_TOKEN: 'admin-token-0123456789\n', METRICS_TOKEN: ' metrics-token-0123456789' }, good).env).toMatchObject({ ADMIN_TOKEN: 'admin-token-0123456789', METRICS_TOKEN: 'metrics-token-0123456789' });
   });
+
+  it('refuses a hook secret with a space when it is sent as a Bearer token, and takes it in a header of its own', () => {
+    const conns = (inbound: Record<string, unknown>) => ({ connections: [{ id: 'a', connector: { objects: { m: {} } }, inbound }] });
+    const text = problemsOf(() => loadConfig({}, conns({ secrets: ['0123456789abcdef', 'correct horse battery staple'] }))).join('\n');
+    expect(text).toMatch(/connections\[0\]\.inbound\.secrets: a hook secret sent as Authorization: Bearer <secret> must not contain spaces/);
+    expect(loadConfig({}, conns({ secrets: ['correct horse battery staple'], header: 'X-Hook-Secret' })).connections[0]!.inbound.secrets).toEqual(['correct horse battery staple']);
+  });
 });

@@ -276,7 +276,12 @@ export const inboundSchema = z
     deleteWhen: z.object({ path: jsonPath, equals: z.array(z.string().min(1)).min(1) }).strict().optional(),
     bodyLimit: z.number().int().positive().max(64 * 1024 * 1024).default(1024 * 1024),
   })
-  .strict();
+  .strict()
+  // Sent as a Bearer token (no `header`), a secret with whitespace could never match: every hook 401.
+  .refine((i) => i.header !== undefined || i.secrets.every((s) => /^\S+$/.test(s)), {
+    path: ['secrets'],
+    message: 'a hook secret sent as Authorization: Bearer <secret> must not contain spaces or other whitespace (or set inbound.header to send it as-is)',
+  });
 
 /** Headers the bridge sets itself on every delivery; configuring them would break dedup or parsing. */
 const RESERVED_DOWNSTREAM_HEADERS = ['idempotency-key', 'content-type', 'content-length', 'host'];
