@@ -65,6 +65,17 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     const level = reply.statusCode >= 500 ? 'warn' : 'debug';
     request.log[level]({ req: request, statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime) }, `${request.method} ${request.routeOptions.url ?? 'unknown route'} ${reply.statusCode}`);
   });
+  // Closing waits for every connection to end, and server.close() ends only the idle ones: a
+  // request in flight when it began (a hook from a load balancer's kept-alive connection) would
+  // leave its connection open after the answer, and the shutdown would wait for the client to
+  // drop it, past the grace period (killed, exit 1, the daemons never stopped).
+  let closing = false;
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onSend', async (_request, reply) => {
+    if (closing) reply.header('connection', 'close');
+  });
   await app.register(errorHandler);
   await app.register(jsonBody);
   await app.register(configPlugin, { config: options.config });

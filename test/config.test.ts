@@ -2,7 +2,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig } from '../src/config/load.js';
+import { ConfigError, loadConfig, loadEnv } from '../src/config/load.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-config-'));
 function file(name: string, text: string): string {
@@ -90,6 +90,15 @@ connections:
     expect(problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: file('broken.yaml', 'connections: [\n  - id: x\n    : :') })).join()).toMatch(/broken\.yaml/);
   });
 
+  it('answers a connector named like a property every object has (constructor, toString) as an unknown preset, not a DataCloneError', () => {
+    for (const name of ['constructor', 'toString']) {
+      const conn = { id: 'a', connector: name, inbound: { secrets: ['0123456789abcdef'] } };
+      expect(problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: file('proto.json', JSON.stringify({ connections: [conn] })) })).join()).toMatch(
+        new RegExp(`connections\\[0\\]\\.connector: unknown preset "${name}" \\(known: clio, hubspot\\)`),
+      );
+    }
+  });
+
   it('refuses duplicate connection ids and an inbound object the connector lacks', () => {
     const conn = { connector: { objects: { matters: {} } }, inbound: { secrets: ['0123456789abcdef'], object: 'contacts' } };
     const text = problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: file('dup.json', JSON.stringify({ connections: [{ id: 'a', ...conn }, { id: 'a', ...conn }] })) })).join('\n');
@@ -107,6 +116,20 @@ connections:
     expect(problems(noGet)).toMatch(/"matters" has no get call in this connector/);
     // Polled, with the preset's get call: accepted.
     expect(loadConfig({ CRM_BRIDGE_CONFIG: file('notify-ok.json', JSON.stringify({ connections: [notified({ poll: { objects: ['matters'] } })] })) }).connections).toHaveLength(1);
+  });
+
+  // docker-compose.yml builds DATABASE_URL from POSTGRES_PASSWORD as it is; `openssl rand -base64`
+  // makes a `/` in most such passwords, and postgres.js then failed with "Invalid URL" (exit 1).
+  it('refuses a DATABASE_URL whose password postgres.js would misread (an unencoded / ? # or %), naming the variable and not the password', () => {
+    for (const password of ['Kq3/x+Zr7w', 'Kq3?xZr7w', 'Kq3#xZr7w', 'Kq3%zzZr7w']) {
+      const text = problemsOf(() => loadEnv({ DATABASE_URL: `postgres://crm_bridge:${password}@postgres:5432/crm_bridge` })).join('\n');
+      expect(text).toMatch(/environment variable DATABASE_URL: must be a postgres:\/\/ or postgresql:\/\/ URL, with any \/ \? # % @ in the password percent-encoded/);
+      expect(text).not.toContain('Kq3');
+    }
+    expect(problemsOf(() => loadEnv({ DATABASE_URL: 'postgres://u:p@db.internal:99999/x' })).join()).toMatch(/DATABASE_URL/);
+    for (const url of ['postgres://crm_bridge:Kq3%2Fx+Zr7w@postgres:5432/crm_bridge', 'postgresql://u:p@ss:w@h1:5432,h2:5433/db?sslmode=require', 'postgres://postgres@127.0.0.1:5432/test']) {
+      expect(loadEnv({ DATABASE_URL: url }).DATABASE_URL).toBe(url);
+    }
   });
 
   it('accepts a 32-byte base64 TOKEN_ENCRYPTION_KEY and refuses another length', () => {

@@ -117,6 +117,21 @@ describe('delivery to the intake pipeline', () => {
     expect(logs.text()).not.toContain(PIPELINE_KEY);
   });
 
+  // A secret mounted from a file (a Kubernetes secret, `$(cat key)` keeps no newline but env_file
+  // and secretKeyRef do) ends in a newline; undici refuses such a header value outright.
+  it('sends a header whose ${VAR} secret was read with a trailing newline, instead of failing every delivery with "invalid authorization header"', async () => {
+    const app = await buildTestApp({
+      database,
+      env: { INTAKE_API_KEY: `${PIPELINE_KEY}\n` },
+      connections: [connection({ downstream: { url: sink.url, headers: { Authorization: 'Bearer ${INTAKE_API_KEY}' }, backoff: { base: '1ms', max: '5ms' }, maxAttempts: 2 } })],
+    });
+    apps.push(app);
+    await hookAccepted(app, matter(43, 1));
+    await drain(app.deliveryWorkers.get('acme')!);
+    expect(await states()).toEqual([expect.objectContaining({ state: 'delivered', lastError: null })]);
+    expect(sink.requests.map((r) => r.headers.authorization)).toEqual([`Bearer ${PIPELINE_KEY}`]);
+  });
+
   it('posts the body DESIGN.md describes with the Idempotency-Key and the configured headers', async () => {
     const { app, worker } = await startApp();
     const eventId = await hookAccepted(app, matter(42, 1));

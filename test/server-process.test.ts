@@ -1,10 +1,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import http from 'node:http';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { connection } from './helpers/app.js';
+import { connection, SECRET } from './helpers/app.js';
+import { createTestDatabase } from './helpers/database.js';
 
 const dataDir = mkdtempSync(join(tmpdir(), 'crm-bridge-serve-'));
 const children: ChildProcess[] = [];
@@ -149,6 +151,52 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(await server.exited).toBe(0);
   });
 
+  // A load balancer or a CRM's HTTP client keeps its connections open between requests. One
+  // busy with a hook when SIGTERM came must be closed once the hook is answered: the server waits
+  // for every connection to end before the daemons stop and the database closes.
+  it('answers a hook in flight on a keep-alive connection when SIGTERM comes, closes that connection, and stops cleanly within the grace period', async () => {
+    const config = join(dataDir, 'keep-alive.json');
+    writeFileSync(config, JSON.stringify({ connections: [connection()] }));
+    // On the database of the test run: the shutdown's order is the same on both.
+    const database = process.env.DATABASE_URL ? await createTestDatabase() : undefined;
+    const server = serve({ CRM_BRIDGE_CONFIG: config, DATA_DIR: mkdtempSync(join(tmpdir(), 'crm-bridge-keep-alive-')), DATABASE_URL: database?.url ?? '' });
+    const base = new URL(await server.ready);
+    const agent = new http.Agent({ keepAlive: true });
+    const body = JSON.stringify({ id: 4001, updated_at: '2026-11-27T10:00:00Z', status: 'Open' });
+    const request = http.request({
+      host: base.hostname,
+      port: base.port,
+      path: '/hooks/acme',
+      method: 'POST',
+      agent,
+      headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+    });
+    const answer = new Promise<{ status: number | undefined; connection: string | undefined; text: string }>((resolve, reject) => {
+      request.on('response', (res) => {
+        let text = '';
+        res.on('data', (d: Buffer) => (text += d.toString()));
+        res.on('end', () => resolve({ status: res.statusCode, connection: res.headers.connection, text }));
+      });
+      request.on('error', reject);
+    });
+    // Half the body now, so the hook is in flight when the signal comes; the rest after it.
+    request.write(body.slice(0, 5));
+    await new Promise((r) => setTimeout(r, 300));
+    const signalled = Date.now();
+    server.child.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 200));
+    request.end(body.slice(5));
+    try {
+      expect(await answer).toMatchObject({ status: 202, connection: 'close' });
+      expect(await server.exited).toBe(0);
+      expect(Date.now() - signalled).toBeLessThan(8_000);
+      expect(server.output()).not.toMatch(/killed by timeout/);
+    } finally {
+      agent.destroy();
+      await database?.close();
+    }
+  });
+
   it('fails at start with one error naming every bad value, exit status 2', async () => {
     const server = serve({ PORT: 'eighty', LOG_LEVEL: 'chatty' });
     await expect(server.ready).rejects.toThrow();
@@ -194,6 +242,26 @@ describe('crm-bridge serve, as npm start runs it', () => {
       body: JSON.stringify({ data: { id: 4001, updated_at: '2026-11-28T10:00:00Z', status: 'Open' } }),
     });
     expect(hook.status).toBe(202);
+    second.child.kill('SIGTERM');
+    expect(await second.exited).toBe(0);
+  });
+
+  it.each(['SIGTERM', 'SIGKILL'] as const)('stops creating its database when %s stops the first start (sent to it alone), so the next start makes it whole and runs', async (signal) => {
+    const fresh = mkdtempSync(join(tmpdir(), 'crm-bridge-stopped-'));
+    const first = serve({ DATA_DIR: fresh });
+    first.ready.catch(() => {});
+    const staged = () => (existsSync(join(fresh, 'pgdata.creating')) ? readdirSync(join(fresh, 'pgdata.creating'), { recursive: true }).length : 0);
+    await waitFor(() => staged() > 100, 60_000);
+    first.child.kill(signal);
+    await first.exited;
+
+    // Nothing moves a database into the data directory once the bridge is gone.
+    await new Promise((r) => setTimeout(r, 3_000));
+    expect(existsSync(join(fresh, 'pgdata', 'PG_VERSION'))).toBe(false);
+
+    const second = serve({ DATA_DIR: fresh });
+    const base = await second.ready;
+    expect((await fetch(`${base}/health/live`)).status).toBe(200);
     second.child.kill('SIGTERM');
     expect(await second.exited).toBe(0);
   });

@@ -123,7 +123,8 @@ function resolvePresets(file: unknown, problems: string[], where: string): unkno
     if (c === null || typeof c !== 'object') return c;
     const connector = (c as { connector?: unknown }).connector;
     if (typeof connector !== 'string') return c;
-    const preset = presets[connector];
+    // Own keys only: `constructor` or `toString` would find Object's own functions.
+    const preset = Object.hasOwn(presets, connector) ? presets[connector] : undefined;
     if (preset === undefined) {
       const known = Object.keys(presets);
       problems.push(`${where}: connections[${i}].connector: unknown preset "${connector}"${known.length ? ` (known: ${known.join(', ')})` : ''}`);

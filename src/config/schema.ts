@@ -43,10 +43,30 @@ function bearerCredential(what: string) {
     .regex(/^\S+$/, `${what}must not contain spaces or other whitespace: it is sent as Authorization: Bearer <token>`);
 }
 
+/**
+ * A URL postgres.js reads as it was meant: the user, password and hosts end at the first `/` or
+ * `?`, and a `#` starts a fragment. A password with one of them (or a stray `%`) unencoded
+ * (`openssl rand -base64` makes `/`) names a port that is not one, another host, or no URL at
+ * all; postgres.js then fails with `Invalid URL`, `URI malformed` or `getaddrinfo ENOTFOUND` and
+ * a piece of the password, and names no variable.
+ */
+function isDatabaseUrl(value: string): boolean {
+  const authority = /^postgres(?:ql)?:\/\/([^/?#]*)/.exec(value)?.[1];
+  if (authority === undefined || value.includes('#')) return false;
+  try {
+    decodeURIComponent(authority);
+    // Several hosts (`h1:5432,h2:5432`) are postgres.js's own; the URL parser checks the first.
+    new URL(value.replace(authority, authority.replace(/,.*$/, '')));
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 export const envSchema = z.object({
   DATABASE_URL: z
     .string()
-    .regex(/^postgres(ql)?:\/\//, 'must be a postgres:// or postgresql:// URL')
+    .refine(isDatabaseUrl, 'must be a postgres:// or postgresql:// URL, with any / ? # % @ in the password percent-encoded (%2F %3F %23 %25 %40)')
     .optional(),
   DATA_DIR: z.string().min(1).default('.data'),
   PORT: z.coerce.number().int().min(0).max(65535).default(3000),
@@ -248,9 +268,12 @@ export type ConnectorDefinition = z.infer<typeof connectorDefinitionSchema>;
 /**
  * Secrets are compared with what a request's header carries, and HTTP trims header values: a
  * secret read from a file with its trailing newline (a Kubernetes secret, a .env line) is taken
- * without it, or no request could ever match it.
+ * without it, or no request could ever match it. The same holds for the credentials the bridge
+ * sends (`credential`): a header value ending in a newline is refused by undici, and a client
+ * secret with one by the CRM's token endpoint.
  */
 const secret = z.string().trim().min(16, 'a hook secret must be at least 16 characters');
+const credential = z.string().trim().min(1);
 
 export const inboundSchema = z
   .object({
@@ -295,7 +318,7 @@ export const downstreamSchema = z
   .object({
     url: z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' }),
     headers: z
-      .record(z.string().regex(/^[A-Za-z0-9-]+$/, 'must be an HTTP header name'), z.string())
+      .record(z.string().regex(/^[A-Za-z0-9-]+$/, 'must be an HTTP header name'), z.string().trim())
       .refine((h) => Object.keys(h).every((name) => !RESERVED_DOWNSTREAM_HEADERS.includes(name.toLowerCase())), {
         message: `${RESERVED_DOWNSTREAM_HEADERS.join(', ')} are set by the bridge itself`,
       })
@@ -363,8 +386,8 @@ const endpointUrl = z
 
 const oauthClientFields = {
   /** `${ENV}` references keep client secrets out of the file; they are sent, never logged. */
-  clientId: z.string().min(1),
-  clientSecret: z.string().min(1),
+  clientId: credential,
+  clientSecret: credential,
   tokenUrl: endpointUrl,
   scopes: z.array(z.string().min(1)).default([]),
   /** RFC 6749 §2.3.1 allows both; HubSpot accepts only `body`. */
@@ -389,7 +412,7 @@ export const authSchema = z.discriminatedUnion('type', [
     })
     .strict(),
   z.object({ type: z.literal('client_credentials'), ...oauthClientFields }).strict(),
-  z.object({ type: z.literal('static'), token: z.string().min(1) }).strict(),
+  z.object({ type: z.literal('static'), token: credential }).strict(),
   z.object({ type: z.literal('none') }).strict(),
 ]);
 export type AuthConfig = z.infer<typeof authSchema>;

@@ -6,8 +6,18 @@
  */
 import { createEmbeddedDatabase } from './embedded.js';
 
+// A bridge killed while it waits here (SIGKILL, the OOM killer: a stop signal takes this process
+// with it) leaves this one running on. It must not go on to move the database into place: the
+// next start is by then making its own in the same staging directory. initdb runs without
+// yielding for seconds at a time, so the timer alone may come too late.
+const bridge = process.ppid;
+const abandoned = () => process.ppid !== bridge;
+setInterval(() => {
+  if (abandoned()) process.exit(1);
+}, 100).unref();
+
 try {
-  await createEmbeddedDatabase(process.argv[2]!);
+  await createEmbeddedDatabase(process.argv[2]!, abandoned);
 } catch (err) {
   // PGlite's file system fails with an errno and no message (WASI's numbering, not Linux's).
   const { message, errno } = err as { message?: string; errno?: number };

@@ -103,7 +103,7 @@ function embeddedOnDisk(dataDir: string, initdbHere = false): PGlite {
  * WebAssembly memory (about 450 MB) is freed only by a full garbage collection, which a bridge
  * with little to do may put off indefinitely (`crm-bridge serve` still held it 20 s after ready).
  */
-export async function createEmbeddedDatabase(dataDir: string): Promise<void> {
+export async function createEmbeddedDatabase(dataDir: string, abandoned: () => boolean = () => false): Promise<void> {
   // Made beside the data directory and moved into it only once whole and synced: a first start
   // stopped part-way (killed, or a power cut before initdb's files reached the disk) leaves no
   // half database where the next start would take it for a whole one. A leftover is made again.
@@ -112,6 +112,8 @@ export async function createEmbeddedDatabase(dataDir: string): Promise<void> {
   const client = embeddedOnDisk(staging, true);
   await client.waitReady;
   await client.close();
+  // Left as it is: the path may be the next start's own staging directory by now.
+  if (abandoned()) throw new Error('the bridge that asked for it has stopped');
   try {
     // Replaces the empty directory the bridge made (or none); the rename is on disk once its parent is synced.
     fs.renameSync(staging, dataDir);
@@ -130,11 +132,22 @@ async function createInProcessOfItsOwn(dataDir: string): Promise<void> {
   const script = join(dirname(self), `create-embedded${extname(self)}`);
   // Run from source, the script needs tsx, found from here whatever the working directory.
   const loader = script.endsWith('.ts') ? ['--import', pathToFileURL(createRequire(import.meta.url).resolve('tsx')).href] : [];
+  const creating = promisify(execFile)(process.execPath, [...loader, script, dataDir], { timeout: 180_000 });
+  // A stop signal sent to the bridge alone (`kill <pid>`, a supervisor) would leave the creation
+  // running on, writing into the staging directory the next start makes its own database in:
+  // it is stopped with the bridge, which then dies of the signal as it would have.
+  const stop = (signal: NodeJS.Signals) => {
+    creating.child.kill('SIGKILL');
+    process.kill(process.pid, signal);
+  };
+  process.once('SIGTERM', stop).once('SIGINT', stop);
   try {
-    await promisify(execFile)(process.execPath, [...loader, script, dataDir], { timeout: 180_000 });
+    await creating;
   } catch (err) {
     const { stderr, message } = err as { stderr?: string; message: string };
     throw new Error(`Could not create the embedded database in ${dataDir}: ${stderr?.trim() || message}`);
+  } finally {
+    process.off('SIGTERM', stop).off('SIGINT', stop);
   }
 }
 

@@ -130,6 +130,26 @@ describe('crm-bridge probe against the sandbox, lies switched on', () => {
     }
   });
 
+  it('authenticates with an OAuth client id and secret read with a trailing newline (a secret mounted from a file), as the token endpoint knows them', async () => {
+    const config = loadConfig(
+      { LOG_LEVEL: 'silent', DATA_DIR: 'memory://', CLIO_CLIENT_ID: 'sandbox-client\n', CLIO_CLIENT_SECRET: 'sandbox-secret\n' },
+      {
+        connections: [
+          {
+            id: `probe-${++n}`,
+            connector: 'clio',
+            baseUrl: sb.url,
+            inbound: { secrets: [SECRET] },
+            auth: { type: 'client_credentials', clientId: '${CLIO_CLIENT_ID}', clientSecret: '${CLIO_CLIENT_SECRET}', tokenUrl: `${sb.url}/oauth/token` },
+          },
+        ],
+      },
+    );
+    const report = await probeConnection(probeOptions(config.connections[0]!));
+    expect(report.host).toEqual({ url: sb.url, status: 'answers' });
+    expect(report.mismatch).toBe(false);
+  });
+
   it('the CLI prints the report and exits 1 on a mismatch, 0 when the record matches', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-probe-'));
     try {
