@@ -151,6 +151,16 @@ connections:
     expect(loadConfig({ ADMIN_TOKEN: 'admin-token-0123456789\n', METRICS_TOKEN: ' metrics-token-0123456789' }, good).env).toMatchObject({ ADMIN_TOKEN: 'admin-token-0123456789', METRICS_TOKEN: 'metrics-token-0123456789' });
   });
 
+  it('refuses a wait longer than a timer can hold (about 24.8 days), naming the key, and takes a sweep interval longer than that', () => {
+    const conns = (extra: Record<string, unknown>) => ({
+      connections: [{ id: 'a', connector: 'clio', baseUrl: 'http://127.0.0.1:9', auth: { type: 'static', token: 'static-token' }, inbound: { secrets: ['0123456789abcdef'] }, ...extra }],
+    });
+    const text = problemsOf(() => loadConfig({}, conns({ poll: { interval: '30d' }, downstream: { url: 'http://127.0.0.1:9/in', timeout: '25d' } }))).join('\n');
+    expect(text).toMatch(/connections\[0\]\.poll\.interval: must be at most 24 days/);
+    expect(text).toMatch(/connections\[0\]\.downstream\.timeout: must be at most 24 days/);
+    expect(loadConfig({}, conns({ poll: { interval: '24d', sweepInterval: '90d' } })).connections[0]!.poll).toMatchObject({ interval: 24 * 86_400_000, sweepInterval: 90 * 86_400_000 });
+  });
+
   it('refuses a hook secret with a space when it is sent as a Bearer token, and takes it in a header of its own', () => {
     const conns = (inbound: Record<string, unknown>) => ({ connections: [{ id: 'a', connector: { objects: { m: {} } }, inbound }] });
     const text = problemsOf(() => loadConfig({}, conns({ secrets: ['0123456789abcdef', 'correct horse battery staple'] }))).join('\n');

@@ -19,6 +19,15 @@ export const duration = z.union([z.number().nonnegative(), z.string()]).transfor
   return Number(match[1]) * DURATION_UNITS[match[2] as keyof typeof DURATION_UNITS];
 });
 
+/** The longest wait a Node timer can hold (about 24.8 days); a longer one fires after 1 ms. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * A duration the bridge waits with a timer (an interval, a timeout, a backoff, a lease it
+ * renews): longer than a timer can hold, it would fire at once and the loop would spin.
+ */
+const waited = duration.refine((ms) => ms <= MAX_TIMER_MS, 'must be at most 24 days (a wait that long is kept by a timer)');
+
 const logLevel = z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
 
 /** An address, a CIDR, or one of proxy-addr's names for the private ranges. */
@@ -94,7 +103,7 @@ export const envSchema = z.object({
    * Successful requests are never counted, so a CRM's burst of good hooks is never slowed.
    */
   AUTH_FAILURE_LIMIT: z.coerce.number().int().min(0).default(20),
-  AUTH_FAILURE_WINDOW: duration.default(600_000),
+  AUTH_FAILURE_WINDOW: waited.default(600_000),
   /**
    * The load balancer or proxy in front: its addresses or CIDRs, comma-separated (`loopback`,
    * `linklocal`, `uniquelocal` name the private ranges), or `true` to trust any. Then a caller's
@@ -324,7 +333,7 @@ export const downstreamSchema = z
       })
       .default({}),
     /** Per request; a request still open after this counts as a failed, retryable attempt. */
-    timeout: duration.default(10_000),
+    timeout: waited.default(10_000),
     /** Deliveries in flight at once per worker (each replica runs one worker per connection). */
     concurrency: z.number().int().min(1).max(64).default(4),
     /** Attempts before a retryable failure becomes a dead letter. */
@@ -332,13 +341,13 @@ export const downstreamSchema = z
     /** Age (since queued) after which a retryable failure becomes a dead letter. */
     maxAge: duration.default(86_400_000),
     /** Exponential backoff: base × 2^(attempt-1), capped, with jitter; Retry-After wins when longer. */
-    backoff: z.object({ base: duration.default(1_000), max: duration.default(600_000) }).strict().default({ base: 1_000, max: 600_000 }),
+    backoff: z.object({ base: waited.default(1_000), max: waited.default(600_000) }).strict().default({ base: 1_000, max: 600_000 }),
     /** A pending change older than this marks the connection degraded in /health (503). */
     degradedAfter: duration.default(900_000),
     /** How long a claimed row stays leased to its worker; must outlast one request. Default: timeout + 10s. */
-    lease: duration.optional(),
+    lease: waited.optional(),
     /** Pause between claims when the outbox has nothing due. */
-    pollInterval: duration.default(1_000),
+    pollInterval: waited.default(1_000),
   })
   .strict()
   .refine((d) => d.lease === undefined || d.lease > d.timeout, { path: ['lease'], message: 'must be longer than timeout, or a live delivery could be claimed twice' })
@@ -353,7 +362,7 @@ export const pollSchema = z
   .object({
     /** Objects to poll; default: every object whose connector defines a list call. */
     objects: z.array(z.string()).optional(),
-    interval: duration.default(300_000),
+    interval: waited.default(300_000),
     /** Random extra pause, as a fraction of the interval, so replicas and streams spread out. */
     jitter: z.number().min(0).max(1).default(0.2),
     /** Each run re-reads this far behind its cursor: clock skew, inclusive/exclusive doubt, ties. */
@@ -372,7 +381,7 @@ export const pollSchema = z
     /** Records per page (the connector's limit when unset). */
     pageSize: z.number().int().positive().optional(),
     /** How long a replica holds a stream; another takes over after this when the holder dies. */
-    lease: duration.optional(),
+    lease: waited.optional(),
     /** Where a stream with no cursor starts (ISO-8601); default: everything. */
     initialSince: z.iso.datetime({ offset: true }).optional(),
   })
@@ -430,11 +439,11 @@ export const outboundSchema = z
     /** Attempts before a retryable CRM failure (5xx, 408, 429, network) marks the write failed. */
     maxAttempts: z.number().int().min(1).default(10),
     /** Exponential backoff between attempts: base × 2^(attempt-1), capped, with jitter. */
-    backoff: z.object({ base: duration.default(1_000), max: duration.default(300_000) }).strict().default({ base: 1_000, max: 300_000 }),
+    backoff: z.object({ base: waited.default(1_000), max: waited.default(300_000) }).strict().default({ base: 1_000, max: 300_000 }),
     /** How long a claimed write stays leased to its writer; must outlast one CRM call with its retries. */
-    lease: duration.default(120_000),
+    lease: waited.default(120_000),
     /** Pause between claims when nothing is due. */
-    pollInterval: duration.default(1_000),
+    pollInterval: waited.default(1_000),
   })
   .strict()
   .refine((o) => o.backoff.max >= o.backoff.base, { path: ['backoff', 'max'], message: 'must be at least backoff.base' });

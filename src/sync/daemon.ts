@@ -1,5 +1,6 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyBaseLogger } from 'fastify';
+import { MAX_TIMER_MS } from '../config/schema.js';
 
 export interface DaemonOptions {
   name: string;
@@ -72,7 +73,8 @@ export abstract class Daemon {
         this.woken = false;
         continue;
       }
-      const pause = this.nextPause();
+      // An interval near a timer's limit, with its jitter, may pass it; a later tick finds itself early.
+      const pause = Math.min(this.nextPause(), MAX_TIMER_MS);
       const wakeup = new AbortController();
       this.wakeup = wakeup;
       try {
