@@ -249,6 +249,18 @@ describe('delivery to the intake pipeline', () => {
     expect((await states()).map((r) => r.state)).toEqual(['delivered', 'dead']);
   });
 
+  it("lists a dead letter whose error answer carries terminal escape sequences with them shown, not obeyed by the operator's terminal", async () => {
+    const { app, worker } = await startApp();
+    // A pipeline (or a proxy in front of it) answering with ANSI codes: clear the screen, retitle the window.
+    sink.behave(() => ({ status: 422, body: '\u001b[2J\u001b]0;all clear\u0007bad\rrecord' }));
+    await hookAccepted(app, matter(3, 1));
+    await tickOnce(worker);
+    let out = '';
+    expect(await printDeadLetters(database.db, { limit: 10 }, (t) => (out += t))).toBe(1);
+    expect(out).toContain('\\u{1b}[2J\\u{1b}]0;all clear\\u{7}bad record');
+    expect(out).not.toMatch(/[\u0000-\u0009\u000b-\u001f\u007f]/);
+  });
+
   it('refuses to replay a dead letter once a later change of its record was delivered, naming it, and replays it when forced', async () => {
     const { app, worker } = await startApp();
     sink.behave((_r, index) => (index === 0 ? { status: 400 } : { status: 200 }));

@@ -1,5 +1,6 @@
 import type { Db } from '../db/client.js';
 import { listDeadLetters, replayDeadLetter, type DeadLetter, type LaterChange } from '../db/queries/outbox.js';
+import { printable } from '../terminal-text.js';
 
 /**
  * The operator's side of dead letters for the CLI (`crm-bridge dead-letters`, `crm-bridge
@@ -27,17 +28,17 @@ export async function printDeadLetters(
  */
 export async function replayFromCli(db: Db, eventId: string, write: (text: string) => void, options: { force?: boolean } = {}): Promise<number> {
   if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(eventId)) {
-    write(`"${eventId}" is not an event id (a UUID, as listed by crm-bridge dead-letters)\n`);
+    write(`"${printable(eventId)}" is not an event id (a UUID, as listed by crm-bridge dead-letters)\n`);
     return 1;
   }
   const outcome = await replayDeadLetter(db, eventId.toLowerCase(), options);
   switch (outcome.status) {
     case 'replayed':
       if (outcome.overtook) write(`forced: ${describeLater(outcome.overtook)}; the pipeline will get the older change after it\n`);
-      write(`queued ${outcome.object}/${outcome.crmId} (${eventId}) for delivery to ${outcome.connectionId} again\n`);
+      write(`queued ${outcome.object}/${printable(outcome.crmId)} (${eventId}) for delivery to ${outcome.connectionId} again\n`);
       return 0;
     case 'newer_change':
-      write(`not replayed: ${describeLater(outcome.newer)}, so ${outcome.object}/${outcome.crmId} would go back in time downstream; run again with --force to send it anyway\n`);
+      write(`not replayed: ${describeLater(outcome.newer)}, so ${outcome.object}/${printable(outcome.crmId)} would go back in time downstream; run again with --force to send it anyway\n`);
       return 1;
     case 'not_found':
       write(`no change with event id ${eventId} in the outbox\n`);
@@ -66,7 +67,7 @@ function formatTable(items: DeadLetter[]): string {
     d.lastStatus === null ? '-' : String(d.lastStatus),
     d.queuedAt.toISOString(),
     (d.lastError ?? '').slice(0, 80),
-  ]);
+  ].map(printable));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const line = (cells: string[]) => `${cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')}\n`;
   return [header, ...rows].map(line).join('');

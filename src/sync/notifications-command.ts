@@ -1,6 +1,7 @@
 import type { Db } from '../db/client.js';
 import { dropPendingFetch, listPendingFetchesForOperator } from '../db/queries/streams.js';
 import { errorClass } from '../privacy.js';
+import { printable } from '../terminal-text.js';
 
 /**
  * The operator's side of notification-mode hooks (`crm-bridge notifications`): the records
@@ -15,7 +16,7 @@ export async function printPendingFetches(db: Db, options: { connectionId?: stri
     return 0;
   }
   const header = ['CONNECTION', 'RECORD', 'NOTIFIED AT', 'LAST ERROR'];
-  const cells = rows.map((r) => [r.connectionId, `${r.object}/${r.crmId}`, r.receivedAt.toISOString(), r.lastError === null ? '-' : errorClass(r.lastError)]);
+  const cells = rows.map((r) => [r.connectionId, `${r.object}/${r.crmId}`, r.receivedAt.toISOString(), r.lastError === null ? '-' : errorClass(r.lastError)].map(printable));
   const widths = header.map((h, i) => Math.max(h.length, ...cells.map((c) => c[i]!.length)));
   for (const line of [header, ...cells]) write(`${line.map((c, i) => (i === line.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')}\n`);
   if (rows.length === options.limit) write(`(showing the oldest ${rows.length}; raise --limit to see more)\n`);
