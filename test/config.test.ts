@@ -151,6 +151,16 @@ connections:
     expect(loadConfig({ ADMIN_TOKEN: 'admin-token-0123456789\n', METRICS_TOKEN: ' metrics-token-0123456789' }, good).env).toMatchObject({ ADMIN_TOKEN: 'admin-token-0123456789', METRICS_TOKEN: 'metrics-token-0123456789' });
   });
 
+  it('reads a duration given as text without a unit as seconds, as an environment variable or a ${VAR} reference gives it, and still refuses "5x"', () => {
+    const conns = (poll: Record<string, unknown>) => ({
+      connections: [{ id: 'a', connector: 'clio', baseUrl: 'http://127.0.0.1:9', auth: { type: 'static', token: 'static-token' }, inbound: { secrets: ['0123456789abcdef'] }, poll }],
+    });
+    const config = loadConfig({ AUTH_FAILURE_WINDOW: '600', POLL_SECONDS: '300' }, conns({ interval: '${POLL_SECONDS}', lookback: '1.5' }));
+    expect(config.env.AUTH_FAILURE_WINDOW).toBe(600_000);
+    expect(config.connections[0]!.poll).toMatchObject({ interval: 300_000, lookback: 1_500 });
+    expect(problemsOf(() => loadConfig({}, conns({ interval: '5x' }))).join('\n')).toMatch(/connections\[0\]\.poll\.interval: "5x" is not a duration/);
+  });
+
   it('refuses a wait longer than a timer can hold (about 24.8 days), naming the key, and takes a sweep interval longer than that', () => {
     const conns = (extra: Record<string, unknown>) => ({
       connections: [{ id: 'a', connector: 'clio', baseUrl: 'http://127.0.0.1:9', auth: { type: 'static', token: 'static-token' }, inbound: { secrets: ['0123456789abcdef'] }, ...extra }],

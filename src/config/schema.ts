@@ -8,15 +8,18 @@ import { z } from 'zod';
 
 const DURATION_UNITS = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
 
-/** A duration as milliseconds; accepts `90s`, `5m`, `1d`, `250ms`, or a bare number of seconds. */
+/**
+ * A duration as milliseconds; accepts `90s`, `5m`, `1d`, `250ms`, or a bare number of seconds,
+ * also as text (`"300"`): what an environment variable or a `${VAR}` reference always gives.
+ */
 export const duration = z.union([z.number().nonnegative(), z.string()]).transform((value, ctx) => {
   if (typeof value === 'number') return value * 1000;
-  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$/.exec(value.trim());
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$/.exec(value.trim());
   if (!match) {
     ctx.addIssue({ code: 'custom', message: `"${value}" is not a duration (use e.g. 90s, 5m, 1h, 1d)` });
     return z.NEVER;
   }
-  return Number(match[1]) * DURATION_UNITS[match[2] as keyof typeof DURATION_UNITS];
+  return Number(match[1]) * DURATION_UNITS[(match[2] ?? 's') as keyof typeof DURATION_UNITS];
 });
 
 /** The longest wait a Node timer can hold (about 24.8 days); a longer one fires after 1 ms. */
