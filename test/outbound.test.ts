@@ -42,6 +42,8 @@ async function tickUntilSettled(app: FastifyInstance, id: string) {
 
 const ADMIN_TOKEN = 'operator-admin-token-0123456789';
 
+const presetProperties = String(presets.hubspot!.objects.contacts!.get!.request.query!.properties);
+
 async function withBridge(run: (app: FastifyInstance, sandbox: Awaited<ReturnType<typeof startBridge>>['sandbox']) => Promise<void>, baseUrl?: string, connection: Record<string, unknown> = {}) {
   const bridge = await startBridge({
     database,
@@ -176,6 +178,53 @@ describe('POST /v1/connections/:connection/records', () => {
       expect(changed.statusCode).toBe(202);
       await tickUntilSettled(app, changed.json().outboundId);
       expect(sandbox.state.renderFull('matters', matterId)!.location).toBe('Suite 200');
+    });
+  });
+
+  it('refuses a write with a field the object does not have (locaton for location) with a 422 naming it, instead of dropping it and reporting the write sent', async () => {
+    await withBridge(async (app, sandbox) => {
+      const matterId = sandbox.state.store.matters.items[0]!.id;
+      const res = await post(app, { object: 'matters', externalId: 'lead-9', crmId: String(matterId), fields: { description: 'Moved offices', locaton: 'Suite 200' } }, { 'idempotency-key': 'k-typo' });
+      expect(res.statusCode).toBe(422);
+      expect(res.json()).toMatchObject({ code: 'UNKNOWN_FIELD' });
+      expect(res.json().detail).toContain('"locaton"');
+      const [counted] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(outboundWrites);
+      expect(counted!.n).toBe(0);
+    });
+  });
+
+  it("HubSpot: a staff touch that changes nothing on a contact the bridge created is not delivered, though HubSpot's create answer leaves out properties it wrote", async () => {
+    const hubspot = { connector: 'hubspot', inbound: { object: 'contacts' }, poll: { objects: ['contacts'] } };
+    await withBridge(
+      async (app, sandbox) => {
+        const fields = { firstName: 'Grace', lastName: 'Hopper', email: 'grace@example.com', phone: '+1 555 0100', jobTitle: 'Rear Admiral' };
+        const res = await post(app, { object: 'contacts', externalId: 'lead-gh', fields }, { 'idempotency-key': 'k-hubspot' });
+        const { outboundId } = res.json();
+        await tickUntilSettled(app, outboundId);
+        const { crmId, state } = (await status(app, outboundId)).json();
+        expect(state).toBe('sent');
+        // Staff open and save the contact: lastmodifieddate moves, nothing the bridge maps changes.
+        sandbox.state.setClock({ advanceSeconds: 5 });
+        sandbox.state.updateRecord('contacts', Number(crmId), {});
+        const read = await fetch(`${sandbox.url}/crm/v3/objects/contacts/${crmId}?properties=${presetProperties}`, { headers: { authorization: `Bearer ${sandbox.state.issueToken().access_token}` } });
+        const record = (await read.json()) as { properties: Record<string, string | null> };
+        expect(record.properties).toMatchObject({ phone: '+1 555 0100', jobtitle: 'Rear Admiral' });
+        const hook = await app.inject({ method: 'POST', url: '/hooks/firm', headers: { authorization: 'Bearer hook-secret-0123456789abcdef', 'content-type': 'application/json' }, payload: JSON.stringify({ data: record }) });
+        expect(hook.json()).toMatchObject({ status: 'unchanged' });
+      },
+      undefined,
+      hubspot,
+    );
+  });
+
+  it('clears a matter\'s practice area when the pipeline writes practiceAreaId null, sending the relation as null rather than {id: null}', async () => {
+    await withBridge(async (app, sandbox) => {
+      const matter = sandbox.state.store.matters.items.find((m) => m.practiceAreaId !== null)!;
+      const res = await post(app, { object: 'matters', externalId: 'lead-pa', crmId: String(matter.id), fields: { practiceAreaId: null } }, { 'idempotency-key': 'k-no-area' });
+      const { outboundId } = res.json();
+      await tickUntilSettled(app, outboundId);
+      expect((await status(app, outboundId)).json()).toMatchObject({ state: 'sent', lastError: null });
+      expect(sandbox.state.renderFull('matters', matter.id)!.practice_area).toBeNull();
     });
   });
 

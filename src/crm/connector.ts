@@ -327,7 +327,10 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
       const out: Record<string, unknown> = {};
       for (const [name, path] of Object.entries(def.fields)) {
         if (readOnly.has(name) || !Object.hasOwn(fields, name)) continue;
-        setPath(out, path, fields[name]);
+        // A relation written by id is cleared as a whole: `practice_area: null`, not
+        // `practice_area: {id: null}`, which Clio refuses (as JSON:API wants `data: null`).
+        if (fields[name] === null && path.endsWith('.id')) setPath(out, path.slice(0, -'.id'.length), null);
+        else setPath(out, path, fields[name]);
       }
       return out;
     },

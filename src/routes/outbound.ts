@@ -148,6 +148,15 @@ export default async function outboundRoutes(app: FastifyInstance) {
         const writable = Object.entries(connection.connector.objects).filter(([, d]) => d[operation] !== undefined).map(([name]) => name);
         throw new UnprocessableError(`Connection ${connection.id} cannot ${operation} "${object}" (it can ${operation}: ${writable.join(', ') || 'nothing'}).`, 'UNKNOWN_OBJECT');
       }
+      // A name the field map does not have would be dropped by toRecord and the write shown
+      // `sent` without it (a misspelt `locaton`). Read-only names are mapped and stay allowed:
+      // a pipeline may hand back the fields it was delivered.
+      const mapped = definition.fields;
+      const unmapped = mapped === undefined ? [] : Object.keys(fields).filter((name) => !Object.hasOwn(mapped, name));
+      if (mapped !== undefined && unmapped.length > 0) {
+        const named = unmapped.slice(0, 5).map((k) => JSON.stringify(k.slice(0, 64)));
+        throw new UnprocessableError(`"${object}" has no field(s) ${named.join(', ')} (its fields: ${Object.keys(mapped).join(', ')}).`, 'UNKNOWN_FIELD');
+      }
       const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
       // The writes' primary key, time-ordered as the ledger's event ids are (see timeOrderedId).
       const id = timeOrderedId();

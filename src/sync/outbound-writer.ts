@@ -17,7 +17,7 @@ import {
 import { passChanges, showsWritten } from './change-gate.js';
 import { Daemon } from './daemon.js';
 import { backoffDelay } from './delivery-worker.js';
-import { contentHash, identifyRecord, mapFields, observeRecord, readOriginMarker } from './record.js';
+import { contentHash, holdsPath, identifyRecord, mapFields, observeRecord, readId, readOriginMarker, readVersion, sameVersion } from './record.js';
 
 /**
  * How far before a write was queued the search for its lost create looks: the CRM stamps
@@ -176,7 +176,7 @@ export class OutboundWriter extends Daemon {
       if (row.operation === 'update') {
         if (row.crmId === null) return { kind: 'rejected', status: null, error: 'an update without a CRM id' };
         const raw = await connector.updateRecord(row.object, row.crmId, connector.toRecord(row.object, fields), { writeId: row.id, signal });
-        return { kind: 'written', raw };
+        return { kind: 'written', raw: await this.readBack(row.object, raw, signal) };
       }
       // An earlier attempt may have made the record unless its answer proves it did not: a 429
       // (the CRM turned it away) or a 401 (it was not let in). A 5xx (the CRM or its gateway
@@ -189,7 +189,7 @@ export class OutboundWriter extends Daemon {
         looking = false;
       }
       const raw = await connector.createRecord(row.object, connector.toRecord(row.object, fields), { writeId: row.id, signal });
-      return { kind: 'written', raw };
+      return { kind: 'written', raw: await this.readBack(row.object, raw, signal) };
     } catch (err) {
       if (signal.aborted) return { kind: 'stopped' };
       const attempt = classify(err);
@@ -197,6 +197,29 @@ export class OutboundWriter extends Daemon {
       // retried, with no status, so that the next one looks again.
       if (looking && attempt.kind !== 'waiting') return { kind: 'retry', status: null, error: `looking for the record an earlier attempt may have made: ${attempt.error}` };
       return attempt;
+    }
+  }
+
+  /**
+   * The CRM's answer to a write, or, when the answer leaves out mapped fields, the record read
+   * back at the same version. HubSpot answers a create or update with the properties it set and
+   * a few defaults: hashed as it stands, the answer would put nulls in the head where every later
+   * read shows values, and the next touch that changes nothing would be delivered as a change.
+   * Only the same version is the write's own state (a later one may be a staff edit, which must
+   * not pass as the echo). Best effort: the write is made, so a failed read keeps the answer.
+   */
+  private async readBack(object: string, raw: unknown, signal: AbortSignal): Promise<unknown> {
+    const definition = this.deps.objects[object];
+    if (definition?.fields === undefined || definition.get === undefined) return raw;
+    if (Object.values(definition.fields).every((path) => holdsPath(raw, path))) return raw;
+    const id = readId(raw, definition);
+    const version = readVersion(raw, definition);
+    if (id === undefined || version === null) return raw;
+    try {
+      const read = await this.deps.connector().getRecord(object, id, { signal });
+      return read !== null && sameVersion(readVersion(read, definition), version) ? read : raw;
+    } catch {
+      return raw;
     }
   }
 

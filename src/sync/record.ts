@@ -18,6 +18,20 @@ export function getPath(value: unknown, path: string): unknown {
   }
 }
 
+/**
+ * Whether a record answers for a path: it has the key, or a null (or a scalar) on the way makes
+ * the mapped value null. False only where an object lacks the key: the record leaves it out.
+ */
+export function holdsPath(value: unknown, path: string): boolean {
+  let current: unknown = value;
+  for (const key of path.split('.')) {
+    if (current === null || typeof current !== 'object') return true;
+    if (!Object.hasOwn(current, key)) return false;
+    current = (current as Record<string, unknown>)[key];
+  }
+  return true;
+}
+
 /** JSON with object keys sorted at every depth: equal content, equal text, whatever the key order. */
 export function canonicalJson(value: unknown): string {
   if (value === null || typeof value !== 'object') return JSON.stringify(value) ?? 'null';
