@@ -16,9 +16,9 @@ import {
   listPendingFetches,
   listStreamHeads,
   markStreamAttempt,
-  sweepDue,
   notePendingFetchError,
   saveListingResume,
+  sweepDue,
 } from '../db/queries/streams.js';
 import type { SweepHold } from '../db/schema/index.js';
 import { deleteChange, passChanges, type GateOutcome, type ObservedChange } from './change-gate.js';
