@@ -47,8 +47,13 @@ async function waitFor(check: () => boolean, timeoutMs = 40_000) {
   }
 }
 
+// The embedded database's tests run once, in the run on the embedded database: they start the
+// bridge without DATABASE_URL whatever the run's database. Under DATABASE_URL only the tests that
+// use it run.
+const embedded = it.skipIf(Boolean(process.env.DATABASE_URL));
+
 describe('crm-bridge serve, as npm start runs it', () => {
-  it('runs the whole demo on the embedded database: prints where everything is and a working curl, tells the story, stops cleanly on SIGTERM', async () => {
+  embedded('runs the whole demo on the embedded database: prints where everything is and a working curl, tells the story, stops cleanly on SIGTERM', async () => {
     const server = serve({});
     const base = await server.ready;
     await waitFor(() => /Ctrl-C stops everything/.test(server.output()));
@@ -74,7 +79,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(server.output()).toMatch(/crm-bridge is stopping/);
   });
 
-  it('keeps the demo secret and the ledger across a restart', async () => {
+  embedded('keeps the demo secret and the ledger across a restart', async () => {
     const server = serve({});
     const base = await server.ready;
     const secret = readFileSync(join(dataDir, 'demo-hook-secret'), 'utf8').trim();
@@ -90,7 +95,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
 
   // A 202 is given after the commit, and PGlite has written the commit to its files by then: a
   // process killed outright (the OOM killer, kill -9) loses nothing it answered.
-  it('keeps every hook it answered when the process is killed with SIGKILL, and starts again on the same data', async () => {
+  embedded('keeps every hook it answered when the process is killed with SIGKILL, and starts again on the same data', async () => {
     const post = (base: string, secret: string, id: number) =>
       fetch(`${base}/hooks/demo`, {
         method: 'POST',
@@ -112,7 +117,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(await second.exited).toBe(0);
   });
 
-  it('keeps a CLI command off the embedded database while the server runs on it, with one line saying why, and lets it on once the server stopped', async () => {
+  embedded('keeps a CLI command off the embedded database while the server runs on it, with one line saying why, and lets it on once the server stopped', async () => {
     const cli = (args: string[]) =>
       new Promise<{ code: number | null; out: string }>((resolve) => {
         const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
@@ -139,7 +144,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(after.code).toBe(0);
   });
 
-  it('says what the embedded database cannot do when it serves a real connections file', async () => {
+  embedded('says what the embedded database cannot do when it serves a real connections file', async () => {
     const config = join(dataDir, 'connections.json');
     writeFileSync(config, JSON.stringify({ connections: [connection()] }));
     const server = serve({ CRM_BRIDGE_CONFIG: config });
@@ -196,7 +201,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     }
   });
 
-  it('fails at start with one error naming every bad value, exit status 2', async () => {
+  embedded('fails at start with one error naming every bad value, exit status 2', async () => {
     const server = serve({ PORT: 'eighty', LOG_LEVEL: 'chatty' });
     await expect(server.ready).rejects.toThrow();
     expect(await server.exited).toBe(2);
@@ -205,7 +210,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(server.output()).not.toMatch(/\n\s+at .*\.ts:\d+/);
   });
 
-  it('creates its embedded database when started from another working directory', async () => {
+  embedded('creates its embedded database when started from another working directory', async () => {
     const elsewhere = mkdtempSync(join(tmpdir(), 'crm-bridge-elsewhere-'));
     const server = serve({ DATA_DIR: join(elsewhere, 'data') }, { cwd: elsewhere });
     const base = await server.ready;
@@ -217,7 +222,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
   // A first start killed while it creates the database (an orchestrator's start timeout, the OOM
   // killer) leaves half a database behind; the next start must create it again, not fail on it
   // or take it for a whole one.
-  it('starts on a new data directory after a first start was killed with SIGKILL while creating its database', async () => {
+  embedded('starts on a new data directory after a first start was killed with SIGKILL while creating its database', async () => {
     const fresh = mkdtempSync(join(tmpdir(), 'crm-bridge-cut-'));
     const first = serve({ DATA_DIR: fresh }, { detached: true });
     first.ready.catch(() => {});
@@ -245,7 +250,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(await second.exited).toBe(0);
   });
 
-  it.each(['SIGTERM', 'SIGKILL'] as const)('stops creating its database when %s stops the first start (sent to it alone), so the next start makes it whole and runs', async (signal) => {
+  embedded.each(['SIGTERM', 'SIGKILL'] as const)('stops creating its database when %s stops the first start (sent to it alone), so the next start makes it whole and runs', async (signal) => {
     const fresh = mkdtempSync(join(tmpdir(), 'crm-bridge-stopped-'));
     const first = serve({ DATA_DIR: fresh });
     first.ready.catch(() => {});
@@ -265,7 +270,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
     expect(await second.exited).toBe(0);
   });
 
-  it('fails at start saying why when the embedded database cannot be created in its directory, exit status 1', async () => {
+  embedded('fails at start saying why when the embedded database cannot be created in its directory, exit status 1', async () => {
     const blocked = mkdtempSync(join(tmpdir(), 'crm-bridge-blocked-'));
     // A file where the new database needs a directory: the half-written leftovers of something else.
     mkdirSync(join(blocked, 'pgdata'));
