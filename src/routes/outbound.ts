@@ -51,8 +51,15 @@ async function refuseUnknownKeys(request: FastifyRequest) {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) return;
   const unknown = Object.keys(body).filter((k) => !WRITE_KEYS.includes(k));
   if (unknown.length === 0) return;
-  const named = unknown.slice(0, 5).map((k) => JSON.stringify(k.slice(0, 64)));
-  throw new BadRequestError(`The body has unknown key(s) ${named.join(', ')}: a write takes ${WRITE_KEYS.join(', ')}.`, 'VALIDATION_FAILED');
+  throw new BadRequestError(`The body has unknown key(s) ${quoted(unknown)}: a write takes ${WRITE_KEYS.join(', ')}.`, 'VALIDATION_FAILED');
+}
+
+/** Names a caller sent, for an error: the first five, quoted and cut to 64 characters. */
+function quoted(names: readonly string[]): string {
+  return names
+    .slice(0, 5)
+    .map((k) => JSON.stringify(k.slice(0, 64)))
+    .join(', ');
 }
 
 const acceptedSchema = {
@@ -154,8 +161,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
       const mapped = definition.fields;
       const unmapped = mapped === undefined ? [] : Object.keys(fields).filter((name) => !Object.hasOwn(mapped, name));
       if (mapped !== undefined && unmapped.length > 0) {
-        const named = unmapped.slice(0, 5).map((k) => JSON.stringify(k.slice(0, 64)));
-        throw new UnprocessableError(`"${object}" has no field(s) ${named.join(', ')} (its fields: ${Object.keys(mapped).join(', ')}).`, 'UNKNOWN_FIELD');
+        throw new UnprocessableError(`"${object}" has no field(s) ${quoted(unmapped)} (its fields: ${Object.keys(mapped).join(', ')}).`, 'UNKNOWN_FIELD');
       }
       const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
       // The writes' primary key, time-ordered as the ledger's event ids are (see timeOrderedId).
