@@ -17,6 +17,7 @@ const DATABASE_FREE = [
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
+    globalSetup: ['test/helpers/global-setup.ts'],
     exclude: [...configDefaults.exclude, ...(process.env.DATABASE_URL ? DATABASE_FREE : [])],
     // PGlite takes seconds to boot and Postgres-backed suites share one server: run files in
     // forked workers, two at a time on this 2-core class of machine.

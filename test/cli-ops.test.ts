@@ -193,43 +193,47 @@ describe('crm-bridge backfill', () => {
   }, 60_000);
 
   it('answers bad arguments with one line, the usage and exit status 2', async () => {
-    const badDate = await cli(['backfill', 'firm', '--since', 'last tuesday']);
+    // Refused before any database is opened: run side by side.
+    const [badDate, missing, unknown, object, url, drop] = await Promise.all([
+      cli(['backfill', 'firm', '--since', 'last tuesday']),
+      cli(['backfill']),
+      cli(['backfill', 'nope']),
+      cli(['backfill', 'firm', '--object', 'invoices']),
+      cli(['status', '--url', 'ftp://x']),
+      cli(['notifications', '--drop', 'matters/1']),
+    ]);
     expect(badDate.code).toBe(2);
     expect(badDate.out).toMatch(/--since must be an ISO-8601 date/);
     expect(badDate.out).toMatch(/Usage: crm-bridge backfill/);
 
-    const missing = await cli(['backfill']);
     expect(missing.code).toBe(2);
     expect(missing.out).toMatch(/missing required argument 'connection'/);
 
-    const unknown = await cli(['backfill', 'nope']);
     expect(unknown.code).toBe(2);
     expect(unknown.out.trim().split('\n')).toHaveLength(1);
     expect(unknown.out).toMatch(/no connection "nope"/);
 
-    const object = await cli(['backfill', 'firm', '--object', 'invoices']);
     expect(object.code).toBe(2);
     expect(object.out).toMatch(/cannot list "invoices"/);
 
-    const url = await cli(['status', '--url', 'ftp://x']);
     expect(url.code).toBe(2);
     expect(url.out).toMatch(/--url must be an http/);
 
-    const drop = await cli(['notifications', '--drop', 'matters/1']);
     expect(drop.code).toBe(2);
     expect(drop.out).toMatch(/--drop needs --connection <id>/);
   }, 60_000);
 
   it('answers a --limit of dead-letters or notifications that is not a whole number of at least 1 with a usage error (exit 2), not an empty list', async () => {
-    for (const command of ['dead-letters', 'notifications']) {
-      for (const limit of ['all', '0', '-5', '2.5']) {
-        const res = await cli([command, '--limit', limit]);
-        expect({ command, limit, code: res.code }).toEqual({ command, limit, code: 2 });
-        expect(res.out).toMatch(/--limit must be a whole number of at least 1/);
-        expect(res.out).toMatch(new RegExp(`Usage: crm-bridge ${command}`));
-        expect(res.out).not.toMatch(/no dead letters|no notified records/);
-      }
-    }
+    // Refused before any database is opened: run side by side.
+    const cases = ['dead-letters', 'notifications'].flatMap((command) => ['all', '0', '-5', '2.5'].map((limit) => ({ command, limit })));
+    const answers = await Promise.all(cases.map(({ command, limit }) => cli([command, '--limit', limit])));
+    cases.forEach(({ command, limit }, i) => {
+      const res = answers[i]!;
+      expect({ command, limit, code: res.code }).toEqual({ command, limit, code: 2 });
+      expect(res.out).toMatch(/--limit must be a whole number of at least 1/);
+      expect(res.out).toMatch(new RegExp(`Usage: crm-bridge ${command}`));
+      expect(res.out).not.toMatch(/no dead letters|no notified records/);
+    });
     expect((await cli(['dead-letters', '--limit', '1'])).code).toBe(0);
   }, 120_000);
 
@@ -243,10 +247,11 @@ describe('crm-bridge backfill', () => {
   }, 30_000);
 
   it('has --help for backfill and status', async () => {
-    for (const command of ['backfill', 'status']) {
-      const help = await cli([command, '--help']);
-      expect(help.code).toBe(0);
-      expect(help.out).toMatch(new RegExp(`Usage: crm-bridge ${command}`));
-    }
+    const commands = ['backfill', 'status'];
+    const helps = await Promise.all(commands.map((command) => cli([command, '--help'])));
+    commands.forEach((command, i) => {
+      expect(helps[i]!.code).toBe(0);
+      expect(helps[i]!.out).toMatch(new RegExp(`Usage: crm-bridge ${command}`));
+    });
   }, 30_000);
 });

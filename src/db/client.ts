@@ -37,6 +37,12 @@ export interface DatabaseOptions {
   url?: string | undefined;
   /** PGlite data directory; `memory://` for a throwaway database. */
   dataDir?: string;
+  /**
+   * A `memory://` database starts as a copy of this dump of another (PGlite's `dumpDataDir`)
+   * instead of from initdb: the tests give each file a migrated database this way, in a quarter
+   * of the time.
+   */
+  from?: Blob;
   /** Pool size for Postgres. */
   max?: number;
 }
@@ -44,7 +50,7 @@ export interface DatabaseOptions {
 export function openDatabase(options: DatabaseOptions): Database {
   if (options.url) return openPostgres(options.url, options.max ?? 10);
   const dataDir = options.dataDir ?? 'memory://';
-  const { client, unlock } = openEmbedded(dataDir);
+  const { client, unlock } = openEmbedded(dataDir, options.from);
   const db = drizzlePglite(client, { schema }) as unknown as Db;
   return {
     db,

@@ -12,8 +12,11 @@ import { NodeFS } from '@electric-sql/pglite/nodefs';
  * The embedded database: PGlite in this process, in memory (`memory://`, for tests) or in a data
  * directory on disk, where it is as durable as Postgres (`SyncedNodeFS`).
  */
-export function openEmbedded(dataDir: string): { client: PGlite; unlock: () => void } {
-  if (dataDir.startsWith('memory://')) return { client: new PGlite(dataDir, { startParams: [...PGlite.defaultStartParams, ...sharedBuffers] }), unlock: () => {} };
+export function openEmbedded(dataDir: string, from?: Blob): { client: PGlite; unlock: () => void } {
+  if (dataDir.startsWith('memory://')) {
+    return { client: new PGlite(dataDir, { startParams: [...PGlite.defaultStartParams, ...sharedBuffers], ...(from ? { loadDataDir: from } : {}) }), unlock: () => {} };
+  }
+  if (from) throw new Error('Only a memory:// database starts from a dump.');
   mkdirSync(dataDir, { recursive: true });
   const unlock = lockDataDir(dataDir);
   try {

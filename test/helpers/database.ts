@@ -1,15 +1,19 @@
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import postgres from 'postgres';
+import { inject } from 'vitest';
 import { openDatabase, type Database } from '../../src/db/client.js';
 
 /**
  * A fresh, migrated database for one test file: a new Postgres database when DATABASE_URL is
- * set (dropped on close), otherwise an in-memory PGlite. Same migrations as production.
+ * set (dropped on close), otherwise an in-memory PGlite started from the migrated dump the global
+ * setup made (test/helpers/global-setup.ts). Same migrations as production: they run here too,
+ * and find nothing left to apply.
  */
 export async function createTestDatabase(options: { max?: number } = {}): Promise<Database & { url: string | undefined }> {
   const base = process.env.DATABASE_URL;
   if (!base) {
-    const database = openDatabase({ dataDir: 'memory://' });
+    const database = openDatabase({ dataDir: 'memory://', from: new Blob([readFileSync(inject('migratedDump'))]) });
     await database.migrate();
     return { ...database, url: undefined };
   }
