@@ -7,8 +7,9 @@ import { parseStorableJson } from '../json-text.js';
 /**
  * The one HTTP client for talking to CRMs: the connectors' list/get/write calls and the token
  * manager's token-endpoint calls (with `auth: false` and a form body). Timeouts on every call,
- * retries with backoff, 429 and rate-limit pacing, one refresh-and-replay on 401, and answers
- * that are not JSON turned into an error that names the URL instead of a parse crash.
+ * retries with backoff, 429 and rate-limit pacing, one refresh-and-replay on 401, answers
+ * that are not JSON turned into an error that names the URL instead of a parse crash, and a
+ * bound on how much of an answer is read.
  */
 
 export type CrmHttpErrorCode =
@@ -29,7 +30,9 @@ export type CrmHttpErrorCode =
   /** The caller's signal aborted the call. */
   | 'CRM_ABORTED'
   /** The request could not be built (a token or header value with a character HTTP forbids): it was never sent. */
-  | 'CRM_INVALID_REQUEST';
+  | 'CRM_INVALID_REQUEST'
+  /** The answer was larger than `maxResponseBytes`: declared so, or read up to it and dropped. Never retried. */
+  | 'CRM_RESPONSE_TOO_LARGE';
 
 export class CrmHttpError extends AppError {
   declare readonly code: CrmHttpErrorCode;
@@ -79,6 +82,8 @@ export interface CrmHttpClientOptions {
   minIntervalMs?: number;
   /** Pace by X-RateLimit-* headers (default true). */
   pacing?: boolean;
+  /** The most bytes of an answer's body read; a larger answer is CRM_RESPONSE_TOO_LARGE. Default MAX_RESPONSE_BYTES. */
+  maxResponseBytes?: number;
   log?: CrmHttpLog;
   userAgent?: string;
 }
@@ -136,6 +141,17 @@ const NEVER_SENT = new Set(['ECONNREFUSED', 'UND_ERR_CONNECT_TIMEOUT', 'EAI_AGAI
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
 const MAX_REDIRECTS = 10;
 
+/**
+ * The most of one answer the client reads. Pages are far smaller: from the sandbox, 200 Clio
+ * matters weigh 94 KB and 100 HubSpot contacts 38 KB, so the limit leaves over a hundredfold
+ * room for longer records and wider field lists. An answer near it is not a page but a base URL
+ * pointing at a file server, a proxy's dump or a runaway export. The limit also bounds what one
+ * answer costs: read and parsed, 16 MiB of records took about 110 MB of memory (32 MiB took
+ * 180 MB, most of the 200 MB a backfill may peak at), where an answer of hundreds of MB read
+ * whole takes a small machine's process down.
+ */
+export const MAX_RESPONSE_BYTES = 16 * 1024 * 1024;
+
 export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClient {
   const timeoutMs = options.timeoutMs ?? 30_000;
   const maxRetries = options.maxRetries ?? 4;
@@ -145,6 +161,7 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
   const maxRetryAfterMs = options.maxRetryAfterMs ?? 600_000;
   const minIntervalMs = options.minIntervalMs ?? 0;
   const pacingOn = options.pacing ?? true;
+  const maxResponseBytes = options.maxResponseBytes ?? MAX_RESPONSE_BYTES;
   const log = options.log;
   const base = options.baseUrl.endsWith('/') ? options.baseUrl : `${options.baseUrl}/`;
   const baseOrigin = new URL(base).origin;
@@ -351,16 +368,33 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
 
       let parsed: unknown;
       let text = '';
-      try {
-        text = expect === 'none' ? '' : await res.text();
-      } catch (err) {
-        if (req.signal?.aborted) throw new CrmHttpError('CRM_ABORTED', `Call to ${shownUrl} aborted`, shownUrl, res.status, undefined, { cause: err });
-        // The body was cut off mid-way: a reset, retried like one when that is safe.
-        if (idempotent && attempt < maxRetries && !req.signal?.aborted) {
-          await wait(backoffMs(attempt++), req.signal, shownUrl);
-          continue;
+      if (expect === 'none') {
+        // Nothing to read: the body is dropped, not left holding the connection until collected.
+        await res.body?.cancel().catch(() => {});
+      } else {
+        // Too large is never retried: the same call would get the same answer.
+        const limit = describeBytes(maxResponseBytes);
+        const tooLarge = (what: string) => new CrmHttpError('CRM_RESPONSE_TOO_LARGE', `${method} ${shownUrl} answered ${res.status} ${what}`, shownUrl, res.status);
+        // Refused unread. A compressed answer declares its compressed length, and JSON inflates to more.
+        const declared = Number(res.headers.get('content-length'));
+        if (declared > maxResponseBytes) {
+          await res.body?.cancel().catch(() => {});
+          throw tooLarge(`declaring a body of ${describeBytes(declared)}, more than the ${limit} the bridge reads of an answer`);
         }
-        throw new CrmHttpError('CRM_UNREACHABLE', `${method} ${shownUrl}: the answer was cut off`, shownUrl, res.status, undefined, { cause: err });
+        let read: string | null;
+        try {
+          read = await readText(res, maxResponseBytes);
+        } catch (err) {
+          if (req.signal?.aborted) throw new CrmHttpError('CRM_ABORTED', `Call to ${shownUrl} aborted`, shownUrl, res.status, undefined, { cause: err });
+          // The body was cut off mid-way: a reset, retried like one when that is safe.
+          if (idempotent && attempt < maxRetries && !req.signal?.aborted) {
+            await wait(backoffMs(attempt++), req.signal, shownUrl);
+            continue;
+          }
+          throw new CrmHttpError('CRM_UNREACHABLE', `${method} ${shownUrl}: the answer was cut off`, shownUrl, res.status, undefined, { cause: err });
+        }
+        if (read === null) throw tooLarge(`with a body going on past ${limit}, the most the bridge reads of an answer`);
+        text = read;
       }
       const ok = (res.status >= 200 && res.status < 300) || (req.acceptStatus ?? []).includes(res.status);
       const contentType = res.headers.get('content-type') ?? '';
@@ -390,6 +424,37 @@ export function createCrmHttpClient(options: CrmHttpClientOptions): CrmHttpClien
   }
 
   return { baseUrl: options.baseUrl, request };
+}
+
+/**
+ * The body as text, read as it arrives and counted after any content decoding (a small
+ * compressed answer that inflates is stopped too); null as soon as it passes `limit`, its rest
+ * unread and the connection dropped. A body cut off mid-way rejects, as `res.text()` does.
+ */
+async function readText(res: Response, limit: number): Promise<string | null> {
+  if (res.body === null) return '';
+  const reader = res.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let received = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    received += value.byteLength;
+    if (received > limit) {
+      await reader.cancel().catch(() => {});
+      return null;
+    }
+    chunks.push(value);
+  }
+  // As `res.text()` decodes: UTF-8, a leading BOM dropped, malformed bytes read as U+FFFD.
+  return new TextDecoder().decode(Buffer.concat(chunks, received));
+}
+
+/** `16 MiB`, `64 KiB`, or exact (`16,777,217 bytes`), so a size just over a limit never reads as equal to it. */
+function describeBytes(n: number): string {
+  if (n > 0 && n % (1024 * 1024) === 0) return `${n / (1024 * 1024)} MiB`;
+  if (n > 0 && n % 1024 === 0) return `${n / 1024} KiB`;
+  return `${n.toLocaleString('en-US')} bytes`;
 }
 
 function networkCode(err: unknown): string | undefined {

@@ -1,5 +1,6 @@
 import Fastify from 'fastify';
 import type { FastifyInstance } from 'fastify';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { CrmHttpError, createCrmHttpClient } from '../../src/crm/http-client.js';
@@ -14,6 +15,32 @@ async function startLocal(register: (app: FastifyInstance) => void): Promise<{ u
   register(app);
   await app.listen({ port: 0, host: '127.0.0.1' });
   return { url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`, app };
+}
+
+/** A bare node:http server, for answers Fastify would not send: a Content-Length the body never fills, a body that keeps coming. */
+async function startRaw(handle: (req: IncomingMessage, res: ServerResponse) => void): Promise<{ url: string; close(): Promise<void> }> {
+  const server = createServer(handle);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/** How an answer ended on the server's side: `finished` false means the client dropped it before its last byte was sent. */
+function whenClosed(res: ServerResponse): Promise<{ finished: boolean }> {
+  return new Promise((resolve) => res.on('close', () => resolve({ finished: res.writableFinished })));
+}
+
+/** A listing page of exactly `bytes` bytes of JSON. */
+function pageOf(bytes: number): Buffer {
+  const head = '{"data":[],"note":"';
+  const tail = '"}';
+  return Buffer.from(head + 'x'.repeat(bytes - head.length - tail.length) + tail);
 }
 
 async function rejection(p: Promise<unknown>): Promise<CrmHttpError> {
@@ -374,5 +401,118 @@ describe('CRM HTTP client', () => {
     expect(ok.body.expires_in).toBe(604800);
     const bad = await client.request<{ error: string }>({ method: 'POST', url: '/oauth/token', auth: false, form: { grant_type: 'refresh_token', refresh_token: 'x', client_id: 'sandbox-client', client_secret: 'sandbox-secret' }, acceptStatus: [400] });
     expect(bad).toMatchObject({ status: 400, body: { error: 'invalid_grant' } });
+  });
+
+  describe('answers larger than the client reads', () => {
+    // The default is 16 MiB; a small limit keeps these tests from writing that much.
+    const LIMIT = 64 * 1024;
+
+    it('refuses an answer declaring a Content-Length over the limit without reading its body, and never retries it', async () => {
+      let calls = 0;
+      let closed: Promise<{ finished: boolean }> | undefined;
+      const local = await startRaw((_req, res) => {
+        calls++;
+        // Headers only: the body promised never comes, so a client waiting for it would wait for its timeout.
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(16 * LIMIT) });
+        res.flushHeaders();
+        closed = whenClosed(res);
+      });
+      try {
+        const client = createCrmHttpClient({ baseUrl: local.url, maxResponseBytes: LIMIT, maxRetries: 3, retryBaseMs: 1, timeoutMs: 2_000 });
+        const err = await rejection(client.request({ url: '/api/v4/matters.json', query: { access_token: 'sekrit-value', limit: 200 } }));
+        expect(err.code).toBe('CRM_RESPONSE_TOO_LARGE');
+        expect(err.status).toBe(200);
+        expect(err.message).toContain(`${local.url}/api/v4/matters.json`);
+        expect(err.message).toContain('1 MiB');
+        expect(err.message).toContain('64 KiB');
+        expect(err.message).not.toContain('sekrit-value');
+        // The client let the connection go rather than wait for the body.
+        expect(await closed).toEqual({ finished: false });
+        expect(calls).toBe(1);
+      } finally {
+        await local.close();
+      }
+    });
+
+    it('stops reading an answer with no Content-Length as soon as it passes the limit, drops the connection, and never retries it', async () => {
+      // A listing that would run to 64 MiB: a file server, a proxy's dump, a runaway export.
+      const total = 64 * 1024 * 1024;
+      let calls = 0;
+      let sent: Promise<{ finished: boolean; bytes: number }> | undefined;
+      const local = await startRaw((_req, res) => {
+        calls++;
+        const closed = whenClosed(res);
+        sent = (async () => {
+          res.writeHead(200, { 'content-type': 'application/json' });
+          const chunk = `${JSON.stringify({ id: 1, etag: '"0123456789abcdef"', description: 'x'.repeat(200) })},`.repeat(64);
+          res.write('{"data":[');
+          let bytes = '{"data":['.length;
+          while (bytes < total && !res.destroyed) {
+            if (!res.write(chunk)) await Promise.race([new Promise((r) => res.once('drain', r)), closed]);
+            bytes += Buffer.byteLength(chunk);
+          }
+          if (!res.destroyed) res.end('{"id":0}]}');
+          return { ...(await closed), bytes };
+        })();
+      });
+      try {
+        const client = createCrmHttpClient({ baseUrl: local.url, maxResponseBytes: LIMIT, maxRetries: 3, retryBaseMs: 1 });
+        const err = await rejection(client.request({ url: '/api/v4/matters.json' }));
+        expect(err.code).toBe('CRM_RESPONSE_TOO_LARGE');
+        expect(err.message).toContain(`${local.url}/api/v4/matters.json`);
+        expect(err.message).toContain('64 KiB');
+        const { finished, bytes } = (await sent)!;
+        expect(finished).toBe(false);
+        expect(bytes).toBeLessThan(total);
+        expect(calls).toBe(1);
+      } finally {
+        await local.close();
+      }
+    });
+
+    it('reads an answer of exactly the limit, declared or not, and refuses one a byte longer', async () => {
+      const local = await startRaw((req, res) => {
+        const url = new URL(req.url ?? '/', 'http://localhost');
+        const page = pageOf(Number(url.searchParams.get('bytes')));
+        if (url.searchParams.get('declared') === 'true') {
+          res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(page.length) }).end(page);
+          return;
+        }
+        // Chunked, in pieces, as a streaming CRM sends it.
+        res.writeHead(200, { 'content-type': 'application/json' });
+        for (let at = 0; at < page.length; at += 4096) res.write(page.subarray(at, at + 4096));
+        res.end();
+      });
+      try {
+        const client = createCrmHttpClient({ baseUrl: local.url, maxResponseBytes: LIMIT, maxRetries: 0 });
+        for (const declared of [true, false]) {
+          const res = await client.request<{ data: unknown[]; note: string }>({ url: '/page', query: { bytes: LIMIT, declared } });
+          expect(res.body.data).toEqual([]);
+          expect(res.body.note).toHaveLength(LIMIT - '{"data":[],"note":""}'.length);
+          const err = await rejection(client.request({ url: '/page', query: { bytes: LIMIT + 1, declared } }));
+          expect(err.code).toBe('CRM_RESPONSE_TOO_LARGE');
+        }
+      } finally {
+        await local.close();
+      }
+    });
+
+    it('skips the body of a call that expects none, whatever its size, and lets the connection go', async () => {
+      let closed: Promise<{ finished: boolean }> | undefined;
+      const local = await startRaw((_req, res) => {
+        res.writeHead(200, { 'content-length': String(16 * LIMIT) });
+        res.flushHeaders();
+        closed = whenClosed(res);
+      });
+      try {
+        const client = createCrmHttpClient({ baseUrl: local.url, maxResponseBytes: LIMIT, maxRetries: 0 });
+        const res = await client.request({ method: 'DELETE', url: '/api/v4/matters/1.json', expect: 'none' });
+        expect(res.status).toBe(200);
+        expect(res.body).toBeUndefined();
+        expect(await closed).toEqual({ finished: false });
+      } finally {
+        await local.close();
+      }
+    });
   });
 });
