@@ -8,6 +8,7 @@ import { streamCursors } from '../src/db/schema/index.js';
 import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
 import { clioConnection, TEST_TOKEN_KEY, timeOrderedConnector } from './helpers/bridge.js';
+import { crmBridge } from './helpers/cli.js';
 import { createTestDatabase } from './helpers/database.js';
 
 let sandbox: Sandbox;
@@ -44,7 +45,7 @@ afterAll(async () => {
  */
 function cli(args: string[], options: { stopWhen?: RegExp; config?: string } = {}): Promise<{ code: number | null; out: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
+    const child = spawn(process.execPath, crmBridge(...args), {
       env: { ...process.env, CRM_BRIDGE_CONFIG: options.config ?? config, DATA_DIR: dir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: database?.url ?? '' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });

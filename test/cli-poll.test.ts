@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DEFAULT_CLIENT, startSandbox, type Sandbox } from '../src/sandbox/index.js';
 import { clioConnection, TEST_TOKEN_KEY } from './helpers/bridge.js';
+import { crmBridge } from './helpers/cli.js';
 import { createTestDatabase } from './helpers/database.js';
 import { startFaultProxy } from './helpers/fault-proxy.js';
 
@@ -52,7 +53,7 @@ async function issuedToken(): Promise<string> {
 
 /** Starts `crm-bridge <args>` on the embedded database in a fresh DATA_DIR (or DATABASE_URL). */
 function start(args: string[], dataDir = dir) {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
+  const child = spawn(process.execPath, crmBridge(...args), {
     env: { ...process.env, CRM_BRIDGE_CONFIG: config, DATA_DIR: dataDir, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATABASE_URL: database?.url ?? '' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

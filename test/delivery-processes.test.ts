@@ -11,6 +11,7 @@ import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { outbox } from '../src/db/schema/index.js';
 import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
 import { buildTestApp, connection, SECRET } from './helpers/app.js';
+import { crmBridge } from './helpers/cli.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startSink, type Sink } from './fixtures/delivery-sink.js';
 
@@ -151,7 +152,7 @@ describe('delivery workers in separate processes on one Postgres', () => {
     writeFileSync(config, JSON.stringify({ connections: [connection({ downstream: { url: sink.url, timeout: '1500ms', lease: '2500ms', pollInterval: '1h' } })] }));
     sink.behave(() => 'hold');
     // crm-bridge serve, as a replica runs it: hooks, daemons and this test's Postgres.
-    const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'serve'], {
+    const child = spawn(process.execPath, crmBridge('serve'), {
       env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATABASE_URL: database!.url!, CRM_BRIDGE_CONFIG: config },
       detached: true,
       stdio: ['ignore', 'pipe', 'inherit'],

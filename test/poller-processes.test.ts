@@ -9,6 +9,7 @@ import { ledger, leases } from '../src/db/schema/index.js';
 import { startSandbox, type Sandbox } from '../src/sandbox/index.js';
 import { SECRET } from './helpers/app.js';
 import { TEST_TOKEN_KEY } from './helpers/bridge.js';
+import { crmBridge } from './helpers/cli.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 
 // Separate bridge processes need a database they can share: Postgres. PGlite is one process's.
@@ -43,7 +44,7 @@ function startBridgeProcess(name: string, token: string) {
       ],
     }),
   );
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'serve'], {
+  const child = spawn(process.execPath, crmBridge('serve'), {
     env: { ...process.env, DATABASE_URL: database!.url!, CRM_BRIDGE_CONFIG: config, PORT: '0', LOG_LEVEL: 'warn', INSTANCE_ID: name, TOKEN_ENCRYPTION_KEY: TEST_TOKEN_KEY, DATA_DIR: dir },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

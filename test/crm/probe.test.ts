@@ -14,6 +14,7 @@ import { createTokenManager } from '../../src/crm/token-manager.js';
 import { getTokenRow } from '../../src/db/queries/tokens.js';
 import { startSandbox } from '../../src/sandbox/index.js';
 import type { Sandbox } from '../../src/sandbox/index.js';
+import { crmBridge } from '../helpers/cli.js';
 import { createTestDatabase } from '../helpers/database.js';
 import { startFaultProxy } from '../helpers/fault-proxy.js';
 
@@ -176,7 +177,7 @@ describe('crm-bridge probe against the sandbox, lies switched on', () => {
       };
       const run = (connection: string) =>
         new Promise<{ code: number | null; out: string }>((resolve) => {
-          const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', 'probe', connection, '--object', 'matters'], { env, cwd: process.cwd() });
+          const child = spawn(process.execPath, crmBridge('probe', connection, '--object', 'matters'), { env, cwd: process.cwd() });
           let out = '';
           child.stdout.on('data', (d: Buffer) => (out += d.toString()));
           child.stderr.on('data', (d: Buffer) => (out += d.toString()));

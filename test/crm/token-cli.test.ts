@@ -3,17 +3,16 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TokenCipher } from '../../src/crm/crypto.js';
 import { openDatabase } from '../../src/db/client.js';
 import { getTokenRow } from '../../src/db/queries/tokens.js';
 import { startSandbox, type Sandbox } from '../../src/sandbox/index.js';
 import { connection } from '../helpers/app.js';
+import { crmBridge } from '../helpers/cli.js';
 import { createTestDatabase } from '../helpers/database.js';
 import { apiRequests, TEST_KEY } from '../fixtures/token-helpers.js';
 
-const cli = fileURLToPath(new URL('../../src/cli.ts', import.meta.url));
 let sb: Sandbox;
 
 beforeAll(async () => {
@@ -50,7 +49,7 @@ async function setup() {
 }
 
 function run(args: string[], env: Record<string, string>) {
-  const child = spawn(process.execPath, ['--import', 'tsx', cli, ...args], { env, stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, crmBridge(...args), { env, stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
   const lines = createInterface({ input: child.stdout! });
