@@ -2,7 +2,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
@@ -11,7 +10,7 @@ import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { outbox } from '../src/db/schema/index.js';
 import type { DeliveryWorker } from '../src/sync/delivery-worker.js';
 import { buildTestApp, connection, SECRET } from './helpers/app.js';
-import { crmBridge } from './helpers/cli.js';
+import { compiled, crmBridge } from './helpers/cli.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { startSink, type Sink } from './fixtures/delivery-sink.js';
 
@@ -22,7 +21,6 @@ import { startSink, type Sink } from './fixtures/delivery-sink.js';
  */
 const onPostgres = Boolean(process.env.DATABASE_URL);
 const database = onPostgres ? await createTestDatabase() : undefined;
-const fixture = fileURLToPath(new URL('./fixtures/delivery-worker.ts', import.meta.url));
 
 let sink: Sink;
 let app: FastifyInstance | undefined;
@@ -40,9 +38,9 @@ afterEach(async () => {
 });
 afterAll(() => database?.close());
 
-/** `npx tsx` runs the worker in a grandchild; its own process group lets SIGKILL reach all of them. */
+/** A worker process in a process group of its own, which SIGKILL is sent to. */
 function spawnWorker(env: Record<string, string>): ChildProcess {
-  const child = spawn('npx', ['tsx', fixture], {
+  const child = spawn(process.execPath, [compiled('test/fixtures/delivery-worker.ts')], {
     env: { ...process.env, DATABASE_URL: database!.url!, SINK_URL: sink.url, ...env },
     detached: true,
     stdio: ['ignore', 'ignore', 'inherit'],

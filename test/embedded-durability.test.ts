@@ -7,6 +7,7 @@ import { sql } from 'drizzle-orm';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openDatabase, rowsOf, type Database } from '../src/db/client.js';
 import { createEmbeddedDatabase } from '../src/db/embedded.js';
+import { compiled } from './helpers/cli.js';
 
 // The embedded database on disk (`npm start`'s). Only PGlite: the suite's own database is not used.
 const skip = process.env.DATABASE_URL !== undefined && process.env.DATABASE_URL !== '';
@@ -117,7 +118,7 @@ describe.skipIf(skip)('the embedded database on disk survives a power cut', () =
   it('stops the process before answering a commit whose sync failed, and recovers from its WAL on the next start', async () => {
     const failing = fs.mkdtempSync(join(tmpdir(), 'crm-bridge-eio-'));
     try {
-      const run = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'test/fixtures/embedded-fsync-fails.ts', failing], { timeout: 50_000 }).then(
+      const run = await promisify(execFile)(process.execPath, [compiled('test/fixtures/embedded-fsync-fails.ts'), failing], { timeout: 50_000 }).then(
         () => ({ code: 0, stdout: '', stderr: '' }),
         (err: { code: number | string; stdout: string; stderr: string }) => err,
       );

@@ -6,7 +6,6 @@ import { mkdtempSync, readFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { eq } from 'drizzle-orm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ConfigError } from '../../src/config/load.js';
@@ -17,6 +16,7 @@ import { NeedsReauthError } from '../../src/crm/token-provider.js';
 import { tokens } from '../../src/db/schema/index.js';
 import { startSandbox, type Sandbox } from '../../src/sandbox/index.js';
 import { captureLogs } from '../helpers/app.js';
+import { compiled } from '../helpers/cli.js';
 import { createTestDatabase, resetDatabase } from '../helpers/database.js';
 import {
   apiRequests,
@@ -177,14 +177,13 @@ describe('single flight', () => {
     async () => {
       sb.state.setSwitches({ rotateRefreshTokens: true });
       const proxy = await startTokenProxy(sb.url, { delayMs: 300 });
-      const fixture = fileURLToPath(new URL('../fixtures/token-worker.ts', import.meta.url));
       try {
         const auth = oauthAuth({ tokenUrl: `${proxy.url}/oauth/token`, authorizeUrl: `${sb.url}/oauth/authorize` });
         await authorise(manager({ auth }));
         await expireStoredToken();
         const since = sb.state.requestLog.lastSeq;
 
-        const child = spawn(process.execPath, ['--import', 'tsx', fixture], {
+        const child = spawn(process.execPath, [compiled('test/fixtures/token-worker.ts')], {
           env: { ...process.env, DATABASE_URL: database.url, SANDBOX_URL: sb.url, TOKEN_BASE_URL: proxy.url, CONCURRENCY: '15' },
           stdio: ['pipe', 'pipe', 'inherit'],
         });

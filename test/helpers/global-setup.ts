@@ -10,8 +10,8 @@ declare module 'vitest' {
   export interface ProvidedContext {
     /** A dump of a migrated embedded database, which every test file's database starts from (embedded runs only). */
     migratedDump: string;
-    /** The compiled `src/cli.js`, run by plain node. */
-    compiledCli: string;
+    /** Where src/ and test/fixtures/ are compiled to JavaScript, to run by plain node. */
+    compiledRoot: string;
   }
 }
 
@@ -19,10 +19,11 @@ const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
 /**
  * Runs once before the test files:
- * - compiles src/ to JavaScript (esbuild, well under a second), so the tests that start
- *   `crm-bridge` as a process run it with plain node, as the image runs dist/: a process under
- *   tsx spends one to two seconds more loading the same modules, and the CLI tests start about
- *   fifty processes. The `npm start` tests (server-process.test.ts) keep tsx, as npm start runs.
+ * - compiles src/ and test/fixtures/ to JavaScript (esbuild, well under a second), so the tests
+ *   that start `crm-bridge` or a fixture as a process run it with plain node, as the image runs
+ *   dist/: a process under tsx spends one to two seconds more loading the same modules, and the
+ *   CLI tests start about fifty processes. The `npm start` tests (server-process.test.ts) keep
+ *   tsx, as npm start runs.
  * - on the embedded database, migrates one PGlite and dumps it, so each file's database loads that
  *   dump (about half a second) instead of running initdb and the migrations (two to three
  *   seconds). Under DATABASE_URL each file makes its own Postgres database.
@@ -33,15 +34,17 @@ export default async function setup(project: TestProject): Promise<() => void> {
   const cache = join(ROOT, 'node_modules/.cache');
   mkdirSync(cache, { recursive: true });
   const dir = mkdtempSync(join(cache, 'crm-bridge-test-'));
-  const sources = readdirSync(join(ROOT, 'src'), { recursive: true, encoding: 'utf8' })
-    .filter((file) => file.endsWith('.ts'))
-    .map((file) => join(ROOT, 'src', file));
+  const sources = ['src', 'test/fixtures'].flatMap((folder) =>
+    readdirSync(join(ROOT, folder), { recursive: true, encoding: 'utf8' })
+      .filter((file) => file.endsWith('.ts'))
+      .map((file) => join(ROOT, folder, file)),
+  );
   await build({ entryPoints: sources, outbase: ROOT, outdir: dir, format: 'esm', platform: 'node', target: 'node20', sourcemap: 'inline', logLevel: 'error' });
   // Node reads a .js file under node_modules as CommonJS unless its own package.json says otherwise.
   writeFileSync(join(dir, 'package.json'), '{ "type": "module" }\n');
   // The compiled src/db/client.js applies migrations from ../../drizzle, as dist/db/client.js does.
   symlinkSync(join(ROOT, 'drizzle'), join(dir, 'drizzle'));
-  project.provide('compiledCli', join(dir, 'src/cli.js'));
+  project.provide('compiledRoot', dir);
 
   if (!process.env.DATABASE_URL) {
     const database = openDatabase({ dataDir: 'memory://' });
