@@ -6,16 +6,24 @@ import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { connection, SECRET } from './helpers/app.js';
+import { crmBridge } from './helpers/cli.js';
 import { createTestDatabase } from './helpers/database.js';
 
 const dataDir = mkdtempSync(join(tmpdir(), 'crm-bridge-serve-'));
 const children: ChildProcess[] = [];
 afterAll(() => children.forEach((c) => c.kill('SIGKILL')));
 
-/** Starts `crm-bridge serve` as `npm start` does and resolves with its address and output. */
-function serve(env: Record<string, string>, options: { cwd?: string } = {}) {
-  // From another working directory, by absolute paths (a service manager's unit, say).
-  const args = options.cwd ? ['--import', pathToFileURL(resolve('node_modules/tsx/dist/loader.mjs')).href, resolve('src/cli.ts'), 'serve'] : ['--import', 'tsx', 'src/cli.ts', 'serve'];
+/**
+ * Starts `crm-bridge serve` on the embedded database and resolves with its address and output:
+ * as `npm start` does (under tsx) with `npmStart` or `cwd`, else compiled, as the image runs it.
+ */
+function serve(env: Record<string, string>, options: { cwd?: string; npmStart?: boolean } = {}) {
+  const args = options.cwd
+    ? // From another working directory, by absolute paths (a service manager's unit, say).
+      ['--import', pathToFileURL(resolve('node_modules/tsx/dist/loader.mjs')).href, resolve('src/cli.ts'), 'serve']
+    : options.npmStart
+      ? ['--import', 'tsx', 'src/cli.ts', 'serve']
+      : crmBridge('serve');
   const child = spawn(process.execPath, args, {
     // npm start on a fresh machine: the embedded database, whatever the test run uses.
     env: { ...process.env, PORT: '0', LOG_LEVEL: 'info', DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', DATABASE_URL: '', ...env },
@@ -50,9 +58,9 @@ async function waitFor(check: () => boolean, timeoutMs = 40_000) {
 // use it run.
 const embedded = it.skipIf(Boolean(process.env.DATABASE_URL));
 
-describe('crm-bridge serve, as npm start runs it', () => {
+describe('crm-bridge serve', () => {
   embedded('runs the whole demo on the embedded database: prints where everything is and a working curl, tells the story, stops cleanly on SIGTERM', async () => {
-    const server = serve({});
+    const server = serve({}, { npmStart: true });
     const base = await server.ready;
     await waitFor(() => /Ctrl-C stops everything/.test(server.output()));
     expect(server.output()).toMatch(/sandbox CRM: +http:\/\/127\.0\.0\.1:\d+/);
@@ -118,7 +126,7 @@ describe('crm-bridge serve, as npm start runs it', () => {
   embedded('keeps a CLI command off the embedded database while the server runs on it, with one line saying why, and lets it on once the server stopped', async () => {
     const cli = (args: string[]) =>
       new Promise<{ code: number | null; out: string }>((resolve) => {
-        const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli.ts', ...args], {
+        const child = spawn(process.execPath, crmBridge(...args), {
           env: { ...process.env, DATA_DIR: dataDir, CRM_BRIDGE_CONFIG: '', DATABASE_URL: '' },
           stdio: ['ignore', 'pipe', 'pipe'],
         });
