@@ -1,4 +1,5 @@
 import { configDefaults, defineConfig } from 'vitest/config';
+import { BaseSequencer, type TestSpecification } from 'vitest/node';
 
 /**
  * Test files that never open a database (the sandbox CRM, the CRM HTTP client and connectors,
@@ -14,6 +15,25 @@ const DATABASE_FREE = [
   'test/daemon.test.ts',
 ];
 
+/**
+ * The files that start processes (a CLI command or a bridge each, and the embedded database's
+ * creation): the longest files by far, though small. Without vitest's cache of durations (a
+ * clean checkout, as in CI) files run largest first, which left these for the end of the run
+ * with one worker idle beside them; they go first instead.
+ */
+const SLOWEST = ['test/server-process.test.ts', 'test/cli-ops.test.ts', 'test/cli-poll.test.ts', 'test/soak.test.ts', 'test/embedded-durability.test.ts', 'test/crm/token-cli.test.ts', 'test/delivery-processes.test.ts'];
+
+class SlowestFirst extends BaseSequencer {
+  override async sort(files: TestSpecification[]): Promise<TestSpecification[]> {
+    const sorted = await super.sort(files);
+    const rank = (file: TestSpecification) => {
+      const i = SLOWEST.findIndex((name) => file.moduleId.endsWith(name));
+      return i < 0 ? SLOWEST.length : i;
+    };
+    return sorted.map((file, i) => ({ file, i })).sort((a, b) => rank(a.file) - rank(b.file) || a.i - b.i).map(({ file }) => file);
+  }
+}
+
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
@@ -22,6 +42,7 @@ export default defineConfig({
     // PGlite takes seconds to boot and Postgres-backed suites share one server: run files in
     // forked workers, two at a time on this 2-core class of machine.
     pool: 'forks',
+    sequence: { sequencer: SlowestFirst },
     maxWorkers: 2,
     testTimeout: 60_000,
     hookTimeout: 60_000,
