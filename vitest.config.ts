@@ -13,6 +13,7 @@ const DATABASE_FREE = [
   'test/crm/jsonapi-connector.test.ts',
   'test/ids.test.ts',
   'test/daemon.test.ts',
+  'test/database-unreachable.test.ts',
 ];
 
 /**

@@ -357,6 +357,29 @@ function buildCases(routes: Route[]): Case[] {
 }
 
 describe('bad input to every public route', () => {
+  it('an empty body declared as JSON is no body on a POST route that takes none, and refused with 400 saying so where a body is needed', async () => {
+    const posts = (await publicRoutes()).filter((r) => r.method === 'POST');
+    expect(posts.filter((r) => r.good.body === undefined).map((r) => r.path)).toEqual(expect.arrayContaining([expect.stringMatching(/^\/v1\/dead-letters\/[^/]+\/replay$/)]));
+    expect(posts.filter((r) => r.good.body !== undefined).map((r) => r.path)).toEqual(expect.arrayContaining(['/hooks/firm', '/v1/connections/firm/records']));
+    const answers: Record<string, [number, string]> = {};
+    for (const route of posts) {
+      // What `curl -X POST -H 'Content-Type: application/json'` without -d sends.
+      const res = await app.inject({ method: 'POST', url: route.path, headers: { ...route.good.headers, 'content-type': 'application/json', 'content-length': '0' }, payload: '' });
+      const { code, detail } = res.json() as { code: string; detail: string };
+      answers[route.path] = [res.statusCode, route.good.body === undefined ? code : `${code}: ${detail}`];
+    }
+    expect(answers).toEqual(
+      Object.fromEntries(
+        posts.map((r) =>
+          r.good.body === undefined
+            ? // The replay of an event id that names nothing: the route ran, the body was none.
+              [r.path, [404, 'NOT_FOUND']]
+            : [r.path, [400, 'INVALID_JSON: The body is empty; send a JSON object.']],
+        ),
+      ),
+    );
+  });
+
   it('answers each of more than 1,000 generated bad requests with a 4xx problem+json, never a 5xx, and writes no row', async () => {
     const routes = await publicRoutes();
     expect(routes.map((r) => `${r.method} ${r.path}`)).toEqual(expect.arrayContaining(['POST /hooks/firm', 'POST /v1/connections/firm/records', 'GET /metrics', 'GET /']));

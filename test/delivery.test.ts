@@ -193,6 +193,29 @@ describe('delivery to the intake pipeline', () => {
     expect(again.statusCode).toBe(409);
   });
 
+  it("replays a dead letter asked for as operators type it: curl -X POST -H 'Content-Type: application/json' with no body", async () => {
+    const { app, worker } = await startApp();
+    sink.behave(() => ({ status: 400, body: '{"error":"unknown status"}' }));
+    const eventId = await hookAccepted(app, matter(11, 1));
+    await tickOnce(worker);
+    expect((await states())[0]).toMatchObject({ state: 'dead' });
+
+    sink.behave(() => ({ status: 200 }));
+    const replay = await app.inject({
+      method: 'POST',
+      url: `/v1/dead-letters/${eventId}/replay`,
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}`, 'content-type': 'application/json', 'content-length': '0' },
+      payload: '',
+    });
+    expect(replay.json()).toEqual({ status: 'queued', eventId });
+    expect(replay.statusCode).toBe(202);
+    await drain(worker);
+    expect(sink.requests.map((r) => [r.key, r.status])).toEqual([
+      [eventId, 400],
+      [eventId, 200],
+    ]);
+  });
+
   it('dead-letters a redirect without following it, so the pipeline key never goes where it points', async () => {
     const elsewhere = await startSink();
     try {

@@ -31,9 +31,10 @@ const hook = (secret: string, id: number, remoteAddress = '203.0.113.7', headers
   });
 
 describe('failed authentications', () => {
-  it('get 429 from one address after the limit, on hooks and operator routes alike, while other addresses are untouched', async () => {
+  it('answer exactly AUTH_FAILURE_LIMIT failures from one address, then 429, on hooks and operator routes alike, while other addresses are untouched', async () => {
     await start();
-    for (let i = 0; i < 5; i++) expect((await hook('wrong-secret-0123456789', i)).statusCode).toBe(401);
+    // The limit is 5: four failed hooks and a failed admin call are answered 401, and that is all.
+    for (let i = 0; i < 4; i++) expect((await hook('wrong-secret-0123456789', i)).statusCode).toBe(401);
     const admin = await app.inject({ method: 'GET', url: '/v1/dead-letters', remoteAddress: '203.0.113.7', headers: { authorization: 'Bearer wrong' } });
     expect(admin.statusCode).toBe(401);
 
@@ -48,7 +49,7 @@ describe('failed authentications', () => {
 
   it('never refuse a hook with a valid secret, even from an address over the limit (a retired secret still firing from the CRM)', async () => {
     await start();
-    for (let i = 0; i < 6; i++) await hook('retired-secret-0123456789', i);
+    for (let i = 0; i < 5; i++) expect((await hook('retired-secret-0123456789', i)).statusCode).toBe(401);
     expect((await hook('retired-secret-0123456789', 50)).statusCode).toBe(429);
     const good = await hook(SECRET, 51);
     expect(good.statusCode).toBe(202);
@@ -60,17 +61,17 @@ describe('failed authentications', () => {
   it('key on the address the proxy forwarded only when TRUST_PROXY names that proxy', async () => {
     const fromBalancer = (secret: string, id: number, client: string) => hook(secret, id, '10.0.0.2', { 'x-forwarded-for': client });
     await start({ TRUST_PROXY: '10.0.0.0/8' });
-    // The limit is 5: the sixth failure is still answered, the seventh attempt is refused.
-    for (let i = 0; i < 6; i++) expect((await fromBalancer('wrong-secret-0123456789', i, '203.0.113.7')).statusCode).toBe(401);
-    expect((await fromBalancer('wrong-secret-0123456789', 6, '203.0.113.7')).statusCode).toBe(429);
+    // The limit is 5: five failures are answered, the sixth attempt is refused.
+    for (let i = 0; i < 5; i++) expect((await fromBalancer('wrong-secret-0123456789', i, '203.0.113.7')).statusCode).toBe(401);
+    expect((await fromBalancer('wrong-secret-0123456789', 5, '203.0.113.7')).statusCode).toBe(429);
     // Another caller behind the same balancer is its own address.
     expect((await fromBalancer('wrong-secret-0123456789', 7, '198.51.100.20')).statusCode).toBe(401);
     await app.close();
 
     // Unset, X-Forwarded-For is ignored: every caller is the balancer, and no caller can pick an address.
     await start();
-    for (let i = 0; i < 6; i++) expect((await fromBalancer('wrong-secret-0123456789', i, `203.0.113.${i}`)).statusCode).toBe(401);
-    expect((await fromBalancer('wrong-secret-0123456789', 6, '198.51.100.20')).statusCode).toBe(429);
+    for (let i = 0; i < 5; i++) expect((await fromBalancer('wrong-secret-0123456789', i, `203.0.113.${i}`)).statusCode).toBe(401);
+    expect((await fromBalancer('wrong-secret-0123456789', 5, '198.51.100.20')).statusCode).toBe(429);
   });
 
   it('never slow a burst of 500 correctly authenticated hooks from one address', async () => {
@@ -78,6 +79,16 @@ describe('failed authentications', () => {
     const answers = await Promise.all(Array.from({ length: 500 }, (_, i) => hook(SECRET, i + 1)));
     expect(answers.filter((a) => a.statusCode === 429)).toHaveLength(0);
     expect(answers.every((a) => a.statusCode === 202)).toBe(true);
+  });
+
+  it('with AUTH_FAILURE_LIMIT=1, answer one failure and refuse the next attempt, even with the right token', async () => {
+    await start({ AUTH_FAILURE_LIMIT: '1' });
+    const admin = (token: string) => app.inject({ method: 'GET', url: '/v1/dead-letters', remoteAddress: '203.0.113.7', headers: { authorization: `Bearer ${token}` } });
+    expect((await admin(ADMIN_TOKEN)).statusCode).toBe(200);
+    expect((await admin('wrong')).statusCode).toBe(401);
+    const refused = await admin(ADMIN_TOKEN);
+    expect(refused.statusCode).toBe(429);
+    expect(refused.json()).toMatchObject({ status: 429, code: 'RATE_LIMITED' });
   });
 
   it('are not limited when AUTH_FAILURE_LIMIT is 0', async () => {

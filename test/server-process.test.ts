@@ -257,7 +257,8 @@ describe('crm-bridge serve', () => {
     expect(hook.status).toBe(202);
     second.child.kill('SIGTERM');
     expect(await second.exited).toBe(0);
-  });
+    // Two database creations (initdb, synced): about 20 s alone, three times that on a busy machine.
+  }, 180_000);
 
   embedded('stops creating its database when SIGTERM stops the first start (sent to it alone), so the next start makes it whole and runs', async () => {
     const fresh = mkdtempSync(join(tmpdir(), 'crm-bridge-stopped-'));
@@ -277,7 +278,7 @@ describe('crm-bridge serve', () => {
     expect((await fetch(`${base}/health/live`)).status).toBe(200);
     second.child.kill('SIGTERM');
     expect(await second.exited).toBe(0);
-  });
+  }, 180_000);
 
   embedded('fails at start saying why when the embedded database cannot be created in its directory, exit status 1', async () => {
     const blocked = mkdtempSync(join(tmpdir(), 'crm-bridge-blocked-'));

@@ -102,7 +102,7 @@ export const envSchema = z.object({
   RETENTION_DAYS: z.coerce.number().int().min(1).max(36_500).default(30),
   /**
    * Failed authentications (401s on hooks and operator routes, refused OAuth callbacks) one
-   * address may make per AUTH_FAILURE_WINDOW before it gets 429; 0 turns the limit off.
+   * address may make per AUTH_FAILURE_WINDOW; its next request gets 429. 0 turns the limit off.
    * Successful requests are never counted, so a CRM's burst of good hooks is never slowed.
    */
   AUTH_FAILURE_LIMIT: z.coerce.number().int().min(0).default(20),

@@ -87,14 +87,63 @@ function openPostgres(url: string, max: number): Database {
       // One connection, so the advisory lock and the migration share a session.
       const session = postgres(url, { max: 1, onnotice: () => {} });
       try {
+        await answersAsPostgres(session);
         await session`select pg_advisory_lock(${MIGRATION_LOCK})`;
         await migratePostgres(drizzlePostgres(session, { schema }), { migrationsFolder });
-      } finally {
-        await session.end({ timeout: 5 });
+      } catch (err) {
+        // Ended at once: a session still trying to reach a server that is not Postgres would reconnect on.
+        await session.end({ timeout: 0 });
+        throw err;
       }
+      await session.end({ timeout: 5 });
     },
     close: () => client.end({ timeout: 5 }),
   };
+}
+
+/** DATABASE_URL's server did not answer as Postgres: a wrong host or port, or Postgres not up. */
+export class DatabaseUnreachableError extends Error {
+  readonly code = 'DATABASE_UNREACHABLE';
+  constructor(detail: string, options: { cause?: unknown }) {
+    super(detail, options);
+    this.name = 'DatabaseUnreachableError';
+  }
+}
+
+/**
+ * Waits for the server's first answer, at most postgres.js's connect timeout (30 s, or
+ * `?connect_timeout=<seconds>` in DATABASE_URL), and fails with an error naming where it looked.
+ * postgres.js alone gives up on a server that accepts the connection and stays silent only with
+ * `write CONNECT_TIMEOUT host:port`, and on one that closes the connection (a DATABASE_URL port
+ * pointing at another service) never: it reconnects without end, and the start failed only at
+ * Fastify's plugin timeout (120 s), with a message about a plugin. An error the server itself
+ * sends (a wrong password, no such database) is its own and passes through as it is.
+ */
+async function answersAsPostgres(session: postgres.Sql): Promise<void> {
+  const { host, port, path, connect_timeout: seconds } = session.options;
+  // Never from the URL itself: it carries the password.
+  const where = path || host.map((name, i) => `${name.includes(':') ? `[${name}]` : name}:${port[i] ?? port[0]}`).join(',');
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(Object.assign(new Error(`no answer within ${seconds} s`), { code: 'CONNECT_TIMEOUT' })), seconds * 1000);
+  });
+  try {
+    await Promise.race([session`select 1`, timedOut]);
+  } catch (err) {
+    if (err instanceof postgres.PostgresError) throw err;
+    const code = (err as { code?: unknown }).code;
+    const reason =
+      code === 'CONNECT_TIMEOUT'
+        ? `no answer within ${seconds} s`
+        : code === 'ECONNREFUSED'
+          ? 'the connection was refused'
+          : code === 'ECONNRESET' || code === 'CONNECTION_CLOSED' || code === 'EPIPE'
+            ? 'it closed the connection'
+            : `${typeof code === 'string' ? `${code}: ` : ''}${(err as Error).message}`;
+    throw new DatabaseUnreachableError(`The database at ${where} (DATABASE_URL) did not answer as Postgres (${reason}). Check DATABASE_URL's host and port, and that Postgres is up.`, { cause: err });
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** Opens a statement marked by `lastStatement`. */

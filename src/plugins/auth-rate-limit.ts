@@ -29,7 +29,8 @@ declare module 'fastify' {
  *
  * The counts live in this process (@fastify/rate-limit's LRU store): each replica limits on its
  * own. Behind a load balancer set TRUST_PROXY, or every caller shares the balancer's address.
- * AUTH_FAILURE_LIMIT=0 turns the limit off.
+ * AUTH_FAILURE_LIMIT=N answers N failures from one address in the window, then refuses its next
+ * request with 429; AUTH_FAILURE_LIMIT=0 turns the limit off.
  */
 export default fp(
   async (app: FastifyInstance) => {
@@ -42,8 +43,11 @@ export default fp(
     const failures = app.createRateLimit({ max, timeWindow });
 
     const refuseRepeatedFailures = async (request: FastifyRequest, reply: FastifyReply) => {
+      // Read, not counted: only the answer (onResponse) says whether this request fails. The
+      // library's `isExceeded` (count > max) is for a count that includes the request being
+      // made; this count is of failures already made, so `max` of them are the whole allowance.
       const state = await failures(request, { increment: false });
-      if (state.isAllowed || !state.isExceeded) return;
+      if (state.isAllowed || state.remaining > 0) return;
       reply.header('retry-after', String(state.ttlInSeconds));
       request.log.warn({ remoteAddress: request.ip }, 'request refused: too many failed authentications from this address');
       throw new AppError(429, 'RATE_LIMITED', 'Too many failed authentications from this address; try again later.');

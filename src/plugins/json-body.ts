@@ -10,18 +10,31 @@ declare module 'fastify' {
     /** A tighter body limit than the route's, set by a route's onRequest hook (per connection). */
     bodyLimitOverride?: number;
   }
+  interface FastifyContextConfig {
+    /**
+     * The route takes no body or an optional one: an empty body declared as JSON is no body
+     * (`curl -X POST -H 'Content-Type: application/json'` without `-d` sends one). Elsewhere
+     * an empty body is refused with 400.
+     */
+    bodyOptional?: boolean;
+  }
 }
 
 /**
  * Bodies are JSON or nothing: text/plain and forms get 415 instead of being taken as strings.
  * Parsing refuses `__proto__` and `constructor.prototype` keys and says so, rather than the
  * generic "not valid JSON" message, reads a NUL or a lone surrogate as U+FFFD, and refuses
- * nesting deeper than MAX_JSON_DEPTH (see json-text.ts).
+ * nesting deeper than MAX_JSON_DEPTH (see json-text.ts). An empty body is refused, except on a
+ * route whose config says `bodyOptional`, where it is no body (`request.body` undefined).
  */
 export default fp(
   async (app: FastifyInstance) => {
     app.removeAllContentTypeParsers();
     const parseJson = (request: FastifyRequest, body: Buffer, done: (err: Error | null, body?: unknown) => void) => {
+      if (body.length === 0 && request.routeOptions.config.bodyOptional === true) {
+        done(null, undefined);
+        return;
+      }
       // Fastify neither decompresses nor transcodes: a compressed or non-UTF-8 body would be read
       // as garbage (or, worse, as replacement characters in a record that then gets stored).
       const encoding = request.headers['content-encoding'];

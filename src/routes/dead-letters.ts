@@ -80,6 +80,8 @@ export default async function deadLetterRoutes(app: FastifyInstance) {
   app.post<{ Params: { eventId: string }; Querystring: { force: boolean } }>(
     '/v1/dead-letters/:eventId/replay',
     {
+      // It reads no body; operators' curl often sends an empty one declared as JSON.
+      config: { bodyOptional: true },
       schema: {
         params: { type: 'object', properties: { eventId: { type: 'string', pattern: UUID } }, required: ['eventId'] },
         querystring: {
