@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig, loadEnv } from '../src/config/load.js';
+import { connectorForConnection } from '../src/crm/connector.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-config-'));
 function file(name: string, text: string): string {
@@ -176,5 +177,52 @@ connections:
     const text = problemsOf(() => loadConfig({}, conns({ secrets: ['0123456789abcdef', 'correct horse battery staple'] }))).join('\n');
     expect(text).toMatch(/connections\[0\]\.inbound\.secrets: a hook secret sent as Authorization: Bearer <secret> must not contain spaces/);
     expect(loadConfig({}, conns({ secrets: ['correct horse battery staple'], header: 'X-Hook-Secret' })).connections[0]!.inbound.secrets).toEqual(['correct horse battery staple']);
+  });
+  it('takes writeAs in a custom connector from a YAML file, and its toRecord writes the field through the template', () => {
+    const path = file(
+      'write-as.yaml',
+      `
+connections:
+  - id: firm
+    connector:
+      objects:
+        people:
+          fields: { name: full_name, email: primary_email }
+          writeAs:
+            email: { emails: [{ kind: work, address: "{{value}}", primary: true }] }
+          create: { request: { method: POST, path: /people } }
+    inbound: { secrets: ["0123456789abcdef"] }
+`,
+    );
+    const connection = loadConfig({ CRM_BRIDGE_CONFIG: path }).connections[0]!;
+    expect(connection.connector.objects.people!.writeAs).toEqual({ email: { emails: [{ kind: 'work', address: '{{value}}', primary: true }] } });
+    const connector = connectorForConnection({ ...connection, baseUrl: 'http://127.0.0.1:9' });
+    expect(connector.toRecord('people', { name: 'Ada', email: 'ada@example.com' })).toEqual({ full_name: 'Ada', emails: [{ kind: 'work', address: 'ada@example.com', primary: true }] });
+  });
+
+  it('refuses a writeAs entry that could never write its field, naming the entry and why', () => {
+    const people = (object: Record<string, unknown>) => ({ connections: [{ id: 'a', connector: { objects: { people: object } }, inbound: { secrets: ['0123456789abcdef'] } }] });
+    const fields = { name: 'full_name', email: 'primary_email', phone: 'primary_phone' };
+    const text = problemsOf(() =>
+      loadConfig(
+        {},
+        people({
+          fields,
+          readOnly: ['phone'],
+          writeAs: {
+            emial: { emails: [{ address: '{{value}}' }] },
+            phone: { phones: [{ number: '{{value}}' }] },
+            name: { names: [{ text: 'fixed' }] },
+            email: { emails: [{ address: '{{since}}' }] },
+          },
+        }),
+      ),
+    ).join('\n');
+    expect(text).toMatch(/connections\[0\]\.connector\.objects\.people\.writeAs\.emial: "emial" is not a field of this object \(its fields: name, email, phone\)/);
+    expect(text).toMatch(/writeAs\.phone: "phone" is also listed in readOnly, and a read-only field is never written/);
+    expect(text).toMatch(/writeAs\.name: must use \{\{value\}\} where the field's value goes/);
+    expect(text).toMatch(/writeAs\.email: a writeAs template has only \{\{value\}\}, not \{\{since\}\}/);
+    expect(problemsOf(() => loadConfig({}, people({ fields, writeAs: { email: '{{value}}' } }))).join()).toMatch(/writeAs\.email: must be an object merged into the record written/);
+    expect(problemsOf(() => loadConfig({}, people({ writeAs: { email: { emails: ['{{value}}'] } } }))).join()).toMatch(/writeAs\.email: writeAs needs a field map \(fields\)/);
   });
 });

@@ -7,6 +7,7 @@ import { presets } from '../src/crm/presets/index.js';
 import { pollStream } from '../src/sync/poller.js';
 import { observeRecord } from '../src/sync/record.js';
 import { claimOutboundWrites, markOutboundSent } from '../src/db/queries/outbound.js';
+import { SECRET } from './helpers/app.js';
 import { startBridge } from './helpers/bridge.js';
 import { loseFirstCreateAnswer, startFaultProxy } from './helpers/fault-proxy.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
@@ -21,7 +22,7 @@ beforeEach(() => resetDatabase(database));
 const FIRST_CONTACT = 100000001;
 
 /** The bridge with outbound writes and delivery to the stub pipeline, hooks on every CRM write. */
-async function startTwoWay(options: { writeBack: boolean; baseUrl?: string; connector?: unknown }) {
+async function startTwoWay(options: { writeBack: boolean; baseUrl?: string; connector?: unknown; poll?: Record<string, unknown> }) {
   let base = '';
   const stub = await startPipelineStub({ bridge: () => base, connection: 'firm', apiKey: API_KEY, writeBack: options.writeBack });
   const bridge = await startBridge({
@@ -30,6 +31,7 @@ async function startTwoWay(options: { writeBack: boolean; baseUrl?: string; conn
     connection: {
       ...(options.baseUrl ? { baseUrl: options.baseUrl } : {}),
       ...(options.connector ? { connector: options.connector } : {}),
+      ...(options.poll ? { poll: options.poll } : {}),
       downstream: { url: stub.url, backoff: { base: '1ms', max: '5ms' } },
       outbound: { apiKeys: [API_KEY], backoff: { base: '1ms', max: '5ms' } },
     },
@@ -405,4 +407,102 @@ describe('the loop guard against the sandbox CRM', () => {
       await close();
     }
   }, 60_000);
+  describe('Clio contacts, whose email and phone are written through email_addresses and phone_numbers', () => {
+    const contactLead = { object: 'contacts', externalId: 'lead-contact', fields: { firstName: 'Ada', lastName: 'Lovelace', type: 'Person', email: 'ada@example.com', phone: '+1 555 010 0000' } };
+
+    /** The two-way bridge polling contacts, with the automation firing a hook on every contact write. */
+    async function startContacts(baseUrl?: string) {
+      const twoWay = await startTwoWay({ writeBack: false, poll: { objects: ['contacts'], interval: '1h', lookback: '2m', pageSize: 50, lease: '10s' }, ...(baseUrl ? { baseUrl } : {}) });
+      const { sandbox, base } = twoWay.bridge;
+      sandbox.state.addAutomationRule({ object: 'contacts', events: ['created', 'updated', 'deleted'], url: `${base}/hooks/firm?object=contacts`, auth: { type: 'bearer', value: SECRET }, payload: 'record' });
+      return twoWay;
+    }
+
+    async function contactRound(app: FastifyInstance, sandbox: Sandbox) {
+      await drainWriter(app);
+      await sandbox.state.automationIdle();
+      expect((await pollStream(app.poller.stream('firm', 'contacts'))).status).toBe('ok');
+      await drainDelivery(app);
+    }
+
+    it("recognises a created lead contact's echo by hook before the CRM has answered, showing the email and phone written, and delivers nothing", async () => {
+      // The create's answer is held until the automation's hook for the new contact has been answered.
+      let idle: () => Promise<void> = async () => {};
+      const held: Array<{ crmId: string; echoBeforeAnswer: boolean }> = [];
+      const proxy = await startFaultProxy({
+        answer: async (req, _res, text) => {
+          if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/contacts.json')) return;
+          await idle();
+          const crmId = String((JSON.parse(text) as { data: { id: number } }).data.id);
+          const rows = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
+          held.push({ crmId, echoBeforeAnswer: rows.some((r) => r.disposition === 'echo') });
+        },
+      });
+      const { bridge, stub, close } = await startContacts(proxy.url);
+      proxy.setTarget(bridge.sandbox.url);
+      idle = () => bridge.sandbox.state.automationIdle();
+      try {
+        const { app, sandbox } = bridge;
+        expect((await stub.write('lead-contact', contactLead)).status).toBe(202);
+        await contactRound(app, sandbox);
+
+        expect(held).toHaveLength(1);
+        const [{ crmId, echoBeforeAnswer }] = held as [(typeof held)[0]];
+        expect(sandbox.state.renderFull('contacts', Number(crmId))).toMatchObject({ primary_email_address: 'ada@example.com', primary_phone_number: '+1 555 010 0000' });
+        expect(echoBeforeAnswer).toBe(true);
+        expect(await db.select({ source: ledger.source, disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId))).toEqual([{ source: 'hook', disposition: 'echo' }]);
+        expect(stub.delivered.filter((d) => d.crmId === crmId)).toEqual([]);
+        expect(await count(outbox, eq(outbox.crmId, crmId))).toBe(0);
+      } finally {
+        await close();
+        await proxy.close();
+      }
+    }, 60_000);
+
+    it('takes back a delivered contact with a new title without sending its email or phone again, and does not deliver the echo of that update', async () => {
+      const { bridge, stub, close } = await startContacts();
+      const { app, sandbox } = bridge;
+      try {
+        await contactRound(app, sandbox);
+        const change = stub.delivered.find((d) => d.object === 'contacts' && typeof d.fields.email === 'string' && typeof d.fields.phone === 'string')!;
+        const deliveredBefore = stub.delivered.length;
+        sandbox.state.requestLog.clear();
+        const accepted = await stub.write('contact-title', { object: 'contacts', externalId: `crm-${change.crmId}`, crmId: change.crmId, fields: { ...change.fields, title: 'Managing Partner' } });
+        expect(accepted.status).toBe(202);
+        await contactRound(app, sandbox);
+
+        const patches = sandbox.state.requestLog.list({ method: 'PATCH', pathPrefix: '/api/v4/contacts' }).map((r) => (r.body as { data: Record<string, unknown> }).data);
+        expect(patches).toEqual([{ first_name: change.fields.firstName, last_name: change.fields.lastName, type: change.fields.type, title: 'Managing Partner' }]);
+        expect(sandbox.state.renderFull('contacts', Number(change.crmId))).toMatchObject({ title: 'Managing Partner', primary_email_address: change.fields.email, primary_phone_number: change.fields.phone });
+        expect(stub.delivered.slice(deliveredBefore)).toEqual([]);
+        expect((await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, change.crmId))).map((r) => r.disposition)).toEqual(['accepted', 'echo']);
+      } finally {
+        await close();
+      }
+    }, 60_000);
+
+    it("does not make a lead contact twice when the create's answer was lost and its hook dropped: the poll's sighting, email and phone included, is the echo", async () => {
+      const proxy = await startFaultProxy({ answer: loseFirstCreateAnswer('/api/v4/contacts.json') });
+      const { bridge, stub, close } = await startContacts(proxy.url);
+      const { app, sandbox } = bridge;
+      proxy.setTarget(sandbox.url);
+      for (const rule of sandbox.state.automation.rules) rule.dropRate = 1;
+      try {
+        const accepted = await stub.write('lead-contact-lost', contactLead);
+        expect(accepted.status).toBe(202);
+        await contactRound(app, sandbox);
+
+        expect(sandbox.state.requestLog.list({ method: 'POST', pathPrefix: '/api/v4/contacts.json' })).toHaveLength(1);
+        const [write] = await db.select().from(outboundWrites).where(eq(outboundWrites.id, String(accepted.body.outboundId)));
+        expect(write).toMatchObject({ state: 'sent', attempts: 2 });
+        const crmId = write!.crmId!;
+        expect(sandbox.state.renderFull('contacts', Number(crmId))).toMatchObject({ primary_email_address: 'ada@example.com', primary_phone_number: '+1 555 010 0000' });
+        expect(await db.select({ source: ledger.source, disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId))).toEqual([{ source: 'poll', disposition: 'echo' }]);
+        expect(stub.delivered.filter((d) => d.crmId === crmId)).toEqual([]);
+      } finally {
+        await close();
+        await proxy.close();
+      }
+    }, 60_000);
+  });
 });

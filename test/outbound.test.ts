@@ -327,3 +327,145 @@ describe('POST /v1/connections/:connection/records', () => {
     }
   });
 });
+
+describe('Clio contacts: email and phone, read at primary_email_address and primary_phone_number, written through email_addresses and phone_numbers', () => {
+  const contactLead = { object: 'contacts', externalId: 'lead-c1', fields: { firstName: 'Ada', lastName: 'Lovelace', type: 'Person', email: 'ada@example.com', phone: '+1 555 010 0000' } };
+
+  type SandboxOf = Parameters<Parameters<typeof withBridge>[0]>[1];
+
+  /** The contact as Clio's API shows it, with its nested lists. */
+  async function readContact(sandbox: SandboxOf, id: number | string) {
+    const fields = 'id,title,primary_email_address,primary_phone_number,email_addresses{name,address,primary},phone_numbers{name,number,primary}';
+    const res = await fetch(`${sandbox.url}/api/v4/contacts/${id}.json?fields=${encodeURIComponent(fields)}`, { headers: { authorization: `Bearer ${sandbox.state.issueToken().access_token}` } });
+    return ((await res.json()) as { data: Record<string, unknown> }).data;
+  }
+
+  /** What the bridge delivered for a CRM-born contact its hook announced. */
+  async function deliverContact(app: FastifyInstance, sandbox: SandboxOf, id: number): Promise<Record<string, unknown>> {
+    const hook = await app.inject({
+      method: 'POST',
+      url: '/hooks/firm?object=contacts',
+      headers: { authorization: 'Bearer hook-secret-0123456789abcdef', 'content-type': 'application/json' },
+      payload: JSON.stringify({ data: sandbox.state.renderFull('contacts', id) }),
+    });
+    expect(hook.json()).toMatchObject({ status: 'accepted' });
+    const [body] = await db.select({ fields: ledgerBodies.fields }).from(ledgerBodies).where(eq(ledgerBodies.eventId, hook.json().eventId));
+    return body!.fields!;
+  }
+
+  const contactWrites = (sandbox: SandboxOf, method: 'POST' | 'PATCH') =>
+    sandbox.state.requestLog.list({ method, pathPrefix: '/api/v4/contacts' }).map((r) => (r.body as { data: Record<string, unknown> }).data);
+
+  it('creates a lead contact with its email and phone, sent as the default Work entries of email_addresses and phone_numbers', async () => {
+    await withBridge(async (app, sandbox) => {
+      const res = await post(app, contactLead, { 'idempotency-key': 'k-contact' });
+      expect(res.statusCode).toBe(202);
+      await tickUntilSettled(app, res.json().outboundId);
+      const shown = (await status(app, res.json().outboundId)).json();
+      expect(shown).toMatchObject({ state: 'sent', lastError: null });
+
+      expect(contactWrites(sandbox, 'POST')).toEqual([
+        {
+          first_name: 'Ada',
+          last_name: 'Lovelace',
+          type: 'Person',
+          email_addresses: [{ name: 'Work', address: 'ada@example.com', default_email: true }],
+          phone_numbers: [{ name: 'Work', number: '+1 555 010 0000', default_number: true }],
+        },
+      ]);
+      expect(await readContact(sandbox, shown.crmId)).toMatchObject({
+        primary_email_address: 'ada@example.com',
+        primary_phone_number: '+1 555 010 0000',
+        email_addresses: [{ name: 'Work', address: 'ada@example.com', primary: true }],
+        phone_numbers: [{ name: 'Work', number: '+1 555 010 0000', primary: true }],
+      });
+    });
+  });
+
+  it('refuses email: null on an update with a 422 naming the field, writing nothing, as Clio removes an address only by its entry id', async () => {
+    await withBridge(async (app, sandbox) => {
+      const contact = sandbox.state.store.contacts.items[0]!;
+      const before = await readContact(sandbox, contact.id);
+      expect(before.primary_email_address).toEqual(expect.any(String));
+      const res = await post(app, { object: 'contacts', externalId: 'lead-c2', crmId: String(contact.id), fields: { title: 'Director', email: null } }, { 'idempotency-key': 'k-clear' });
+      expect(res.statusCode).toBe(422);
+      expect(res.headers['content-type']).toMatch(/application\/problem\+json/);
+      expect(res.json()).toMatchObject({ code: 'FIELD_NOT_CLEARABLE', detail: expect.stringContaining('"email"') });
+      const [counted] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(outboundWrites);
+      expect(counted!.n).toBe(0);
+      await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+      expect(contactWrites(sandbox, 'PATCH')).toEqual([]);
+      expect(await readContact(sandbox, contact.id)).toEqual(before);
+    });
+  });
+
+  it('takes a null email or phone where there is nothing to clear: on a create, or handed back for a contact delivered without one', async () => {
+    await withBridge(async (app, sandbox) => {
+      const created = await post(app, { ...contactLead, fields: { ...contactLead.fields, phone: null } }, { 'idempotency-key': 'k-no-phone' });
+      expect(created.statusCode).toBe(202);
+      await tickUntilSettled(app, created.json().outboundId);
+      const { crmId } = (await status(app, created.json().outboundId)).json();
+      expect(await readContact(sandbox, crmId)).toMatchObject({ primary_email_address: 'ada@example.com', primary_phone_number: null, phone_numbers: [] });
+
+      const contact = sandbox.state.store.contacts.items[1]!;
+      sandbox.state.updateRecord('contacts', contact.id, { phone_numbers: [] });
+      const delivered = await deliverContact(app, sandbox, contact.id);
+      expect(delivered.phone).toBeNull();
+      const update = await post(app, { object: 'contacts', externalId: 'crm-c', crmId: String(contact.id), fields: { ...delivered, title: 'Partner' } }, { 'idempotency-key': 'k-null-back' });
+      expect(update.statusCode).toBe(202);
+      await tickUntilSettled(app, update.json().outboundId);
+      expect(contactWrites(sandbox, 'PATCH')).toEqual([{ first_name: delivered.firstName, last_name: delivered.lastName, type: delivered.type, title: 'Partner' }]);
+
+      // Staff give the contact a phone since: the same request is still answered as it was, not refused.
+      sandbox.state.updateRecord('contacts', contact.id, { phone_numbers: [{ name: 'Mobile', number: '+1 555 010 0001', default_number: true }] });
+      expect((await deliverContact(app, sandbox, contact.id)).phone).toBe('+1 555 010 0001');
+      const again = await post(app, { object: 'contacts', externalId: 'crm-c', crmId: String(contact.id), fields: { ...delivered, title: 'Partner' } }, { 'idempotency-key': 'k-null-back' });
+      expect(again.statusCode).toBe(202);
+      expect(again.json()).toEqual({ outboundId: update.json().outboundId, status: 'sent' });
+    });
+  });
+
+  it('leaves an email or phone the contact already shows out of an update, so Clio adds no second entry, and sends a new one', async () => {
+    await withBridge(async (app, sandbox) => {
+      // A CRM-born contact as delivered, handed back by the pipeline with a new title.
+      const contact = sandbox.state.store.contacts.items[2]!;
+      const delivered = await deliverContact(app, sandbox, contact.id);
+      expect(delivered).toMatchObject({ email: expect.any(String), phone: expect.any(String) });
+      const titled = await post(app, { object: 'contacts', externalId: 'crm-c', crmId: String(contact.id), fields: { ...delivered, title: 'Partner' } }, { 'idempotency-key': 'k-title' });
+      expect(titled.statusCode).toBe(202);
+      await tickUntilSettled(app, titled.json().outboundId);
+      expect((await status(app, titled.json().outboundId)).json()).toMatchObject({ state: 'sent' });
+      expect(contactWrites(sandbox, 'PATCH')).toEqual([{ first_name: delivered.firstName, last_name: delivered.lastName, type: delivered.type, title: 'Partner' }]);
+      // The same request again is the same write, though what it sends was decided by what the bridge knew.
+      expect((await post(app, { object: 'contacts', externalId: 'crm-c', crmId: String(contact.id), fields: { ...delivered, title: 'Partner' } }, { 'idempotency-key': 'k-title' })).json()).toEqual({ outboundId: titled.json().outboundId, status: 'sent' });
+
+      // A new address is written, and becomes the primary one.
+      sandbox.state.requestLog.clear();
+      const moved = await post(app, { object: 'contacts', externalId: 'crm-c', crmId: String(contact.id), fields: { email: 'new.address@example.com', title: 'Partner' } }, { 'idempotency-key': 'k-new-email' });
+      await tickUntilSettled(app, moved.json().outboundId);
+      expect(contactWrites(sandbox, 'PATCH')).toEqual([{ title: 'Partner', email_addresses: [{ name: 'Work', address: 'new.address@example.com', default_email: true }] }]);
+      expect(await readContact(sandbox, contact.id)).toMatchObject({ primary_email_address: 'new.address@example.com', primary_phone_number: delivered.phone });
+
+      // Handing back only what the contact shows leaves nothing to send.
+      sandbox.state.requestLog.clear();
+      const same = await post(app, { object: 'contacts', externalId: 'crm-c', crmId: String(contact.id), fields: { email: 'new.address@example.com', phone: delivered.phone } }, { 'idempotency-key': 'k-same-email' });
+      expect(same.statusCode).toBe(200);
+      expect(same.json()).toMatchObject({ status: 'skipped' });
+      await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+      expect(contactWrites(sandbox, 'PATCH')).toEqual([]);
+    });
+  });
+
+  it("leaves a lead's own email out of the pipeline's later update of the contact it created, though the bridge never delivered that contact", async () => {
+    await withBridge(async (app, sandbox) => {
+      const created = await post(app, contactLead, { 'idempotency-key': 'k-lead' });
+      await tickUntilSettled(app, created.json().outboundId);
+      const { crmId } = (await status(app, created.json().outboundId)).json();
+      const update = await post(app, { object: 'contacts', externalId: 'lead-c1', crmId, fields: { ...contactLead.fields, title: 'Countess' } }, { 'idempotency-key': 'k-lead-title' });
+      expect(update.statusCode).toBe(202);
+      await tickUntilSettled(app, update.json().outboundId);
+      expect(contactWrites(sandbox, 'PATCH')).toEqual([{ first_name: 'Ada', last_name: 'Lovelace', type: 'Person', title: 'Countess' }]);
+      expect(await readContact(sandbox, crmId)).toMatchObject({ title: 'Countess', email_addresses: [{ address: 'ada@example.com' }], phone_numbers: [{ number: '+1 555 010 0000' }] });
+    });
+  });
+});

@@ -229,6 +229,13 @@ export const objectDefinitionSchema = z
     /** Canonical fields that are read but never written back (computed or relation names). */
     readOnly: z.array(z.string()).optional(),
     /**
+     * Canonical field → how it is written when that differs from where it is read: a JSON object
+     * merged into the record written, `{{value}}` standing for the field's value (a lone
+     * `{{value}}` keeps its type). Clio reads a contact's email at `primary_email_address` and
+     * takes it only as `email_addresses: [{name, address, default_email}]`.
+     */
+    writeAs: z.record(z.string(), z.json()).optional(),
+    /**
      * Canonical field names (keys of `fields`; top-level keys without a field map) holding client
      * data: names, emails, phones, what happened. Redacted in every debug log of a record.
      */
@@ -251,8 +258,36 @@ export const objectDefinitionSchema = z
      */
     originMarker: z.object({ path: jsonPath, value: z.string().min(1), stampOn: z.enum(['create', 'write']).default('create') }).strict().optional(),
   })
-  .strict();
+  .strict()
+  .superRefine((def, ctx) => {
+    for (const [name, template] of Object.entries(def.writeAs ?? {})) {
+      const problem = writeAsProblem(def, name, template);
+      if (problem !== undefined) ctx.addIssue({ code: 'custom', path: ['writeAs', name], message: problem });
+    }
+  });
 export type ObjectDefinition = z.infer<typeof objectDefinitionSchema>;
+
+/** Why a `writeAs` entry could never write its field, or undefined when it can. */
+function writeAsProblem(def: { fields?: Record<string, string> | undefined; readOnly?: string[] | undefined }, name: string, template: unknown): string | undefined {
+  if (def.fields === undefined) return 'writeAs needs a field map (fields): it says how a mapped field is written';
+  if (!Object.hasOwn(def.fields, name)) return `"${name}" is not a field of this object (its fields: ${Object.keys(def.fields).join(', ')})`;
+  if (def.readOnly?.includes(name)) return `"${name}" is also listed in readOnly, and a read-only field is never written`;
+  if (template === null || typeof template !== 'object' || Array.isArray(template) || Object.keys(template).length === 0) {
+    return 'must be an object merged into the record written, e.g. { email_addresses: [{ address: "{{value}}" }] }';
+  }
+  const placeholders = new Set(templateStrings(template).flatMap((text) => [...text.matchAll(/\{\{\s*([\w.]+)\s*\}\}/g)].map((m) => m[1])));
+  const others = [...placeholders].filter((p) => p !== 'value');
+  if (others.length > 0) return `a writeAs template has only {{value}}, not ${others.map((p) => `{{${p}}}`).join(', ')}`;
+  if (!placeholders.has('value')) return "must use {{value}} where the field's value goes";
+  return undefined;
+}
+
+/** The string values of a JSON template, where its placeholders are (keys are not rendered). */
+function templateStrings(value: unknown): string[] {
+  if (typeof value === 'string') return [value];
+  if (value !== null && typeof value === 'object') return Object.values(value).flatMap(templateStrings);
+  return [];
+}
 
 /** How the CRM says it is rate limiting, for pacing and 429 handling in the HTTP client. */
 const rateLimitSchema = z

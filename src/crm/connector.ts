@@ -71,7 +71,10 @@ export interface Connector {
   createRecord(object: string, record: Record<string, unknown>, opts?: WriteOptions): Promise<unknown>;
   updateRecord(object: string, id: string, record: Record<string, unknown>, opts?: WriteOptions): Promise<unknown>;
   mapRecord(object: string, raw: unknown): MappedRecord;
-  /** Canonical fields back into the CRM's record shape, by the field map (read-only fields left out). */
+  /**
+   * Canonical fields back into the CRM's record shape, by the field map: read-only fields left
+   * out, `writeAs` fields written through their template.
+   */
   toRecord(object: string, fields: Record<string, unknown>): Record<string, unknown>;
 }
 
@@ -327,9 +330,11 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
       const out: Record<string, unknown> = {};
       for (const [name, path] of Object.entries(def.fields)) {
         if (readOnly.has(name) || !Object.hasOwn(fields, name)) continue;
+        const writeAs = def.writeAs !== undefined && Object.hasOwn(def.writeAs, name) ? def.writeAs[name] : undefined;
+        if (writeAs !== undefined) mergeWritten(out, renderWriteAs(object, name, writeAs, fields[name]));
         // A relation written by id is cleared as a whole: `practice_area: null`, not
         // `practice_area: {id: null}`, which Clio refuses (as JSON:API wants `data: null`).
-        if (fields[name] === null && path.endsWith('.id')) setPath(out, path.slice(0, -'.id'.length), null);
+        else if (fields[name] === null && path.endsWith('.id')) setPath(out, path.slice(0, -'.id'.length), null);
         else setPath(out, path, fields[name]);
       }
       return out;
@@ -351,9 +356,39 @@ export function carriesOriginMarker(raw: unknown, def: ObjectDefinition): boolea
   return typeof v === 'string' && prefix !== '' && v.startsWith(prefix);
 }
 
+/**
+ * A field's `writeAs` template with `{{value}}` filled in. A null cannot be written this way: the
+ * template can only add what it describes (Clio removes an email address only by the id of its
+ * entry), so the outbound route refuses such a write before it is queued, and this refuses it
+ * rather than send something else.
+ */
+function renderWriteAs(object: string, name: string, template: unknown, value: unknown): unknown {
+  if (value === null) throw new ConnectorError('CONNECTOR_TEMPLATE', `${object}.${name}: a field written through writeAs cannot be cleared with null`);
+  return renderValue(template, { value }, `${object}.writeAs.${name}`);
+}
+
+/**
+ * Merges a rendered `writeAs` template into the record being written: objects key by key, and
+ * arrays appended, so two fields written into one list (a work and a home email) each add their
+ * entry instead of the second replacing the first.
+ */
+function mergeWritten(target: Record<string, unknown>, written: unknown): void {
+  if (!isPlainObject(written)) return;
+  for (const [key, value] of Object.entries(written)) {
+    if (key === '__proto__' || key === 'constructor' || key === 'prototype') continue;
+    const prev = target[key];
+    if (Array.isArray(prev) && Array.isArray(value)) target[key] = [...prev, ...value];
+    else if (isPlainObject(prev) && isPlainObject(value)) {
+      const merged = { ...prev };
+      mergeWritten(merged, value);
+      target[key] = merged;
+    } else target[key] = value;
+  }
+}
+
 // ---- templates ----------------------------------------------------------------------------
 
-type Vars = Record<string, string | number | undefined>;
+type Vars = Record<string, unknown>;
 const OMIT = Symbol('omit');
 const WHOLE = /^\{\{\s*([\w.]+)\s*\}\}$/;
 const PLACEHOLDER = /\{\{\s*([\w.]+)\s*\}\}/g;
@@ -369,6 +404,7 @@ function renderValue(value: unknown, vars: Vars, where: string): unknown {
     return value.replace(PLACEHOLDER, (_m, name: string) => {
       const v = vars[name];
       if (v === undefined) throw new ConnectorError('CONNECTOR_TEMPLATE', `${where}: {{${name}}} has no value here`);
+      if (v !== null && typeof v === 'object') throw new ConnectorError('CONNECTOR_TEMPLATE', `${where}: {{${name}}} is ${describeType(v)}, which cannot go inside a string`);
       return String(v);
     });
   }

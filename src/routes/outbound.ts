@@ -1,10 +1,10 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import { getDeliveredState, getOutboundWrite, insertOutboundWrite, type OutboundWrite } from '../db/queries/outbound.js';
+import { findOutboundWriteByKey, getDeliveredState, getOutboundWrite, insertOutboundWrite, type OutboundWrite } from '../db/queries/outbound.js';
 import { BadRequestError, ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../errors.js';
 import { timeOrderedId } from '../ids.js';
 import type { Connection } from '../plugins/config.js';
 import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
-import { expectedEcho } from '../sync/outbound-writer.js';
+import { expectedEcho, fieldsToWrite } from '../sync/outbound-writer.js';
 import { canonicalJson, contentHash } from '../sync/record.js';
 
 declare module 'fastify' {
@@ -163,13 +163,33 @@ export default async function outboundRoutes(app: FastifyInstance) {
       if (mapped !== undefined && unmapped.length > 0) {
         throw new UnprocessableError(`"${object}" has no field(s) ${quoted(unmapped)} (its fields: ${Object.keys(mapped).join(', ')}).`, 'UNKNOWN_FIELD');
       }
+      // Over what the pipeline sent, not what is sent on: the same request is the same request
+      // whatever the bridge has learnt of the record since.
       const requestHash = contentHash({ object, externalId, crmId: crmId ?? null, fields });
       // The writes' primary key, time-ordered as the ledger's event ids are (see timeOrderedId).
       const id = timeOrderedId();
-      const echo = expectedEcho(definition, operation, fields, id);
+      const known = crmId === undefined ? undefined : await getDeliveredState(app.db, { connectionId: connection.id, object, crmId });
       // The loop guard's other direction: the pipeline handing back a CRM-born record as the
       // bridge delivered it would only make the CRM write it again and fire the automation.
-      const skip = crmId !== undefined && (await pushesBackUnchanged(app, { connectionId: connection.id, object, crmId }, fields));
+      const pushedBack = pushesBackUnchanged(known, fields);
+      const sent = fieldsToWrite(definition, operation, fields, known?.seen ?? null);
+      if (!pushedBack && sent.uncleared.length > 0) {
+        // Refused by what the bridge knows now, which a write accepted earlier under this key
+        // did not depend on: that request gets its own answer again.
+        const earlier = await findOutboundWriteByKey(app.db, connection.id, key);
+        if (earlier !== undefined) {
+          const { code, body } = replay(earlier, requestHash);
+          return reply.code(code).send(body);
+        }
+        throw new UnprocessableError(
+          `"${object}" field(s) ${quoted(sent.uncleared)} cannot be cleared with null: the connector writes them through a template (writeAs) that can add a value but not remove one. Leave them out, or clear them in the CRM.`,
+          'FIELD_NOT_CLEARABLE',
+        );
+      }
+      // An update whose every field the record already shows, though not one the loop guard
+      // recognises as pushed back: nothing is left to send.
+      const skip = pushedBack || (operation === 'update' && Object.keys(fields).length > 0 && Object.keys(sent.fields).length === 0);
+      const echo = expectedEcho(definition, operation, sent.fields, id);
 
       const { created, row } = await insertOutboundWrite(app.db, {
         id,
@@ -180,7 +200,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
         externalId,
         crmId: crmId ?? null,
         operation,
-        fields,
+        fields: sent.fields,
         echoMatch: echo,
         // The best guess before the CRM answers; the writer replaces it with the answer's exact hash.
         contentHash: contentHash(echo.fields),
@@ -250,8 +270,7 @@ function replay(row: OutboundWrite, requestHash: string) {
  * The record was last changed in the CRM (origin `crm`) and every field the pipeline sends is
  * what the bridge delivered for it: writing it would change nothing but start another round.
  */
-async function pushesBackUnchanged(app: FastifyInstance, key: { connectionId: string; object: string; crmId: string }, fields: Record<string, unknown>): Promise<boolean> {
-  const state = await getDeliveredState(app.db, key);
+function pushesBackUnchanged(state: Awaited<ReturnType<typeof getDeliveredState>>, fields: Record<string, unknown>): boolean {
   if (state === undefined || state.origin !== 'crm' || state.deleted || state.fields === null) return false;
   const delivered = state.fields;
   const names = Object.keys(fields);

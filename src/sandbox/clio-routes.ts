@@ -278,6 +278,7 @@ export async function clioApiRoutes(app: FastifyInstance, opts: { state: Sandbox
   for (const object of ['matters', 'contacts'] as const satisfies readonly ObjectName[]) {
     const res = resources[object] as Resource<AnyRecord>;
     app.post(`/api/v4/${object}.json`, async (req, reply) => {
+      requestMeta(req).body = req.body;
       try {
         const rec = state.createRecord(object, dataEnvelope(req.body));
         return reply.code(201).send({ data: res.render(rec, fieldsParam(req.query as Query), state.renderContext) });
@@ -286,6 +287,7 @@ export async function clioApiRoutes(app: FastifyInstance, opts: { state: Sandbox
       }
     });
     app.patch<{ Params: { file: string } }>(`/api/v4/${object}/:file`, async (req, reply) => {
+      requestMeta(req).body = req.body;
       try {
         const id = parseIdFile(req.params.file);
         const ifMatch = req.headers['if-match'];

@@ -260,6 +260,7 @@ export async function hubspotRoutes(app: FastifyInstance, opts: { state: Sandbox
     });
 
     api.post('/crm/v3/objects/contacts', async (req, reply) => {
+      requestMeta(req).body = req.body;
       try {
         const data = contactInput(req.body);
         const rec = state.createRecord('contacts', { type: 'Person', ...data });
@@ -270,6 +271,7 @@ export async function hubspotRoutes(app: FastifyInstance, opts: { state: Sandbox
     });
 
     api.patch<{ Params: { id: string } }>('/crm/v3/objects/contacts/:id', async (req, reply) => {
+      requestMeta(req).body = req.body;
       try {
         const c = contactOr404(req.params.id);
         const rec = state.updateRecord('contacts', c.id, contactInput(req.body));

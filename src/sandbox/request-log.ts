@@ -21,6 +21,8 @@ export interface RequestLogEntry {
   /** 0 when the sandbox destroyed the socket instead of answering. */
   status: number;
   fault?: 'error' | 'reset' | 'rate_limited' | 'documented_host';
+  /** The JSON body of a record create or update, as sent: what a caller asked the CRM to write. */
+  body?: unknown;
 }
 
 export interface RequestLogFilter {

@@ -7,6 +7,8 @@ import type { SandboxState } from './state.js';
 interface RequestMeta {
   auth: RequestAuth;
   fault?: NonNullable<RequestLogEntry['fault']>;
+  /** Kept for record writes only; the token endpoint's form (secrets, refresh tokens) never is. */
+  body?: unknown;
   logged?: boolean;
 }
 
@@ -39,6 +41,7 @@ export function logRequest(state: SandboxState, req: FastifyRequest, status: num
     auth: meta.auth,
     status,
     ...(meta.fault ? { fault: meta.fault } : {}),
+    ...(meta.body === undefined ? {} : { body: meta.body }),
   });
 }
 

@@ -17,7 +17,7 @@ import {
 import { passChanges, showsWritten } from './change-gate.js';
 import { Daemon } from './daemon.js';
 import { backoffDelay } from './delivery-worker.js';
-import { contentHash, holdsPath, identifyRecord, mapFields, observeRecord, readId, readOriginMarker, readVersion, sameVersion } from './record.js';
+import { canonicalJson, contentHash, holdsPath, identifyRecord, mapFields, observeRecord, readId, readOriginMarker, readVersion, sameVersion } from './record.js';
 
 /**
  * How far before a write was queued the search for its lost create looks: the CRM stamps
@@ -329,12 +329,48 @@ function classify(err: unknown): Extract<Attempt, { error: string }> {
 }
 
 /**
+ * The fields a pipeline's write sends to the CRM, decided when the write is accepted, and the
+ * fields it asks to clear that cannot be. A field written through a template (`writeAs`) is not
+ * set in place: Clio adds an `email_addresses` entry for every one sent without an id, and
+ * removes one only by that id. So:
+ * - on an update, such a field holding what the record showed when the bridge last saw it
+ *   (`seen`) is left out: a pipeline handing back the email it was delivered must not add the
+ *   same address again. With `seen` unknown it is sent: a duplicate entry is a nuisance, a lost
+ *   change is not recoverable;
+ * - a null has nothing to clear on a create (left out), but on an update of a record that may
+ *   hold a value it cannot be written: it is named in `uncleared`, for the route to refuse.
+ * Other fields pass as they are: writing a value again changes nothing.
+ */
+export function fieldsToWrite(
+  definition: ObjectDefinition,
+  operation: 'create' | 'update',
+  fields: Record<string, unknown>,
+  seen: Record<string, unknown> | null,
+): { fields: Record<string, unknown>; uncleared: string[] } {
+  const writeAs = definition.writeAs ?? {};
+  const readOnly = new Set(definition.readOnly ?? []);
+  const out: Record<string, unknown> = {};
+  const uncleared: string[] = [];
+  for (const [name, value] of Object.entries(fields)) {
+    if (!Object.hasOwn(writeAs, name) || readOnly.has(name)) {
+      out[name] = value;
+      continue;
+    }
+    const unchanged = operation === 'update' && seen !== null && Object.hasOwn(seen, name) && canonicalJson(seen[name] ?? null) === canonicalJson(value ?? null);
+    if (unchanged || (value === null && operation === 'create')) continue;
+    if (value === null) uncleared.push(name);
+    else out[name] = value;
+  }
+  return { fields: out, uncleared };
+}
+
+/**
  * What the echo of a write must show, by canonical field, for the gate to recognise it before
  * the CRM call has returned: the fields the connector will actually write (mapped, not
- * read-only), the origin marker's value in place of whatever the request put in its field when
- * this write stamps it (see `originMarker.stampOn`), and
- * the `lowercaseOnWrite` fields listed for a case-insensitive comparison (Clio takes `open` and
- * shows `Open`).
+ * read-only; a `writeAs` field shows the value written at its read path), the origin marker's
+ * value in place of whatever the request put in its field when this write stamps it (see
+ * `originMarker.stampOn`), and the `lowercaseOnWrite` fields listed for a case-insensitive
+ * comparison (Clio takes `open` and shows `Open`).
  */
 export function expectedEcho(definition: ObjectDefinition, operation: 'create' | 'update', fields: Record<string, unknown>, writeId: string): { fields: Record<string, unknown>; foldCase: string[] } {
   const readOnly = new Set(definition.readOnly ?? []);

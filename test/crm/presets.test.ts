@@ -139,6 +139,59 @@ describe('clio preset against the sandbox', () => {
   });
 });
 
+describe('clio preset: contacts', () => {
+  let sb: Sandbox;
+  let clio: Connector;
+  beforeAll(async () => {
+    sb = await startSandbox({ records: 50 });
+    clio = createConnector({ definition: connectorDefinitionSchema.parse(presets.clio), baseUrl: sb.url, tokens: sandboxTokens(sb), http: { retryBaseMs: 1 } });
+  });
+  afterAll(() => sb.close());
+
+  it('writes email and phone as default Work entries of email_addresses and phone_numbers, which Clio shows as the primary ones', async () => {
+    const body = clio.toRecord('contacts', { name: 'ignored: read-only', firstName: 'Ada', lastName: 'Lovelace', type: 'Person', email: 'ada@example.com', phone: '+1 555 010 0000' });
+    expect(body).toEqual({
+      first_name: 'Ada',
+      last_name: 'Lovelace',
+      type: 'Person',
+      email_addresses: [{ name: 'Work', address: 'ada@example.com', default_email: true }],
+      phone_numbers: [{ name: 'Work', number: '+1 555 010 0000', default_number: true }],
+    });
+    const created = clio.mapRecord('contacts', await clio.createRecord('contacts', body));
+    expect(created.fields).toMatchObject({ name: 'Ada Lovelace', email: 'ada@example.com', phone: '+1 555 010 0000' });
+    const updated = await clio.updateRecord('contacts', created.id ?? '', clio.toRecord('contacts', { email: 'ada@analytical.example' }));
+    expect(clio.mapRecord('contacts', updated).fields).toMatchObject({ email: 'ada@analytical.example', phone: '+1 555 010 0000' });
+  });
+
+  it('refuses to write a null through a writeAs template instead of sending something else', () => {
+    expect(() => clio.toRecord('contacts', { firstName: 'Ada', phone: null })).toThrow(ConnectorError);
+    expect(() => clio.toRecord('contacts', { firstName: 'Ada', phone: null })).toThrow(/contacts\.phone: a field written through writeAs cannot be cleared with null/);
+  });
+
+  it('appends the entries of two fields written into one list, and keeps the value\'s type in a lone {{value}}', () => {
+    const definition = connectorDefinitionSchema.parse({
+      objects: {
+        people: {
+          fields: { workEmail: 'work_email', homeEmail: 'home_email', vip: 'vip' },
+          writeAs: {
+            workEmail: { email_addresses: [{ name: 'Work', address: '{{value}}' }] },
+            homeEmail: { email_addresses: [{ name: 'Home', address: 'home: {{value}}' }] },
+            vip: { flags: { vip: '{{value}}' } },
+          },
+        },
+      },
+    });
+    const connector = createConnector({ definition, baseUrl: 'http://127.0.0.1:9' });
+    expect(connector.toRecord('people', { workEmail: 'a@work.example', homeEmail: 'a@home.example', vip: true })).toEqual({
+      email_addresses: [
+        { name: 'Work', address: 'a@work.example' },
+        { name: 'Home', address: 'home: a@home.example' },
+      ],
+      flags: { vip: true },
+    });
+  });
+});
+
 describe('hubspot preset against the sandbox HubSpot dialect', () => {
   let sb: Sandbox;
   let hubspot: Connector;
@@ -205,6 +258,8 @@ describe('hubspot preset against the sandbox HubSpot dialect', () => {
     const mapped = hubspot.mapRecord('contacts', created);
     expect(mapped.fields).toMatchObject({ firstName: 'Grace', lastName: 'Hopper' });
     await hubspot.updateRecord('contacts', mapped.id ?? '', { properties: { jobtitle: 'Rear Admiral' } });
+    // HubSpot's email and phone are plain properties, written where they are read.
+    expect(hubspot.toRecord('contacts', { email: 'grace@example.com', phone: '+1 555 0100' })).toEqual({ properties: { email: 'grace@example.com', phone: '+1 555 0100' } });
     const fetched = hubspot.mapRecord('contacts', await hubspot.getRecord('contacts', mapped.id ?? ''));
     expect(fetched.fields).toMatchObject({ firstName: 'Grace', jobTitle: 'Rear Admiral', email: 'grace@example.com' });
     expect(await hubspot.getRecord('contacts', '999999999999')).toBeNull();

@@ -9,6 +9,9 @@ import type { ConnectorDefinitionInput } from './index.js';
  *   paging stops at 10,000 records. Pages are in id order, so a poll may only move its cursor
  *   once the whole run has completed.
  * - Statuses read capitalised (`Open`) and are accepted only lowercase on write.
+ * - A contact's `primary_email_address` and `primary_phone_number` are read-only; a write goes
+ *   through the nested `email_addresses` / `phone_numbers` attributes, which add an entry for
+ *   every item without an id and remove one only by `{id, _destroy: true}`.
  * - 50 requests/min per token with X-RateLimit-* headers; 429 Retry-After is in seconds.
  */
 const MATTER_FIELDS =
@@ -86,8 +89,15 @@ export const clio: ConnectorDefinitionInput = {
         phone: 'primary_phone_number',
       },
       fieldTypes: { name: 'string', type: 'string' },
-      // Clio derives these; writes go through email_addresses[] / phone_numbers[].
-      readOnly: ['name', 'email', 'phone'],
+      // Clio computes the name from its parts.
+      readOnly: ['name'],
+      // Clio derives the primary email and phone from nested lists and takes a write only there
+      // (`name` is one of Work, Home, Other; phones also Mobile, Fax, ...). Each entry sent
+      // without an id is added, so the outbound route leaves an unchanged value out of an update.
+      writeAs: {
+        email: { email_addresses: [{ name: 'Work', address: '{{value}}', default_email: true }] },
+        phone: { phone_numbers: [{ name: 'Work', number: '{{value}}', default_number: true }] },
+      },
       sensitive: ['name', 'firstName', 'lastName', 'title', 'email', 'phone'],
       volatile: ['etag'],
       ...clioObject('contacts', CONTACT_FIELDS),

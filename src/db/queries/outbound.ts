@@ -18,12 +18,15 @@ export type NewOutboundWrite = typeof outboundWrites.$inferInsert;
 export async function insertOutboundWrite(db: Db, row: NewOutboundWrite): Promise<{ created: boolean; row: OutboundWrite }> {
   const [inserted] = await db.insert(outboundWrites).values(row).onConflictDoNothing({ target: [outboundWrites.connectionId, outboundWrites.idempotencyKey] }).returning();
   if (inserted) return { created: true, row: inserted };
-  const [existing] = await db
-    .select()
-    .from(outboundWrites)
-    .where(and(eq(outboundWrites.connectionId, row.connectionId), eq(outboundWrites.idempotencyKey, row.idempotencyKey)));
+  const existing = await findOutboundWriteByKey(db, row.connectionId, row.idempotencyKey);
   if (!existing) throw new Error(`outbound write with key ${row.idempotencyKey} vanished`);
   return { created: false, row: existing };
+}
+
+/** The write made under an idempotency key, if any: for answering a request again the same way. */
+export async function findOutboundWriteByKey(db: Db, connectionId: string, idempotencyKey: string): Promise<OutboundWrite | undefined> {
+  const [row] = await db.select().from(outboundWrites).where(and(eq(outboundWrites.connectionId, connectionId), eq(outboundWrites.idempotencyKey, idempotencyKey)));
+  return row;
 }
 
 export async function getOutboundWrite(db: Db, connectionId: string, id: string): Promise<OutboundWrite | undefined> {
@@ -32,16 +35,34 @@ export async function getOutboundWrite(db: Db, connectionId: string, id: string)
 }
 
 /**
- * The record's head and the fields the bridge last delivered for it (the newest accepted
- * event's body), for the "CRM-born record pushed back unchanged" check. Undefined when the
- * bridge has never seen the record.
+ * What the bridge knows of a record, for an update the pipeline asks for: the head, the fields
+ * it last delivered (the newest accepted event's body), for the "CRM-born record pushed back
+ * unchanged" check, and the fields the record showed when the bridge last saw it (the body of
+ * the head's event: a delivered change, the echo of the bridge's own write, a touch that changed
+ * nothing), unless another write of the record is still in flight, which may change it. Each
+ * body is null once retention has pruned it. Undefined when the bridge has never seen the record.
  */
 export async function getDeliveredState(
   db: Db,
   key: { connectionId: string; object: string; crmId: string },
-): Promise<{ origin: 'crm' | 'pipeline'; deleted: boolean; deliveredHash: string | null; fields: Record<string, unknown> | null } | undefined> {
+): Promise<
+  | { origin: 'crm' | 'pipeline'; deleted: boolean; deliveredHash: string | null; fields: Record<string, unknown> | null; seen: Record<string, unknown> | null }
+  | undefined
+> {
+  const sameRecord = and(eq(outboundWrites.connectionId, key.connectionId), eq(outboundWrites.object, key.object), eq(outboundWrites.crmId, key.crmId));
+  // The partial index outbound_writes_live_idx answers this: its predicate is repeated.
+  const writing = db
+    .select({ id: outboundWrites.id })
+    .from(outboundWrites)
+    .where(and(sameRecord, isNull(outboundWrites.settledAt), inArray(outboundWrites.state, ['pending', 'sent'])));
   const [head] = await db
-    .select({ origin: recordHeads.origin, deleted: recordHeads.deleted, deliveredHash: recordHeads.deliveredHash })
+    .select({
+      origin: recordHeads.origin,
+      deleted: recordHeads.deleted,
+      deliveredHash: recordHeads.deliveredHash,
+      seen: sql<Record<string, unknown> | null>`(select ${ledgerBodies.fields} from ${ledgerBodies} where ${ledgerBodies.eventId} = ${recordHeads.lastEventId})`,
+      writing: sql<boolean>`exists (${writing})`,
+    })
     .from(recordHeads)
     .where(and(eq(recordHeads.connectionId, key.connectionId), eq(recordHeads.object, key.object), eq(recordHeads.crmId, key.crmId)));
   if (!head) return undefined;
@@ -52,7 +73,14 @@ export async function getDeliveredState(
     .where(and(eq(ledger.connectionId, key.connectionId), eq(ledger.object, key.object), eq(ledger.crmId, key.crmId), eq(ledger.disposition, 'accepted')))
     .orderBy(desc(ledger.seq))
     .limit(1);
-  return { ...head, fields: body?.fields ?? null };
+  const { writing: inFlight, seen, ...rest } = head;
+  return { ...rest, fields: body?.fields ?? null, seen: inFlight || rest.deleted ? null : parsedJson(seen) };
+}
+
+/** A jsonb value read through a raw subquery: postgres.js parses it, PGlite may hand back its text. */
+function parsedJson(value: unknown): Record<string, unknown> | null {
+  const parsed: unknown = typeof value === 'string' ? JSON.parse(value) : value;
+  return parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed) ? (parsed as Record<string, unknown>) : null;
 }
 
 const STOPPED_MID_CALL = 'no answer: the writer stopped before recording the outcome of its attempt';
