@@ -1,4 +1,5 @@
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { PGlite } from '@electric-sql/pglite';
@@ -46,15 +47,20 @@ export default async function setup(project: TestProject): Promise<() => void> {
   symlinkSync(join(ROOT, 'drizzle'), join(dir, 'drizzle'));
   project.provide('compiledRoot', dir);
 
-  if (!process.env.DATABASE_URL) {
+  // The dump (about 40 MB) goes to the system's temporary directory, not node_modules.
+  const dumpDir = process.env.DATABASE_URL ? undefined : mkdtempSync(join(tmpdir(), 'crm-bridge-test-dump-'));
+  if (dumpDir !== undefined) {
     const database = openDatabase({ dataDir: 'memory://' });
     await database.migrate();
     const client = (database.db as unknown as { $client: PGlite }).$client;
     const dump = await client.dumpDataDir('none');
     await database.close();
-    const path = join(dir, 'migrated.tar');
+    const path = join(dumpDir, 'migrated.tar');
     writeFileSync(path, Buffer.from(await dump.arrayBuffer()));
     project.provide('migratedDump', path);
   }
-  return () => rmSync(dir, { recursive: true, force: true });
+  return () => {
+    rmSync(dir, { recursive: true, force: true });
+    if (dumpDir !== undefined) rmSync(dumpDir, { recursive: true, force: true });
+  };
 }
