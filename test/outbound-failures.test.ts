@@ -1,5 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { eq } from 'drizzle-orm';
+import { desc, eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledger, outbox, outboundWrites } from '../src/db/schema/index.js';
@@ -209,6 +209,37 @@ describe('a pipeline create given up on after it may have reached the CRM', () =
       },
       2,
     );
+  }, 60_000);
+});
+
+describe('a pipeline update the CRM made but answered with more than the bridge reads', () => {
+  it("sends it once, shows it sent, and takes the poll's sighting of the record as its echo", async () => {
+    let patches = 0;
+    const faults: FaultProxyOptions = {
+      // The sandbox has made the update; the answer declares 17 MiB, past the 16 MiB read.
+      answer: async (req, res) => {
+        if (req.method !== 'PATCH') return false;
+        patches++;
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(17 * 1024 * 1024) });
+        res.flushHeaders();
+        await sleep(20);
+        res.destroy();
+        return true;
+      },
+    };
+    await throughProxy(faults, async (app, sandbox) => {
+      const crmId = String(sandbox.state.store.matters.items[0]!.id);
+      const { outboundId } = (await post(app, { object: 'matters', externalId: 'lead-7', crmId, fields: { description: 'Updated at intake' } }, 'k-too-large')).json();
+      await tickUntilSettled(app, outboundId);
+      expect(patches).toBe(1);
+      expect(await write(outboundId)).toMatchObject({ state: 'sent', attempts: 1, crmId });
+      expect(sandbox.state.store.matters.items[0]!.description).toBe('Updated at intake');
+
+      expect((await pollStream(app.poller.stream('firm', 'matters'))).status).toBe('ok');
+      const [last] = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId)).orderBy(desc(ledger.seq)).limit(1);
+      expect(last).toEqual({ disposition: 'echo' });
+      expect(patches).toBe(1);
+    });
   }, 60_000);
 });
 

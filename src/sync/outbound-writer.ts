@@ -43,6 +43,7 @@ type Attempt =
   | { kind: 'written'; raw: unknown }
   | { kind: 'made-earlier'; crmId: string }
   | { kind: 'found-earlier'; crmId: string }
+  | { kind: 'unread'; crmId: string; error: string }
   | { kind: 'retry'; status: number | null; error: string }
   | { kind: 'rejected'; status: number | null; error: string }
   | { kind: 'waiting'; error: string }
@@ -136,6 +137,15 @@ export class OutboundWriter extends Daemon {
           log.info({ ...context, crmId: attempt.crmId }, `outbound create ${row.id} for ${connectionId} was made by an earlier attempt whose answer was lost (${row.object}/${attempt.crmId})`);
         }
         return;
+      case 'unread':
+        // The CRM made the update (a 2xx) but its answer was too large to read: sending it
+        // again would only make it again (and add another entry for a writeAs field). As for a
+        // create found after a lost answer, the stamp stays live with the CRM id, so the poll's
+        // or a hook's sighting of the record is this write's echo, matched by the written fields.
+        if (await markOutboundSent(db, { id: row.id, owner, crmId: attempt.crmId, crmVersion: null, contentHash: row.contentHash })) {
+          log.warn({ ...context, crmId: attempt.crmId }, `outbound update ${row.id} for ${connectionId} was made, but the CRM's answer could not be read: ${attempt.error}`);
+        }
+        return;
       case 'rejected':
         // A definite refusal: this attempt made nothing, and an earlier one that may have made
         // the record was looked for first (a failed look-up is retried, never rejected).
@@ -192,6 +202,9 @@ export class OutboundWriter extends Daemon {
       return { kind: 'written', raw: await this.readBack(row.object, raw, signal) };
     } catch (err) {
       if (signal.aborted) return { kind: 'stopped' };
+      if (row.operation === 'update' && row.crmId !== null && err instanceof CrmHttpError && err.code === 'CRM_RESPONSE_TOO_LARGE' && err.status >= 200 && err.status < 300) {
+        return { kind: 'unread', crmId: row.crmId, error: err.message };
+      }
       const attempt = classify(err);
       // Whatever the listing answered (a 429, a 4xx), the record may still exist: the attempt is
       // retried, with no status, so that the next one looks again.
