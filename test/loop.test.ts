@@ -67,6 +67,31 @@ async function startWithLostAnswer(method: 'POST' | 'PATCH', staff: (state: Sand
 }
 
 /** What a writer does before it dies: claims the one pending write for `owner` and makes its CRM create call, with the marker. */
+/**
+ * A proxy in front of the sandbox that holds each create's answer on `path` until the
+ * automation's hooks have been answered by the bridge (so the gate has committed its decision
+ * on the new record), noting whether that record's echo was in the ledger before the answer.
+ * `follow` points it at the bridge's sandbox once the bridge is up.
+ */
+async function holdCreateAnswers(path: string) {
+  let idle: () => Promise<void> = async () => {};
+  const held: Array<{ crmId: string; echoBeforeAnswer: boolean }> = [];
+  const proxy = await startFaultProxy({
+    answer: async (req, _res, text) => {
+      if (req.method !== 'POST' || !req.url!.startsWith(path)) return;
+      await idle();
+      const crmId = String((JSON.parse(text) as { data: { id: number } }).data.id);
+      const rows = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
+      held.push({ crmId, echoBeforeAnswer: rows.some((r) => r.disposition === 'echo') });
+    },
+  });
+  const follow = (sandbox: Sandbox) => {
+    proxy.setTarget(sandbox.url);
+    idle = () => sandbox.state.automationIdle();
+  };
+  return { proxy, held, follow };
+}
+
 async function claimAndCreate(app: FastifyInstance, outboundId: unknown, owner: string, leaseMs: number) {
   const [row] = await claimOutboundWrites(db, { connectionId: 'firm', owner, limit: 1, leaseMs });
   expect(row?.id).toBe(outboundId);
@@ -145,22 +170,9 @@ describe('the loop guard against the sandbox CRM', () => {
   }, 120_000);
 
   it('recognises the echo that arrives by hook before the CRM has answered the create', async () => {
-    // A proxy in front of the sandbox holds the create's answer until the automation's hook for
-    // the new record has been answered by the bridge (so the gate has committed its decision).
-    let idle: () => Promise<void> = async () => {};
-    const heldCreates: Array<{ crmId: string; echoBeforeAnswer: boolean }> = [];
-    const proxy = await startFaultProxy({
-      answer: async (req, _res, text) => {
-        if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/matters.json')) return;
-        await idle();
-        const crmId = String((JSON.parse(text) as { data: { id: number } }).data.id);
-        const rows = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
-        heldCreates.push({ crmId, echoBeforeAnswer: rows.some((r) => r.disposition === 'echo') });
-      },
-    });
+    const { proxy, held: heldCreates, follow } = await holdCreateAnswers('/api/v4/matters.json');
     const { bridge, stub, close } = await startTwoWay({ writeBack: false, baseUrl: proxy.url });
-    proxy.setTarget(bridge.sandbox.url);
-    idle = () => bridge.sandbox.state.automationIdle();
+    follow(bridge.sandbox);
     try {
       const { app } = bridge;
       const accepted = await stub.write('lead-fast-echo', lead(1));
@@ -426,21 +438,9 @@ describe('the loop guard against the sandbox CRM', () => {
     }
 
     it("recognises a created lead contact's echo by hook before the CRM has answered, showing the email and phone written, and delivers nothing", async () => {
-      // The create's answer is held until the automation's hook for the new contact has been answered.
-      let idle: () => Promise<void> = async () => {};
-      const held: Array<{ crmId: string; echoBeforeAnswer: boolean }> = [];
-      const proxy = await startFaultProxy({
-        answer: async (req, _res, text) => {
-          if (req.method !== 'POST' || !req.url!.startsWith('/api/v4/contacts.json')) return;
-          await idle();
-          const crmId = String((JSON.parse(text) as { data: { id: number } }).data.id);
-          const rows = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId));
-          held.push({ crmId, echoBeforeAnswer: rows.some((r) => r.disposition === 'echo') });
-        },
-      });
+      const { proxy, held, follow } = await holdCreateAnswers('/api/v4/contacts.json');
       const { bridge, stub, close } = await startContacts(proxy.url);
-      proxy.setTarget(bridge.sandbox.url);
-      idle = () => bridge.sandbox.state.automationIdle();
+      follow(bridge.sandbox);
       try {
         const { app, sandbox } = bridge;
         expect((await stub.write('lead-contact', contactLead)).status).toBe(202);

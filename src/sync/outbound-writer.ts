@@ -361,11 +361,10 @@ export function fieldsToWrite(
   seen: Record<string, unknown> | null,
 ): { fields: Record<string, unknown>; uncleared: string[] } {
   const writeAs = definition.writeAs ?? {};
-  const readOnly = new Set(definition.readOnly ?? []);
   const out: Record<string, unknown> = {};
   const uncleared: string[] = [];
   for (const [name, value] of Object.entries(fields)) {
-    if (!Object.hasOwn(writeAs, name) || readOnly.has(name)) {
+    if (!Object.hasOwn(writeAs, name)) {
       out[name] = value;
       continue;
     }

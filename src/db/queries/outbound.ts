@@ -60,10 +60,11 @@ export async function getDeliveredState(
       origin: recordHeads.origin,
       deleted: recordHeads.deleted,
       deliveredHash: recordHeads.deliveredHash,
-      seen: sql<Record<string, unknown> | null>`(select ${ledgerBodies.fields} from ${ledgerBodies} where ${ledgerBodies.eventId} = ${recordHeads.lastEventId})`,
+      seen: ledgerBodies.fields,
       writing: sql<boolean>`exists (${writing})`,
     })
     .from(recordHeads)
+    .leftJoin(ledgerBodies, eq(ledgerBodies.eventId, recordHeads.lastEventId))
     .where(and(eq(recordHeads.connectionId, key.connectionId), eq(recordHeads.object, key.object), eq(recordHeads.crmId, key.crmId)));
   if (!head) return undefined;
   const [body] = await db
@@ -74,13 +75,7 @@ export async function getDeliveredState(
     .orderBy(desc(ledger.seq))
     .limit(1);
   const { writing: inFlight, seen, ...rest } = head;
-  return { ...rest, fields: body?.fields ?? null, seen: inFlight || rest.deleted ? null : parsedJson(seen) };
-}
-
-/** A jsonb value read through a raw subquery: postgres.js parses it, PGlite may hand back its text. */
-function parsedJson(value: unknown): Record<string, unknown> | null {
-  const parsed: unknown = typeof value === 'string' ? JSON.parse(value) : value;
-  return parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed) ? (parsed as Record<string, unknown>) : null;
+  return { ...rest, fields: body?.fields ?? null, seen: inFlight || rest.deleted ? null : seen };
 }
 
 const STOPPED_MID_CALL = 'no answer: the writer stopped before recording the outcome of its attempt';
