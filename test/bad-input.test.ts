@@ -380,6 +380,20 @@ describe('bad input to every public route', () => {
     );
   });
 
+  it("an empty form (curl -X POST -d '') is no body on a POST route that takes none, and refused with 415 where a body is needed", async () => {
+    const posts = (await publicRoutes()).filter((r) => r.method === 'POST');
+    const answers: Record<string, [number, string]> = {};
+    for (const route of posts) {
+      const res = await app.inject({ method: 'POST', url: route.path, headers: { ...route.good.headers, 'content-type': 'application/x-www-form-urlencoded', 'content-length': '0' }, payload: '' });
+      answers[route.path] = [res.statusCode, (res.json() as { code: string }).code];
+    }
+    expect(answers).toEqual(Object.fromEntries(posts.map((r) => [r.path, r.good.body === undefined ? [404, 'NOT_FOUND'] : [415, 'UNSUPPORTED_MEDIA_TYPE']])));
+    // A form with something in it is refused everywhere, the replay included.
+    const replay = posts.find((r) => r.good.body === undefined)!;
+    const res = await app.inject({ method: 'POST', url: replay.path, headers: { ...replay.good.headers, 'content-type': 'application/x-www-form-urlencoded' }, payload: 'force=true' });
+    expect([res.statusCode, res.json()]).toEqual([415, expect.objectContaining({ code: 'UNSUPPORTED_MEDIA_TYPE', detail: 'Send the body as JSON with Content-Type: application/json.' })]);
+  });
+
   it('answers each of more than 1,000 generated bad requests with a 4xx problem+json, never a 5xx, and writes no row', async () => {
     const routes = await publicRoutes();
     expect(routes.map((r) => `${r.method} ${r.path}`)).toEqual(expect.arrayContaining(['POST /hooks/firm', 'POST /v1/connections/firm/records', 'GET /metrics', 'GET /']));

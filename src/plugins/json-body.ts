@@ -12,9 +12,10 @@ declare module 'fastify' {
   }
   interface FastifyContextConfig {
     /**
-     * The route takes no body or an optional one: an empty body declared as JSON is no body
-     * (`curl -X POST -H 'Content-Type: application/json'` without `-d` sends one). Elsewhere
-     * an empty body is refused with 400.
+     * The route takes no body or an optional one: an empty body is no body, whatever type it
+     * declares (`curl -X POST -H 'Content-Type: application/json'` without `-d` sends one, and
+     * `curl -X POST -d ''` an empty form). Elsewhere an empty body is refused (400 as JSON, 415
+     * as anything else).
      */
     bodyOptional?: boolean;
   }
@@ -77,6 +78,12 @@ export default fp(
     };
     app.addContentTypeParser('application/json', { parseAs: 'buffer' }, parseJson);
     app.addContentTypeParser(/^application\/[\w.+-]+\+json$/, { parseAs: 'buffer' }, parseJson);
+    // Any other type, or none, is refused with 415, unread; only a declared empty body is no body
+    // where the route takes none (`curl -X POST -d ''` sends an empty form).
+    app.addContentTypeParser('*', (request, _payload, done) => {
+      if (request.headers['content-length'] === '0' && request.routeOptions.config.bodyOptional === true) done(null, undefined);
+      else done(new AppError(415, 'UNSUPPORTED_MEDIA_TYPE', 'Send the body as JSON with Content-Type: application/json.'));
+    });
   },
   { name: 'json-body' },
 );
