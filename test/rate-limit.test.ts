@@ -74,6 +74,24 @@ describe('failed authentications', () => {
     expect((await fromBalancer('wrong-secret-0123456789', 5, '198.51.100.20')).statusCode).toBe(429);
   });
 
+  it('answer only AUTH_FAILURE_LIMIT failures of a burst sent all at once, the rest 429, on hooks and operator routes alike', async () => {
+    await start();
+    const hooks = await Promise.all(Array.from({ length: 40 }, (_, i) => hook('wrong-secret-0123456789', i)));
+    expect(hooks.map((a) => a.statusCode).sort()).toEqual([...Array(5).fill(401), ...Array(35).fill(429)]);
+    const admin = await Promise.all(
+      Array.from({ length: 40 }, () => app.inject({ method: 'GET', url: '/v1/dead-letters', remoteAddress: '198.51.100.20', headers: { authorization: 'Bearer wrong' } })),
+    );
+    expect(admin.map((a) => a.statusCode).sort()).toEqual([...Array(5).fill(401), ...Array(35).fill(429)]);
+    // A failure answered 429 says so as the check's 429 does, without the status page's login challenge.
+    const page = await Promise.all(Array.from({ length: 8 }, () => app.inject({ method: 'GET', url: '/', remoteAddress: '192.0.2.9', headers: { authorization: 'Bearer wrong' } })));
+    expect(page.map((a) => a.statusCode).sort()).toEqual([...Array(5).fill(401), ...Array(3).fill(429)]);
+    expect(page.find((a) => a.statusCode === 401)!.headers['www-authenticate']).toMatch(/^Basic /);
+    const refused = page.find((a) => a.statusCode === 429)!;
+    expect(refused.json()).toMatchObject({ status: 429, code: 'RATE_LIMITED' });
+    expect(refused.headers['retry-after']).toBeDefined();
+    expect(refused.headers['www-authenticate']).toBeUndefined();
+  });
+
   it('never slow a burst of 500 correctly authenticated hooks from one address', async () => {
     await start();
     const answers = await Promise.all(Array.from({ length: 500 }, (_, i) => hook(SECRET, i + 1)));

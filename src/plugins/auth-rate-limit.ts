@@ -1,7 +1,7 @@
 import rateLimit from '@fastify/rate-limit';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
-import { AppError } from '../errors.js';
+import { AppError, problem } from '../errors.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -30,7 +30,8 @@ declare module 'fastify' {
  * The counts live in this process (@fastify/rate-limit's LRU store): each replica limits on its
  * own. Behind a load balancer set TRUST_PROXY, or every caller shares the balancer's address.
  * AUTH_FAILURE_LIMIT=N answers N failures from one address in the window, then refuses its next
- * request with 429; AUTH_FAILURE_LIMIT=0 turns the limit off.
+ * request with 429, and of failures sent all at once answers N and refuses the rest;
+ * AUTH_FAILURE_LIMIT=0 turns the limit off.
  */
 export default fp(
   async (app: FastifyInstance) => {
@@ -42,15 +43,16 @@ export default fp(
     await app.register(rateLimit, { global: false, max, timeWindow });
     const failures = app.createRateLimit({ max, timeWindow });
 
+    const refusal = 'Too many failed authentications from this address; try again later.';
     const refuseRepeatedFailures = async (request: FastifyRequest, reply: FastifyReply) => {
-      // Read, not counted: only the answer (onResponse) says whether this request fails. The
-      // library's `isExceeded` (count > max) is for a count that includes the request being
-      // made; this count is of failures already made, so `max` of them are the whole allowance.
+      // Read, not counted: only the answer says whether this request fails. The library's
+      // `isExceeded` (count > max) is for a count that includes the request being made; this
+      // count is of failures already made, so `max` of them are the whole allowance.
       const state = await failures(request, { increment: false });
       if (state.isAllowed || state.remaining > 0) return;
       reply.header('retry-after', String(state.ttlInSeconds));
       request.log.warn({ remoteAddress: request.ip }, 'request refused: too many failed authentications from this address');
-      throw new AppError(429, 'RATE_LIMITED', 'Too many failed authentications from this address; try again later.');
+      throw new AppError(429, RATE_LIMITED, refusal);
     };
     app.decorate('refuseRepeatedFailures', refuseRepeatedFailures);
 
@@ -60,12 +62,29 @@ export default fp(
       await refuseRepeatedFailures(request, reply);
     });
 
-    app.addHook('onResponse', async (request, reply) => {
-      if (isAuthFailure(request, reply.statusCode)) await failures(request);
+    // A failure is counted as its answer is made, and the count decides that answer: a burst
+    // sent at once passes the check above together, and of its failures the first `max` are
+    // answered as failures and the rest 429. Counted once the answer went out instead, the whole
+    // burst would be answered 401.
+    // One count at a time: the store hands every caller its one live entry, so a count read after
+    // other failures were counted would be theirs too.
+    let counted: Promise<unknown> = Promise.resolve();
+    app.addHook('onSend', async (request, reply, payload) => {
+      if (!isAuthFailure(request, reply.statusCode)) return payload;
+      const counting = counted.then(() => failures(request));
+      counted = counting.catch(() => {});
+      const state = await counting;
+      if (state.isAllowed || !state.isExceeded) return payload;
+      request.log.warn({ remoteAddress: request.ip }, 'request refused: too many failed authentications from this address');
+      reply.removeHeader('www-authenticate');
+      reply.code(429).header('retry-after', String(state.ttlInSeconds)).type('application/problem+json');
+      return JSON.stringify(problem(429, RATE_LIMITED, refusal));
     });
   },
   { name: 'auth-rate-limit', dependencies: ['config'] },
 );
+
+const RATE_LIMITED = 'RATE_LIMITED';
 
 function isProbe(request: FastifyRequest): boolean {
   const path = request.url.split('?')[0];
