@@ -5,6 +5,7 @@ import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { ledger, outbox, outboundWrites } from '../src/db/schema/index.js';
 import { pollStream } from '../src/sync/poller.js';
 import { authorise, oauthAuth } from './fixtures/token-helpers.js';
+import { SECRET } from './helpers/app.js';
 import { startBridge } from './helpers/bridge.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
 import { loseFirstCreateAnswer, startFaultProxy, type FaultProxyOptions } from './helpers/fault-proxy.js';
@@ -239,6 +240,156 @@ describe('a pipeline update the CRM made but answered with more than the bridge 
       const [last] = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, crmId)).orderBy(desc(ledger.seq)).limit(1);
       expect(last).toEqual({ disposition: 'echo' });
       expect(patches).toBe(1);
+    });
+  }, 60_000);
+});
+
+describe("a pipeline update of a Clio contact's email whose attempt may have reached the CRM", () => {
+  const newEmail = 'moved.address@example.com';
+  const isContactPatch = (req: { method?: string | undefined; url?: string | undefined }, id: number) => req.method === 'PATCH' && req.url!.startsWith(`/api/v4/contacts/${id}.json`);
+  const isContactRead = (req: { method?: string | undefined; url?: string | undefined }, id: number) => req.method === 'GET' && req.url!.startsWith(`/api/v4/contacts/${id}.json`);
+
+  /** The contact as Clio's API shows it (asked of the sandbox itself, past the proxy), with its nested list of addresses. */
+  async function readContact(sandbox: Sandbox, id: number) {
+    const fields = 'id,title,primary_email_address,email_addresses{name,address,primary}';
+    const res = await fetch(`${sandbox.url}/api/v4/contacts/${id}.json?fields=${encodeURIComponent(fields)}`, { headers: { authorization: `Bearer ${sandbox.state.issueToken().access_token}` } });
+    return ((await res.json()) as { data: { title: string | null; primary_email_address: string | null; email_addresses: { name: string; address: string }[] } }).data;
+  }
+
+  const contactPatches = (sandbox: Sandbox, id: number) =>
+    sandbox.state.requestLog.list({ method: 'PATCH', pathPrefix: `/api/v4/contacts/${id}.json` }).map((r) => (r.body as { data: Record<string, unknown> }).data);
+
+  /**
+   * The entries for `address` Clio holds after the updates the sandbox received: Clio adds one
+   * for every `email_addresses` item sent without an id. (The sandbox keeps one address per
+   * contact, so its record cannot show a second entry; what it was sent can.)
+   */
+  const entriesFor = (sandbox: Sandbox, id: number, address: string) =>
+    contactPatches(sandbox, id).flatMap((data) => ((data.email_addresses ?? []) as Record<string, unknown>[]).filter((e) => e.id === undefined && e.address === address));
+
+  /** The hook Clio's automation would send with the contact as it now stands: the write's echo, which the pipeline must not be delivered. */
+  async function expectEchoNotDelivered(app: FastifyInstance, sandbox: Sandbox, id: number) {
+    const hook = await app.inject({
+      method: 'POST',
+      url: '/hooks/firm?object=contacts',
+      headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+      payload: JSON.stringify({ data: sandbox.state.renderFull('contacts', id) }),
+    });
+    expect(hook.json().status).not.toBe('accepted');
+    const dispositions = await db.select({ disposition: ledger.disposition }).from(ledger).where(eq(ledger.crmId, String(id)));
+    expect(dispositions.map((d) => d.disposition)).not.toContain('accepted');
+    expect(await db.select().from(outbox).where(eq(outbox.crmId, String(id)))).toEqual([]);
+  }
+
+  /** Ticks the writer until the write satisfies `done`. */
+  async function tickUntil(app: FastifyInstance, id: string, done: (row: Awaited<ReturnType<typeof write>>) => boolean) {
+    for (let i = 0; i < 200; i++) {
+      await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+      if (done(await write(id))) return;
+      await sleep(2);
+    }
+    throw new Error(`write ${id} never got there`);
+  }
+
+  it('gives the contact the new address once when Clio made the update but its gateway answered 502, resending only the plain field', async () => {
+    let broken = 0;
+    let id = 0;
+    const faults: FaultProxyOptions = {
+      // The sandbox has made the update (added the Work entry); the bridge hears a 502.
+      answer: async (req, res) => {
+        if (!isContactPatch(req, id) || broken++ > 0) return false;
+        res.writeHead(502, { 'content-type': 'application/json' }).end('{"error":{"message":"bad gateway"}}');
+        return true;
+      },
+    };
+    await throughProxy(faults, async (app, sandbox) => {
+      id = sandbox.state.store.contacts.items[0]!.id;
+      const { outboundId } = (await post(app, { object: 'contacts', externalId: 'lead-c1', crmId: String(id), fields: { email: newEmail, title: 'Partner' } }, 'k-email-502')).json();
+      await tickUntilSettled(app, outboundId);
+      expect(entriesFor(sandbox, id, newEmail)).toEqual([{ name: 'Work', address: newEmail, default_email: true }]);
+      const contact = await readContact(sandbox, id);
+      expect(contact.email_addresses.filter((e) => e.address === newEmail)).toEqual([{ name: 'Work', address: newEmail, primary: true }]);
+      expect(contact).toMatchObject({ primary_email_address: newEmail, title: 'Partner' });
+      expect(broken).toBe(2);
+      expect(contactPatches(sandbox, id)).toEqual([{ title: 'Partner', email_addresses: [{ name: 'Work', address: newEmail, default_email: true }] }, { title: 'Partner' }]);
+      expect(await write(outboundId)).toMatchObject({ state: 'sent', attempts: 2, crmId: String(id) });
+      await expectEchoNotDelivered(app, sandbox, id);
+    });
+  }, 60_000);
+
+  it('sends nothing again when the update was only the email and the contact shows it: the write is sent, its record the echo', async () => {
+    let broken = 0;
+    let id = 0;
+    const faults: FaultProxyOptions = {
+      answer: async (req, res) => {
+        if (!isContactPatch(req, id) || broken++ > 0) return false;
+        res.destroy();
+        return true;
+      },
+    };
+    await throughProxy(faults, async (app, sandbox) => {
+      id = sandbox.state.store.contacts.items[0]!.id;
+      const { outboundId } = (await post(app, { object: 'contacts', externalId: 'lead-c1', crmId: String(id), fields: { email: newEmail } }, 'k-email-only')).json();
+      await tickUntilSettled(app, outboundId);
+
+      expect(entriesFor(sandbox, id, newEmail)).toHaveLength(1);
+      expect(contactPatches(sandbox, id)).toHaveLength(1);
+      expect((await readContact(sandbox, id)).email_addresses.filter((e) => e.address === newEmail)).toHaveLength(1);
+      expect(await write(outboundId)).toMatchObject({ state: 'sent', attempts: 2, crmId: String(id) });
+      expect(await db.select({ source: ledger.source }).from(ledger).where(eq(ledger.crmId, String(id)))).toEqual([{ source: 'outbound' }]);
+      await expectEchoNotDelivered(app, sandbox, id);
+    });
+  }, 60_000);
+
+  it('sends the email again when the first update was answered 503 without reaching Clio, and the contact has it once', async () => {
+    let refused = 0;
+    let id = 0;
+    const faults: FaultProxyOptions = { fail: (req) => (isContactPatch(req, id) && refused++ === 0 ? 503 : undefined) };
+    await throughProxy(faults, async (app, sandbox) => {
+      id = sandbox.state.store.contacts.items[0]!.id;
+      const { outboundId } = (await post(app, { object: 'contacts', externalId: 'lead-c1', crmId: String(id), fields: { email: newEmail, title: 'Partner' } }, 'k-email-503')).json();
+      await tickUntilSettled(app, outboundId);
+
+      expect(entriesFor(sandbox, id, newEmail)).toHaveLength(1);
+      const reads = sandbox.state.requestLog.list({ method: 'GET', pathPrefix: `/api/v4/contacts/${id}.json` });
+      const contact = await readContact(sandbox, id);
+      expect(contact.email_addresses.filter((e) => e.address === newEmail)).toHaveLength(1);
+      expect(contact.primary_email_address).toBe(newEmail);
+      // The retry read the contact, found no new address, and sent it.
+      expect(reads).toHaveLength(1);
+      expect(contactPatches(sandbox, id)).toEqual([{ title: 'Partner', email_addresses: [{ name: 'Work', address: newEmail, default_email: true }] }]);
+      expect(await write(outboundId)).toMatchObject({ state: 'sent', attempts: 2 });
+    });
+  }, 60_000);
+
+  it('retries later, without sending, when reading the contact before the retry fails with 503, and gives it the new address once', async () => {
+    let broken = 0;
+    let readFailures = 0;
+    let id = 0;
+    const faults: FaultProxyOptions = {
+      // Every in-call retry of the read too: the attempt fails.
+      fail: (req) => (broken > 0 && isContactRead(req, id) && readFailures++ < 5 ? 503 : undefined),
+      answer: async (req, res) => {
+        if (!isContactPatch(req, id) || broken++ > 0) return false;
+        res.writeHead(502, { 'content-type': 'application/json' }).end('{"error":{"message":"bad gateway"}}');
+        return true;
+      },
+    };
+    await throughProxy(faults, async (app, sandbox) => {
+      id = sandbox.state.store.contacts.items[0]!.id;
+      const { outboundId } = (await post(app, { object: 'contacts', externalId: 'lead-c1', crmId: String(id), fields: { email: newEmail, title: 'Partner' } }, 'k-email-read-503')).json();
+      await tickUntil(app, outboundId, (row) => row.attempts >= 2);
+      const looked = await write(outboundId);
+      expect(looked).toMatchObject({ state: 'pending', attempts: 2, lastStatus: null });
+      expect(looked.lastError).toMatch(/looking at the record an earlier attempt may have updated/);
+      expect(readFailures).toBeGreaterThanOrEqual(5);
+      expect(contactPatches(sandbox, id)).toHaveLength(1);
+
+      await tickUntilSettled(app, outboundId);
+      expect(entriesFor(sandbox, id, newEmail)).toHaveLength(1);
+      expect(await write(outboundId)).toMatchObject({ state: 'sent', attempts: 3 });
+      expect(contactPatches(sandbox, id)).toEqual([{ title: 'Partner', email_addresses: [{ name: 'Work', address: newEmail, default_email: true }] }, { title: 'Partner' }]);
+      expect((await readContact(sandbox, id)).email_addresses.filter((e) => e.address === newEmail)).toHaveLength(1);
     });
   }, 60_000);
 });

@@ -174,6 +174,11 @@ export class OutboundWriter extends Daemon {
   private async call(row: OutboundWrite, signal: AbortSignal): Promise<Attempt> {
     const connector = this.deps.connector();
     const fields = row.fields ?? {};
+    // An earlier attempt may have made the write unless its answer proves it did not: a 429
+    // (the CRM turned it away) or a 401 (it was not let in). A 5xx (the CRM or its gateway
+    // may fail after the write was made), an answer cut off, no answer, a writer stopped
+    // mid-call, a failed look-up: no echo has come since, so look before writing again.
+    const mayHaveMade = row.attempts > 1 && row.lastStatus !== 429 && row.lastStatus !== 401;
     let looking = false;
     try {
       // An earlier attempt that ended without an answer (timeout, reset, a killed writer) may
@@ -185,14 +190,28 @@ export class OutboundWriter extends Daemon {
       if (row.settledAt !== null && row.crmId !== null) return { kind: 'made-earlier', crmId: row.crmId };
       if (row.operation === 'update') {
         if (row.crmId === null) return { kind: 'rejected', status: null, error: 'an update without a CRM id' };
-        const raw = await connector.updateRecord(row.object, row.crmId, connector.toRecord(row.object, fields), { writeId: row.id, signal });
+        let send = fields;
+        // Sent again, a writeAs field the earlier attempt did write would give the contact a
+        // second, identical email or phone entry: the record is read first, and what it already
+        // shows is left out. A failed read fails the attempt, to be retried: writing blind could
+        // add the entry twice.
+        const definition = this.deps.objects[row.object];
+        if (mayHaveMade && definition?.get !== undefined && writesThroughTemplate(definition, fields)) {
+          looking = true;
+          const read = await connector.getRecord(row.object, row.crmId, { signal });
+          looking = false;
+          // A record gone is the CRM's to say (a 404 to the update, which rejects it).
+          if (read !== null) {
+            send = withoutShown(definition, fields, mapFields(read, definition));
+            // The record shows all of it: the earlier attempt made the write, and the record read
+            // is its echo (joined as the CRM's answer, not delivered).
+            if (Object.keys(send).length === 0) return { kind: 'written', raw: read };
+          }
+        }
+        const raw = await connector.updateRecord(row.object, row.crmId, connector.toRecord(row.object, send), { writeId: row.id, signal });
         return { kind: 'written', raw: await this.readBack(row.object, raw, signal) };
       }
-      // An earlier attempt may have made the record unless its answer proves it did not: a 429
-      // (the CRM turned it away) or a 401 (it was not let in). A 5xx (the CRM or its gateway
-      // may fail after the record was made), an answer cut off, no answer, a writer stopped
-      // mid-call, a failed look-up: no echo has come since, so look before making another.
-      if (row.attempts > 1 && row.lastStatus !== 429 && row.lastStatus !== 401) {
+      if (mayHaveMade) {
         looking = true;
         const crmId = await this.findEarlierCreate(row, signal);
         if (crmId !== undefined) return { kind: 'found-earlier', crmId };
@@ -202,13 +221,17 @@ export class OutboundWriter extends Daemon {
       return { kind: 'written', raw: await this.readBack(row.object, raw, signal) };
     } catch (err) {
       if (signal.aborted) return { kind: 'stopped' };
-      if (row.operation === 'update' && row.crmId !== null && err instanceof CrmHttpError && err.code === 'CRM_RESPONSE_TOO_LARGE' && err.status >= 200 && err.status < 300) {
+      // The update's own answer, not the read before it: that read being too large says nothing was made.
+      if (!looking && row.operation === 'update' && row.crmId !== null && err instanceof CrmHttpError && err.code === 'CRM_RESPONSE_TOO_LARGE' && err.status >= 200 && err.status < 300) {
         return { kind: 'unread', crmId: row.crmId, error: err.message };
       }
       const attempt = classify(err);
-      // Whatever the listing answered (a 429, a 4xx), the record may still exist: the attempt is
-      // retried, with no status, so that the next one looks again.
-      if (looking && attempt.kind !== 'waiting') return { kind: 'retry', status: null, error: `looking for the record an earlier attempt may have made: ${attempt.error}` };
+      // Whatever the look-up answered (a 429, a 4xx), the earlier attempt may still have made the
+      // write: the attempt is retried, with no status, so that the next one looks again.
+      if (looking && attempt.kind !== 'waiting') {
+        const what = row.operation === 'update' ? 'looking at the record an earlier attempt may have updated' : 'looking for the record an earlier attempt may have made';
+        return { kind: 'retry', status: null, error: `${what}: ${attempt.error}` };
+      }
       return attempt;
     }
   }
@@ -363,17 +386,34 @@ export function fieldsToWrite(
   const writeAs = definition.writeAs ?? {};
   const out: Record<string, unknown> = {};
   const uncleared: string[] = [];
-  for (const [name, value] of Object.entries(fields)) {
+  const kept = operation === 'update' && seen !== null ? withoutShown(definition, fields, seen) : fields;
+  for (const [name, value] of Object.entries(kept)) {
     if (!Object.hasOwn(writeAs, name)) {
       out[name] = value;
       continue;
     }
-    const unchanged = operation === 'update' && seen !== null && Object.hasOwn(seen, name) && canonicalJson(seen[name] ?? null) === canonicalJson(value ?? null);
-    if (unchanged || (value === null && operation === 'create')) continue;
+    if (value === null && operation === 'create') continue;
     if (value === null) uncleared.push(name);
     else out[name] = value;
   }
   return { fields: out, uncleared };
+}
+
+/** Whether a write sends any field through a template (`writeAs`), which adds rather than sets. */
+function writesThroughTemplate(definition: ObjectDefinition, fields: Record<string, unknown>): boolean {
+  const writeAs = definition.writeAs ?? {};
+  return Object.keys(fields).some((name) => Object.hasOwn(writeAs, name));
+}
+
+/**
+ * `fields` less each `writeAs` field whose value the record already shows (`shown`, its mapped
+ * fields, as last seen or just read): sent again, it would add a second entry for the same
+ * address. Other fields stay: writing a value again changes nothing.
+ */
+function withoutShown(definition: ObjectDefinition, fields: Record<string, unknown>, shown: Record<string, unknown>): Record<string, unknown> {
+  const writeAs = definition.writeAs ?? {};
+  const holds = (name: string, value: unknown) => Object.hasOwn(shown, name) && canonicalJson(shown[name] ?? null) === canonicalJson(value ?? null);
+  return Object.fromEntries(Object.entries(fields).filter(([name, value]) => !(Object.hasOwn(writeAs, name) && holds(name, value))));
 }
 
 /**
