@@ -2,11 +2,12 @@
 // process, the real app's poller in another, the bare page loop in a third. One measurement
 // serves both registry entries (the re-poll needs the backfill's heads), so it runs once.
 import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { BenchContext, CaseResult, Figure } from './cases.js';
-import { createBenchDatabase, fmt, runInChild, startChild, type Child } from './child.js';
+import { createBenchDatabase, fmt, startChild, type Child } from './child.js';
+import { backendPids, costPerItem, cpuDuring } from './machine.js';
 import { BENCH_HOOK_SECRET, SANDBOX_CLIENT } from './sync-shared.js';
 
 export const BACKFILL_RECORDS = Number(process.env.BENCH_BACKFILL_RECORDS ?? 100_000);
@@ -28,14 +29,19 @@ export function sandboxConnection(sandboxUrl: string, extra: Record<string, unkn
   };
 }
 
+/** CPU per record of each process the run kept busy (see costPerItem). */
+type Cost = ReturnType<typeof costPerItem>;
+
 interface PollResult {
   ms: number;
+  cpu: Cost;
   maxRssMb: number;
   maxRssBeforeMb: number;
   report: { status: string; pages: number; records: number; counts: Record<string, number>; error?: string };
 }
 interface FetchResult {
   ms: number;
+  cpu: Cost;
   pages: number;
   records: number;
   maxRssMb: number;
@@ -55,21 +61,37 @@ interface OnDatabase {
 const rate = (records: number, ms: number) => `${fmt(records / (ms / 1000))} records/s`;
 
 async function bareFetch(sandbox: Child, records: number): Promise<FetchResult> {
-  const result = await runInChild<FetchResult>(syncScript, ['bare'], { type: 'fetch', sandboxUrl: sandbox.url, pageSize: PAGE_SIZE, warmId: FIRST_MATTER_ID }, {}, { built: true });
-  if (result.records !== records) throw new Error(`the bare loop read ${result.records} records, expected ${records}`);
-  return result;
+  const loop = await startChild(syncScript, ['bare'], {}, { built: true });
+  try {
+    const { result, seconds } = await cpuDuring(
+      async () => ({ 'bare loop': [loop], sandbox: [sandbox] }),
+      () => loop.ask<Omit<FetchResult, 'cpu'>>({ type: 'fetch', sandboxUrl: sandbox.url, pageSize: PAGE_SIZE, warmId: FIRST_MATTER_ID }),
+    );
+    if (result.records !== records) throw new Error(`the bare loop read ${result.records} records, expected ${records}`);
+    return { ...result, cpu: costPerItem(seconds, records) };
+  } finally {
+    await loop.stop();
+  }
 }
 
 async function backfillOn(label: OnDatabase['label'], env: Record<string, string>, sandbox: Child, context: BenchContext): Promise<OnDatabase> {
   const bridge = await startChild(syncScript, ['bridge'], { ...env, BENCH_LOG_LEVEL: context.logLevel, BENCH_CONNECTION: JSON.stringify(sandboxConnection(sandbox.url!)) }, { built: true });
+  // The CPU of every process a run keeps busy: the bridge, its Postgres backends (embedded PGlite
+  // runs in the bridge), the sandbox.
+  const poll = async (request: Record<string, unknown>, what: string) => {
+    const { result, seconds } = await cpuDuring(
+      async () => ({ bridge: [bridge], Postgres: env.BENCH_DATABASE_URL ? await backendPids(env.BENCH_DATABASE_URL) : [], sandbox: [sandbox] }),
+      () => bridge.ask<Omit<PollResult, 'cpu'>>({ type: 'poll', warmId: FIRST_MATTER_ID, ...request }, 900_000),
+    );
+    if (result.report.status !== 'ok') throw new Error(`${label} ${what} ${result.report.status}: ${result.report.error}`);
+    return { ...result, cpu: costPerItem(seconds, result.report.records) };
+  };
   try {
-    const backfill = await bridge.ask<PollResult>({ type: 'poll', warmId: FIRST_MATTER_ID }, 900_000);
-    if (backfill.report.status !== 'ok') throw new Error(`${label} backfill ${backfill.report.status}: ${backfill.report.error}`);
+    const backfill = await poll({}, 'backfill');
     context.log(`  ${label} backfill: ${rate(backfill.report.records, backfill.ms)}, peak RSS ${fmt(backfill.maxRssMb)} MB (${fmt(backfill.maxRssBeforeMb)} MB before the run)`);
     // The re-poll reads everything again under a cursor of its own (as `crm-bridge backfill`
     // does), so nothing is skipped for a cursor; every record is a duplicate of its head.
-    const repoll = await bridge.ask<PollResult>({ type: 'poll', warmId: FIRST_MATTER_ID, cursorKey: 'matters:repoll' }, 900_000);
-    if (repoll.report.status !== 'ok') throw new Error(`${label} re-poll ${repoll.report.status}: ${repoll.report.error}`);
+    const repoll = await poll({ cursorKey: 'matters:repoll' }, 're-poll');
     context.log(`  ${label} re-poll: ${rate(repoll.report.records, repoll.ms)}`);
     const counts = await bridge.ask<Counts>({ type: 'counts' });
     return { label, backfill, repoll, counts };
@@ -126,6 +148,20 @@ function measure(context: BenchContext) {
   return measured;
 }
 
+/**
+ * Why a ratio is what it is: what each record cost the cores, the most records per second that
+ * allows, and the rate the target asks for (the bare loop's, divided by the target ratio).
+ */
+function costFigure(name: string, cost: Cost, target: number, run: { records: number; bareMs: number; bare: FetchResult[] }): Figure {
+  const wanted = run.records / (run.bareMs / 1000) / target;
+  return {
+    name,
+    value: `${cost.text}: at most ${fmt(cost.bound)} records/s on ${availableParallelism()} cores (${target} is ${fmt(wanted)}); bare fetch: ${run.bare[0]!.cpu.text}`,
+    target: '—',
+    pass: undefined,
+  };
+}
+
 const describeCounts = (counts: Record<string, number>) =>
   Object.entries(counts)
     .map(([k, v]) => `${k} ${fmt(v)}`)
@@ -152,6 +188,7 @@ export async function runBackfillBench(context: BenchContext): Promise<CaseResul
       target: primary ? `≤ ${TARGET.rssMb} MB` : '—',
       pass: primary ? run.backfill.maxRssMb <= TARGET.rssMb : undefined,
     });
+    if (primary) figures.push(costFigure(`backfill/${run.label} CPU per record`, run.backfill.cpu, TARGET.backfill, run));
     const complete = run.counts.ledger === run.records && run.counts.outbox === run.records && run.counts.heads === run.records;
     figures.push({
       name: `backfill/${run.label} every record in ledger and outbox`,
@@ -160,9 +197,9 @@ export async function runBackfillBench(context: BenchContext): Promise<CaseResul
       pass: complete,
     });
     details.push(
-      `${run.label}, ${fmt(run.records)} matters: bare loop ${run.bare.map((b) => `${fmt(b.ms / 1000, 1)} s (${rate(b.records, b.ms)})`).join('; ')}`,
-      `${run.label} backfill (pollStream, a transaction per page): ${fmt(run.backfill.ms / 1000, 1)} s, ${rate(run.backfill.report.records, run.backfill.ms)}, ${run.backfill.report.pages} pages (${describeCounts(run.backfill.report.counts)}); peak RSS of the bridge process ${fmt(run.backfill.maxRssMb)} MB (${fmt(run.backfill.maxRssBeforeMb)} MB before the run)`,
-      `${run.label} re-poll (own cursor key, every record unchanged): ${fmt(run.repoll.ms / 1000, 1)} s, ${rate(run.repoll.report.records, run.repoll.ms)} (${describeCounts(run.repoll.report.counts)})`,
+      `${run.label}, ${fmt(run.records)} matters: bare loop ${run.bare.map((b) => `${fmt(b.ms / 1000, 1)} s (${rate(b.records, b.ms)}; CPU per record: ${b.cpu.text})`).join('; ')}`,
+      `${run.label} backfill (pollStream, a transaction per page): ${fmt(run.backfill.ms / 1000, 1)} s, ${rate(run.backfill.report.records, run.backfill.ms)}, ${run.backfill.report.pages} pages (${describeCounts(run.backfill.report.counts)}); peak RSS of the bridge process ${fmt(run.backfill.maxRssMb)} MB (${fmt(run.backfill.maxRssBeforeMb)} MB before the run); CPU per record: ${run.backfill.cpu.text}`,
+      `${run.label} re-poll (own cursor key, every record unchanged): ${fmt(run.repoll.ms / 1000, 1)} s, ${rate(run.repoll.report.records, run.repoll.ms)} (${describeCounts(run.repoll.report.counts)}); CPU per record: ${run.repoll.cpu.text}`,
     );
   }
   return { figures, details };
@@ -170,16 +207,17 @@ export async function runBackfillBench(context: BenchContext): Promise<CaseResul
 
 export async function runRepollBench(context: BenchContext): Promise<CaseResult> {
   const { runs } = await measure(context);
-  const figures: Figure[] = runs.map((run) => {
+  const figures: Figure[] = runs.flatMap((run) => {
     const primary = run.label === 'postgres';
     const ratio = run.repoll.ms / run.bareMs;
     const unchanged = (run.repoll.report.counts.duplicate ?? 0) === run.records;
-    return {
+    const figure: Figure = {
       name: `re-poll/${run.label} ÷ bare fetch (${fmt(run.records)})`,
       value: `${ratio.toFixed(2)} (${fmt(run.repoll.ms / 1000, 1)} s / ${fmt(run.bareMs / 1000, 1)} s)${unchanged ? '' : ', NOT all duplicates'}`,
       target: primary ? `≤ ${TARGET.repoll}` : 'beside Postgres',
       pass: primary ? ratio <= TARGET.repoll && unchanged : undefined,
     };
+    return primary ? [figure, costFigure(`re-poll/${run.label} CPU per record`, run.repoll.cpu, TARGET.repoll, run)] : [figure];
   });
   return { figures, details: [`measured in the same run as the backfill, against the same bare loops (details there)`] };
 }

@@ -17,6 +17,8 @@ export type Request = { type: string; [key: string]: unknown };
 
 export interface Child {
   url: string | undefined;
+  /** Its process id (for reading the CPU it uses, see cpuDuring). */
+  pid: number;
   /** Sends a request and waits for its one answer; a `failed` answer or an exit rejects. */
   ask<T = Record<string, unknown>>(request: Request, timeoutMs?: number): Promise<T>;
   stop(): Promise<void>;
@@ -100,6 +102,7 @@ export async function startChild(script: string, args: string[], env: Record<str
   }
   return {
     url: first.url,
+    pid: child.pid!,
     ask: async <T>(request: Request, timeoutMs = 300_000) => {
       const answer = next(timeoutMs);
       child.send(request);
@@ -114,16 +117,6 @@ export async function startChild(script: string, args: string[], env: Record<str
       clearTimeout(timer);
     },
   };
-}
-
-/** Starts a child, runs one request, stops it: for jobs that measure one thing and exit. */
-export async function runInChild<T>(script: string, args: string[], request: Request, env: Record<string, string> = {}, options: { built?: boolean } = {}): Promise<T> {
-  const child = await startChild(script, args, env, options);
-  try {
-    return await child.ask<T>(request);
-  } finally {
-    await child.stop();
-  }
 }
 
 /** The child side: answers requests with `handle`, exits on stop/disconnect/lifetime. */

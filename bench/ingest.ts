@@ -5,11 +5,10 @@ import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import autocannon, { type AutocannonResult } from 'autocannon';
-import postgres from 'postgres';
 import type { BenchContext, CaseResult, Figure } from './cases.js';
 import { compileBench, createBenchDatabase, imageNodeOptions } from './child.js';
 import { HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
-import { processCpuSeconds } from './machine.js';
+import { backendPids, processCpuSeconds } from './machine.js';
 
 const CONNECTIONS = 50;
 const WARMUP_SECONDS = 2;
@@ -101,25 +100,13 @@ interface CpuPerRequest {
   loadGenerator: number;
 }
 
-/** The Postgres backends of a database's other sessions (the server's pool), when Postgres runs on this machine. */
-async function backendPids(databaseUrl: string | undefined): Promise<number[]> {
-  if (databaseUrl === undefined) return [];
-  const sql = postgres(databaseUrl, { max: 1, onnotice: () => {} });
-  try {
-    const rows = await sql<{ pid: number }[]>`select pid from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()`;
-    return rows.map((r) => r.pid).filter((pid) => processCpuSeconds(pid, 'postgres') !== undefined);
-  } finally {
-    await sql.end({ timeout: 5 });
-  }
-}
-
 /**
  * Runs `run` and says how much CPU each side used per request: where the time goes, and so how
  * many requests per second these cores could serve at most (see cpuBound). Undefined without /proc.
  */
 async function metered(server: Server, databaseUrl: string | undefined, run: () => Promise<Load>): Promise<{ load: Load; cpu: CpuPerRequest | undefined }> {
-  const pids = await backendPids(databaseUrl);
-  const used = () => ({ server: processCpuSeconds(server.pid), database: pids.map((pid) => processCpuSeconds(pid, 'postgres') ?? 0).reduce((a, b) => a + b, 0) });
+  const pids = databaseUrl === undefined ? [] : await backendPids(databaseUrl);
+  const used = () => ({ server: processCpuSeconds(server.pid), database: pids.map((p) => processCpuSeconds(p.pid, p.command) ?? 0).reduce((a, b) => a + b, 0) });
   const before = used();
   const self = process.cpuUsage();
   const result = await run();

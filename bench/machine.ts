@@ -61,3 +61,62 @@ export function processCpuSeconds(pid: number, command?: string): number | undef
     return undefined;
   }
 }
+
+/** A process a run's CPU is read from: its pid, and its command where the pid may be another's (a Postgres backend). */
+export interface Metered {
+  pid: number;
+  command?: string;
+}
+
+/** The Postgres backends serving a database's sessions other than this one's, when Postgres runs on this machine. */
+export async function backendPids(databaseUrl: string): Promise<Metered[]> {
+  const sql = postgres(databaseUrl, { max: 1, onnotice: () => {} });
+  try {
+    const rows = await sql<{ pid: number }[]>`select pid from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()`;
+    return rows.map((r) => ({ pid: r.pid, command: 'postgres' })).filter((p) => processCpuSeconds(p.pid, p.command) !== undefined);
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
+/**
+ * Runs `run` and says how many CPU seconds each named group of processes used meanwhile. The
+ * groups are listed before and after the run, so a process that appears during it (a backend the
+ * pool opened) counts from zero; a group none of whose processes /proc can read is left out.
+ */
+export async function cpuDuring<T, K extends string>(groups: () => Promise<Record<K, Metered[]>>, run: () => Promise<T>): Promise<{ result: T; seconds: Partial<Record<K, number>> }> {
+  const read = (list: Metered[]) => {
+    const used = new Map<number, number>();
+    for (const { pid, command } of list) {
+      const s = processCpuSeconds(pid, command);
+      if (s !== undefined) used.set(pid, s);
+    }
+    return used;
+  };
+  const before = Object.entries(await groups()).map(([name, list]) => [name, read(list as Metered[])] as const);
+  const result = await run();
+  const after = await groups();
+  const seconds: Partial<Record<K, number>> = {};
+  for (const [name, start] of before) {
+    const end = read(after[name as K]);
+    if (end.size === 0) continue;
+    let used = 0;
+    for (const [pid, s] of end) used += s - (start.get(pid) ?? 0);
+    seconds[name as K] = used;
+  }
+  return { result, seconds };
+}
+
+/**
+ * CPU per item of each group, in µs, as "bridge 60 + Postgres 21 + sink 14 µs", and the most
+ * items per second the machine's cores could do at that cost with every core busy.
+ */
+export function costPerItem(seconds: Record<string, number | undefined>, items: number): { text: string; bound: number } {
+  const parts = Object.entries(seconds).filter((e): e is [string, number] => e[1] !== undefined);
+  const us = parts.map(([name, s]) => [name, (s * 1e6) / Math.max(1, items)] as const);
+  const total = us.reduce((sum, [, v]) => sum + v, 0);
+  return {
+    text: `${us.map(([name, v]) => `${name} ${Math.round(v)}`).join(' + ')} µs`,
+    bound: total > 0 ? (availableParallelism() * 1e6) / total : Infinity,
+  };
+}

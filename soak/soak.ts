@@ -488,10 +488,12 @@ export async function runSoak(options: SoakOptions): Promise<SoakResult> {
     // The bridges' own versions: those their writes record, and every version the CRM proxy saw a
     // write of theirs make (a write whose answer was lost is settled without one).
     const ownVersions = new Set([...written.filter((w) => w.crm_version !== null).map((w) => `${w.object}/${w.crm_id}/${w.crm_version}`), ...crm.written]);
-    // Writes not made, by state and the class of their last error (a pipeline update of a record the CRM deleted meanwhile fails, rightly).
+    // Writes not made, by state and last status, with one of their errors without its URL (a
+    // pipeline update of a record the CRM deleted meanwhile fails, rightly, as does a lead whose
+    // client staff deleted before it was made).
     const unmade = await sql<Array<{ state: string; reason: string | null; n: number }>>`
-      select state, split_part(last_error, ':', 1) as reason, count(*)::int as n from outbound_writes
-      where not (state = 'sent' and crm_id is not null) group by 1, 2 order by 3 desc`;
+      select state, min(regexp_replace(last_error, '\\m(GET|POST|PATCH|PUT|DELETE) https?://\\S+ ?', '', 'g')) as reason, count(*)::int as n
+      from outbound_writes where not (state = 'sent' and crm_id is not null) group by state, last_status order by 3 desc`;
     const known = await sql<Array<{ object: string; crm_id: string }>>`select distinct object, crm_id from ledger where connection_id = 'firm'`;
     const knownRecords = new Set(known.map((k) => `${k.object}/${k.crm_id}`));
     const [dead] = await sql<[{ n: number }]>`select count(*)::int as n from outbox where state = 'dead'`;
