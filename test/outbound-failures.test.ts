@@ -281,6 +281,19 @@ describe("a pipeline update of a Clio contact's email whose attempt may have rea
     expect(await db.select().from(outbox).where(eq(outbox.crmId, String(id)))).toEqual([]);
   }
 
+  /** The proxy lets the contact's first PATCH reach the sandbox, which makes it, and answers the bridge 502. */
+  function madeThen502(contactId: () => number): { answer: NonNullable<FaultProxyOptions['answer']>; patches: () => number } {
+    let patches = 0;
+    return {
+      patches: () => patches,
+      answer: async (req, res) => {
+        if (!isContactPatch(req, contactId()) || patches++ > 0) return false;
+        res.writeHead(502, { 'content-type': 'application/json' }).end('{"error":{"message":"bad gateway"}}');
+        return true;
+      },
+    };
+  }
+
   /** Ticks the writer until the write satisfies `done`. */
   async function tickUntil(app: FastifyInstance, id: string, done: (row: Awaited<ReturnType<typeof write>>) => boolean) {
     for (let i = 0; i < 200; i++) {
@@ -292,17 +305,10 @@ describe("a pipeline update of a Clio contact's email whose attempt may have rea
   }
 
   it('gives the contact the new address once when Clio made the update but its gateway answered 502, resending only the plain field', async () => {
-    let broken = 0;
     let id = 0;
-    const faults: FaultProxyOptions = {
-      // The sandbox has made the update (added the Work entry); the bridge hears a 502.
-      answer: async (req, res) => {
-        if (!isContactPatch(req, id) || broken++ > 0) return false;
-        res.writeHead(502, { 'content-type': 'application/json' }).end('{"error":{"message":"bad gateway"}}');
-        return true;
-      },
-    };
-    await throughProxy(faults, async (app, sandbox) => {
+    // The sandbox has made the update (added the Work entry); the bridge hears a 502.
+    const broken = madeThen502(() => id);
+    await throughProxy({ answer: broken.answer }, async (app, sandbox) => {
       id = sandbox.state.store.contacts.items[0]!.id;
       const { outboundId } = (await post(app, { object: 'contacts', externalId: 'lead-c1', crmId: String(id), fields: { email: newEmail, title: 'Partner' } }, 'k-email-502')).json();
       await tickUntilSettled(app, outboundId);
@@ -310,7 +316,7 @@ describe("a pipeline update of a Clio contact's email whose attempt may have rea
       const contact = await readContact(sandbox, id);
       expect(contact.email_addresses.filter((e) => e.address === newEmail)).toEqual([{ name: 'Work', address: newEmail, primary: true }]);
       expect(contact).toMatchObject({ primary_email_address: newEmail, title: 'Partner' });
-      expect(broken).toBe(2);
+      expect(broken.patches()).toBe(2);
       expect(contactPatches(sandbox, id)).toEqual([{ title: 'Partner', email_addresses: [{ name: 'Work', address: newEmail, default_email: true }] }, { title: 'Partner' }]);
       expect(await write(outboundId)).toMatchObject({ state: 'sent', attempts: 2, crmId: String(id) });
       await expectEchoNotDelivered(app, sandbox, id);
@@ -363,17 +369,13 @@ describe("a pipeline update of a Clio contact's email whose attempt may have rea
   }, 60_000);
 
   it('retries later, without sending, when reading the contact before the retry fails with 503, and gives it the new address once', async () => {
-    let broken = 0;
     let readFailures = 0;
     let id = 0;
+    const broken = madeThen502(() => id);
     const faults: FaultProxyOptions = {
       // Every in-call retry of the read too: the attempt fails.
-      fail: (req) => (broken > 0 && isContactRead(req, id) && readFailures++ < 5 ? 503 : undefined),
-      answer: async (req, res) => {
-        if (!isContactPatch(req, id) || broken++ > 0) return false;
-        res.writeHead(502, { 'content-type': 'application/json' }).end('{"error":{"message":"bad gateway"}}');
-        return true;
-      },
+      fail: (req) => (broken.patches() > 0 && isContactRead(req, id) && readFailures++ < 5 ? 503 : undefined),
+      answer: broken.answer,
     };
     await throughProxy(faults, async (app, sandbox) => {
       id = sandbox.state.store.contacts.items[0]!.id;
