@@ -24,7 +24,7 @@ export function errorClass(err: unknown): string {
     return match[2] ? `${match[1]} (HTTP ${match[2]})` : match[1]!;
   }
   if (err === null || typeof err !== 'object') return 'Error';
-  const e = err as { code?: unknown; name?: unknown; status?: unknown; statusCode?: unknown; query?: unknown; params?: unknown; cause?: unknown };
+  const e = err as { code?: unknown; name?: unknown; status?: unknown; query?: unknown; params?: unknown; cause?: unknown };
   // Drizzle wraps a driver error in one whose message is the query and its parameters: the
   // record being written. The driver's SQLSTATE is the class.
   if (typeof e.query === 'string' && 'params' in e) {
@@ -34,8 +34,11 @@ export function errorClass(err: unknown): string {
   let name = typeof e.code === 'string' && CLASS.test(e.code) ? e.code : typeof e.name === 'string' && CLASS.test(e.name) ? e.name : 'Error';
   // A bare SQLSTATE from postgres.js or PGlite.
   if (/^[0-9A-Z]{5}$/.test(name) && /\d/.test(name)) name = `DB_${name}`;
-  // The CRM's own status (CrmHttpError.status) says more than the 502 the bridge maps it to.
-  const status = [e.status, e.statusCode].find((s): s is number => typeof s === 'number' && s >= 100 && s <= 599);
+  // Only the status a server answered with (CrmHttpError.status; 0 when none answered). An
+  // AppError's statusCode is what the bridge would answer its own caller (502 for any CRM
+  // failure, 503 for NEEDS_REAUTH): shown as "(HTTP 502)" on a CRM that never answered, it sent
+  // operators looking for a gateway error at the CRM instead of at the address or the network.
+  const status = typeof e.status === 'number' && e.status >= 100 && e.status <= 599 ? e.status : undefined;
   return status === undefined ? name : `${name} (HTTP ${status})`;
 }
 

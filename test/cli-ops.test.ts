@@ -133,6 +133,20 @@ describe('crm-bridge status', () => {
     expect(status.code).toBe(1);
     expect(status.out).toMatch(new RegExp(`^keyed\\s+needs_reauth\\s.*${replace.source}`, 'm'));
     expect(status.out).not.toMatch(/crm-bridge auth/);
+    // The CRM answered 401: no "(HTTP 503)", the bridge's own code for NEEDS_REAUTH, as if the CRM had said it.
+    expect(polled.out).not.toMatch(/NEEDS_REAUTH \(HTTP/);
+    expect(status.out).toMatch(/poll error: NEEDS_REAUTH(;|$)/m);
+  }, 60_000);
+
+  it('shows no HTTP status for a CRM that never answered, not the 502 the bridge maps it to', async () => {
+    const unreachableConfig = join(dir, 'unreachable.json');
+    writeFileSync(unreachableConfig, JSON.stringify({ connections: [{ id: 'unreachable', connector: 'clio', baseUrl: 'http://127.0.0.1:9', inbound: { secrets: [SECRET] }, poll: { objects: ['matters'] } }] }));
+    const polled = await cli(['poll', 'unreachable', '--once'], { config: unreachableConfig });
+    expect(polled.code).toBe(1);
+    expect(polled.out).toMatch(/^unreachable\/matters: poll failed: CRM_UNREACHABLE$/m);
+    const status = await cli(['status'], { config: unreachableConfig });
+    expect(status.out).toMatch(/^unreachable\s.*poll error: CRM_UNREACHABLE$/m);
+    expect(`${polled.out}${status.out}`).not.toMatch(/HTTP 502/);
   }, 60_000);
 });
 

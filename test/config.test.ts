@@ -172,6 +172,29 @@ connections:
     expect(loadConfig({}, conns({ poll: { interval: '24d', sweepInterval: '90d' } })).connections[0]!.poll).toMatchObject({ interval: 24 * 86_400_000, sweepInterval: 90 * 86_400_000 });
   });
 
+  it('refuses a poll interval, timeout, claim pause or lease of 0 (sweepInterval: 0 is the one that turns something off), naming the key', () => {
+    // `interval: 0`, written as sweepInterval's 0 would be, polled the CRM without pause and kept /health at 503 (staleAfter 0).
+    const path = file(
+      'zero-waits.yaml',
+      `
+connections:
+  - id: a
+    connector: clio
+    baseUrl: http://127.0.0.1:9
+    inbound: { secrets: ["0123456789abcdef"] }
+    poll: { interval: "\${POLL_INTERVAL}", lease: 0s, sweepInterval: 0 }
+    downstream: { url: http://127.0.0.1:9/in, timeout: 0ms, pollInterval: 0 }
+    outbound: { apiKeys: ["pipeline-key-0123456789"], lease: 0, pollInterval: 0 }
+`,
+    );
+    const text = problemsOf(() => loadConfig({ CRM_BRIDGE_CONFIG: path, POLL_INTERVAL: '0' })).join('\n');
+    expect(text).toMatch(/connections\[0\]\.poll\.interval: must be more than 0: the poller would call the CRM without pause/);
+    for (const key of ['poll.lease', 'downstream.timeout', 'downstream.pollInterval', 'outbound.lease', 'outbound.pollInterval']) {
+      expect(text).toContain(`connections[0].${key}: must be more than 0`);
+    }
+    expect(text).not.toMatch(/sweepInterval/);
+  });
+
   it('refuses a hook secret with a space when it is sent as a Bearer token, and takes it in a header of its own', () => {
     const conns = (inbound: Record<string, unknown>) => ({ connections: [{ id: 'a', connector: { objects: { m: {} } }, inbound }] });
     const text = problemsOf(() => loadConfig({}, conns({ secrets: ['0123456789abcdef', 'correct horse battery staple'] }))).join('\n');

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium, type BrowserContext } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Database } from '../src/db/client.js';
+import { openDatabase, type Database } from '../src/db/client.js';
 import { fetchPendingNotifications, pollStream } from '../src/sync/poller.js';
 import { clioConnection, startBridge, TEST_TOKEN_KEY } from './helpers/bridge.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
@@ -54,6 +54,22 @@ describe('status page access', () => {
     try {
       const res = await app.inject({ url: '/', headers: { authorization: `Basic ${Buffer.from('ops:').toString('base64')}` } });
       expect(res.statusCode).toBe(401);
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('says the database is down, as /health does, instead of answering 500 when the operator needs it most', async () => {
+    const broken = openDatabase(process.env.DATABASE_URL ? { url: 'postgres://postgres@127.0.0.1:1/none', max: 1 } : { dataDir: 'memory://' });
+    const app = await buildTestApp({ database: { ...database, db: broken.db, migrate: async () => {} }, env: { ADMIN_TOKEN: ADMIN } });
+    await broken.close();
+    try {
+      expect((await app.inject('/health')).json().status).toBe('down');
+      const page = await app.inject({ url: '/', headers: { authorization: `Bearer ${ADMIN}` } });
+      expect(page.statusCode).toBe(200);
+      expect(page.body).toContain('<span class="badge bad">down</span>');
+      expect(page.body).toMatch(/<h2>acme<\/h2><p><span class="badge bad">database down<\/span>/);
+      expect(page.body).toContain('The database is down: the latest changes cannot be read.');
     } finally {
       await app.close();
     }

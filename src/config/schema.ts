@@ -31,6 +31,12 @@ export const MAX_TIMER_MS = 2 ** 31 - 1;
  */
 const waited = duration.refine((ms) => ms <= MAX_TIMER_MS, 'must be at most 24 days (a wait that long is kept by a timer)');
 
+/**
+ * A wait that must not be 0: a loop with no pause (a poll, a claim) runs without end against the
+ * CRM or the database, and a request with no time never gets an answer. `why` says what 0 does.
+ */
+const nonzeroWait = (why: string) => waited.refine((ms) => ms > 0, `must be more than 0: ${why}`);
+
 const logLevel = z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
 
 /** An address, a CIDR, or one of proxy-addr's names for the private ranges. */
@@ -371,7 +377,7 @@ export const downstreamSchema = z
       })
       .default({}),
     /** Per request; a request still open after this counts as a failed, retryable attempt. */
-    timeout: waited.default(10_000),
+    timeout: nonzeroWait('every delivery would be cut off before the pipeline could answer').default(10_000),
     /** Deliveries in flight at once per worker (each replica runs one worker per connection). */
     concurrency: z.number().int().min(1).max(64).default(4),
     /** Attempts before a retryable failure becomes a dead letter. */
@@ -385,7 +391,7 @@ export const downstreamSchema = z
     /** How long a claimed row stays leased to its worker; must outlast one request. Default: timeout + 10s. */
     lease: waited.optional(),
     /** Pause between claims when the outbox has nothing due. */
-    pollInterval: waited.default(1_000),
+    pollInterval: nonzeroWait('an idle worker would query the outbox without pause').default(1_000),
   })
   .strict()
   .refine((d) => d.lease === undefined || d.lease > d.timeout, { path: ['lease'], message: 'must be longer than timeout, or a live delivery could be claimed twice' })
@@ -400,7 +406,7 @@ export const pollSchema = z
   .object({
     /** Objects to poll; default: every object whose connector defines a list call. */
     objects: z.array(z.string()).optional(),
-    interval: waited.default(300_000),
+    interval: nonzeroWait('the poller would call the CRM without pause, and /health would stay 503 (stale); leave out poll for a connection fed by hooks only').default(300_000),
     /** Random extra pause, as a fraction of the interval, so replicas and streams spread out. */
     jitter: z.number().min(0).max(1).default(0.2),
     /** Each run re-reads this far behind its cursor: clock skew, inclusive/exclusive doubt, ties. */
@@ -419,7 +425,7 @@ export const pollSchema = z
     /** Records per page (the connector's limit when unset). */
     pageSize: z.number().int().positive().optional(),
     /** How long a replica holds a stream; another takes over after this when the holder dies. */
-    lease: waited.optional(),
+    lease: nonzeroWait('a replica would lose a stream as soon as it took it').optional(),
     /** Where a stream with no cursor starts (ISO-8601); default: everything. */
     initialSince: z.iso.datetime({ offset: true }).optional(),
   })
@@ -479,9 +485,9 @@ export const outboundSchema = z
     /** Exponential backoff between attempts: base × 2^(attempt-1), capped, with jitter. */
     backoff: z.object({ base: waited.default(1_000), max: waited.default(300_000) }).strict().default({ base: 1_000, max: 300_000 }),
     /** How long a claimed write stays leased to its writer; must outlast one CRM call with its retries. */
-    lease: waited.default(120_000),
+    lease: nonzeroWait('a write would be claimable again while its CRM call is under way').default(120_000),
     /** Pause between claims when nothing is due. */
-    pollInterval: waited.default(1_000),
+    pollInterval: nonzeroWait('an idle writer would query the writes without pause').default(1_000),
   })
   .strict()
   .refine((o) => o.backoff.max >= o.backoff.base, { path: ['backoff', 'max'], message: 'must be at least backoff.base' });

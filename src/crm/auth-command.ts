@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { loadConfig } from '../config/load.js';
 import { openDatabase } from '../db/client.js';
+import { AppError } from '../errors.js';
 import { loadTokenKey, TokenCipher } from './crypto.js';
 import { createTokenManager } from './token-manager.js';
 
@@ -33,11 +34,12 @@ export async function runAuthCommand(opts: AuthCommandOptions): Promise<void> {
   const print = opts.print ?? ((line: string) => process.stdout.write(`${line}\n`));
   const config = loadConfig(opts.env);
   const connection = config.connections.find((c) => c.id === opts.connection);
+  // Operator mistakes: one line and exit status 2, as every other command answers them.
   if (!connection) {
-    throw new Error(`no connection "${opts.connection}" in ${config.source ?? 'the configuration'} (known: ${config.connections.map((c) => c.id).join(', ')})`);
+    throw new AppError(404, 'UNKNOWN_CONNECTION', `no connection "${opts.connection}" in ${config.source ?? 'the configuration'} (known: ${config.connections.map((c) => c.id).join(', ')})`);
   }
   if (connection.auth.type !== 'oauth2') {
-    throw new Error(`connection "${connection.id}" uses auth type ${connection.auth.type}; only oauth2 (authorization code) is authorised this way`);
+    throw new AppError(422, 'NOT_OAUTH2', `connection "${connection.id}" uses auth type ${connection.auth.type}; only oauth2 (authorization code) is authorised this way`);
   }
 
   const redirectUri = opts.redirectUri ?? connection.auth.redirectUri;

@@ -1,4 +1,5 @@
 import type { ConnectionConfig, FieldType, ObjectDefinition } from '../config/schema.js';
+import { AppError } from '../errors.js';
 import { getPath } from '../sync/record.js';
 import { createConnector, describeType } from './connector.js';
 import type { Connector } from './connector.js';
@@ -69,7 +70,8 @@ export async function probeConnection(opts: ProbeOptions): Promise<ProbeReport> 
   const definition = connection.connector;
   const object = opts.object ?? Object.keys(definition.objects)[0] ?? '';
   const def = definition.objects[object];
-  if (def === undefined) throw new Error(`connection ${connection.id} has no object "${object}" (it has ${Object.keys(definition.objects).join(', ')})`);
+  // A mistyped --object is the operator's mistake (exit status 2, as poll and backfill answer it), not a mismatch (1).
+  if (def === undefined) throw new AppError(422, 'UNKNOWN_OBJECT', `connection ${connection.id} has no object "${object}" (it has ${Object.keys(definition.objects).join(', ')})`);
   const baseUrl = connection.baseUrl ?? definition.baseUrl;
   if (baseUrl === undefined) throw new Error(`connection ${connection.id} has no baseUrl and its connector none`);
 
@@ -241,8 +243,11 @@ export function formatProbeReport(report: ProbeReport): string {
         `${report.token.expiresAt ? `, expires ${report.token.expiresAt.toISOString()}` : ''}; crm-bridge refreshes before that and on any 401`,
     );
   }
-  if (report.record === null) lines.push('no record to check: the list call returned none');
-  else {
+  if (report.record === null) {
+    // Without an answer there was no list to be empty: saying so would send the operator to the CRM's data, not its address.
+    const answered = report.host.status === 'answers' || report.alternatives.some((a) => a.status === 'answers');
+    lines.push(answered ? 'no record to check: the list call returned none' : 'no record to check: no host answered');
+  } else {
     lines.push('record:');
     lines.push(JSON.stringify(report.record, null, 2));
   }
@@ -272,8 +277,8 @@ export async function runProbeCommand(args: { connectionId: string; object?: str
   const config = loadConfig(args.env ?? process.env);
   const connection = config.connections.find((c) => c.id === args.connectionId);
   if (connection === undefined) {
-    const { ConfigError } = await import('../config/load.js');
-    throw new ConfigError([`no connection "${args.connectionId}" (known: ${config.connections.map((c) => c.id).join(', ')})`]);
+    // One line naming the file, as poll and backfill say it: the configuration itself is fine (not "cannot start").
+    throw new AppError(404, 'UNKNOWN_CONNECTION', `no connection "${args.connectionId}" in ${config.source ?? 'the configuration'} (known: ${config.connections.map((c) => c.id).join(', ')})`);
   }
   if (connection.auth.type === 'none') {
     const report = await probeConnection({ connection, ...(args.object ? { object: args.object } : {}) });

@@ -151,6 +151,17 @@ describe('crm-bridge probe against the sandbox, lies switched on', () => {
     expect(report.mismatch).toBe(false);
   });
 
+  it('says no host answered, not that the list call returned none, when the CRM cannot be reached', async () => {
+    // No regional hosts: nothing else is tried (the preset's are real Clio hosts).
+    const connection = connectionOf({ ...structuredClone(presets.clio), regionalHosts: [] }, { baseUrl: 'http://127.0.0.1:9', auth: { type: 'none' } });
+    const report = await probeConnection({ connection, object: 'matters', http: { retryBaseMs: 1 } });
+    expect(report.host.status).toBe('fails');
+    const text = formatProbeReport(report);
+    expect(text).toContain('no record to check: no host answered');
+    expect(text).not.toContain('the list call returned none');
+    expect(text).toContain('result: MISMATCH');
+  });
+
   it('the CLI prints the report and exits 1 on a mismatch, 0 when the record matches', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'crm-bridge-probe-'));
     try {
@@ -175,9 +186,9 @@ describe('crm-bridge probe against the sandbox, lies switched on', () => {
         TOKEN_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
         ...(database.url ? { DATABASE_URL: database.url } : {}),
       };
-      const run = (connection: string) =>
+      const run = (connection: string, object = 'matters') =>
         new Promise<{ code: number | null; out: string }>((resolve) => {
-          const child = spawn(process.execPath, crmBridge('probe', connection, '--object', 'matters'), { env, cwd: process.cwd() });
+          const child = spawn(process.execPath, crmBridge('probe', connection, '--object', object), { env, cwd: process.cwd() });
           let out = '';
           child.stdout.on('data', (d: Buffer) => (out += d.toString()));
           child.stderr.on('data', (d: Buffer) => (out += d.toString()));
@@ -189,6 +200,14 @@ describe('crm-bridge probe against the sandbox, lies switched on', () => {
       const honest = await run('honest');
       expect(honest.out).toContain('result: the record matches the definition');
       expect(honest.code).toBe(0);
+
+      // A mistyped connection or object is a usage error (2), in one line, as poll and backfill answer it: not a mismatch (1), nor an invalid configuration.
+      const nope = await run('nope');
+      expect(nope.code).toBe(2);
+      expect(nope.out.trim()).toBe(`crm-bridge: no connection "nope" in ${file} (known: lied-to, honest)`);
+      const object = await run('honest', 'invoices');
+      expect(object.code).toBe(2);
+      expect(object.out.trim()).toBe('crm-bridge: connection honest has no object "invoices" (it has matters, contacts)');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

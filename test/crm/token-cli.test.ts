@@ -113,14 +113,14 @@ describe('crm-bridge auth', () => {
     expect((await stored()).row?.state).toBe('ok');
   });
 
-  it('refuses an unknown connection or one without the authorization-code grant, exit status non-zero', async () => {
+  it('refuses an unknown connection or one without the authorization-code grant as a usage error (exit status 2), as the other commands do', async () => {
     const { env, close } = await setup();
     try {
       const unknown = run(['auth', 'nope'], env);
-      expect(await unknown.exited).not.toBe(0);
+      expect(await unknown.exited).toBe(2);
       expect(unknown.stderr()).toContain('no connection "nope"');
       const plain = run(['auth', 'plain'], env);
-      expect(await plain.exited).not.toBe(0);
+      expect(await plain.exited).toBe(2);
       expect(plain.stderr()).toContain('uses auth type none');
     } finally {
       await close();
