@@ -469,3 +469,96 @@ describe('Clio contacts: email and phone, read at primary_email_address and prim
     });
   });
 });
+
+describe('HubSpot contacts: every property is text, cleared by an empty string', () => {
+  const hubspot = { connector: 'hubspot', inbound: { object: 'contacts' }, poll: { objects: ['contacts'] } };
+  const hookSecret = 'Bearer hook-secret-0123456789abcdef';
+
+  async function readContact(sandbox: Awaited<ReturnType<typeof startBridge>>['sandbox'], id: string | number) {
+    const res = await fetch(`${sandbox.url}/crm/v3/objects/contacts/${id}?properties=${presetProperties}`, { headers: { authorization: `Bearer ${sandbox.state.issueToken().access_token}` } });
+    return (await res.json()) as { properties: Record<string, string | null> };
+  }
+
+  it('clears a property the pipeline writes null, sending the empty string HubSpot clears with (it answers a null 200 and keeps the value)', async () => {
+    await withBridge(
+      async (app, sandbox) => {
+        const contact = sandbox.state.store.contacts.items[0]!;
+        expect((await readContact(sandbox, contact.id)).properties.phone).toBeTruthy();
+        const res = await post(app, { object: 'contacts', externalId: 'lead-clear', crmId: String(contact.id), fields: { phone: null } }, { 'idempotency-key': 'k-clear' });
+        const { outboundId } = res.json();
+        await tickUntilSettled(app, outboundId);
+        expect((await status(app, outboundId)).json()).toMatchObject({ state: 'sent', lastError: null });
+        expect((await readContact(sandbox, contact.id)).properties.phone).toBe('');
+      },
+      undefined,
+      hubspot,
+    );
+  });
+
+  it('takes the hook of properties the pipeline cleared (with null or ""), which HubSpot reads back as "", for the write\'s echo when it comes before the answer', async () => {
+    let hookAnswer: { status?: string } | undefined;
+    let contactId = 0;
+    const proxy = await startFaultProxy({
+      // HubSpot's workflow fires on the change before the PATCH answer reaches the bridge.
+      answer: async (req) => {
+        if (req.method !== 'PATCH' || hookAnswer !== undefined) return false;
+        const record = await readContact(bridgeSandbox!, contactId);
+        const hook = await bridgeApp!.inject({ method: 'POST', url: '/hooks/firm', headers: { authorization: hookSecret, 'content-type': 'application/json' }, payload: JSON.stringify({ data: record }) });
+        hookAnswer = hook.json();
+        return false;
+      },
+    });
+    let bridgeApp: FastifyInstance | undefined;
+    let bridgeSandbox: Awaited<ReturnType<typeof startBridge>>['sandbox'] | undefined;
+    try {
+      await withBridge(
+        async (app, sandbox) => {
+          bridgeApp = app;
+          bridgeSandbox = sandbox;
+          proxy.setTarget(sandbox.url);
+          contactId = sandbox.state.store.contacts.items[1]!.id;
+          const res = await post(app, { object: 'contacts', externalId: 'lead-clear-2', crmId: String(contactId), fields: { jobTitle: '', phone: null } }, { 'idempotency-key': 'k-clear-echo' });
+          await tickUntilSettled(app, res.json().outboundId);
+          expect((await readContact(sandbox, contactId)).properties).toMatchObject({ phone: '', jobtitle: '' });
+          expect(hookAnswer).toMatchObject({ status: 'echo' });
+        },
+        proxy.url,
+        hubspot,
+      );
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  it('finds the contact a create whose answer was lost made, a phone written as a number being read back as text, instead of creating it twice', async () => {
+    let lost = 0;
+    const proxy = await startFaultProxy({
+      // The first create reaches HubSpot; its answer never reaches the bridge.
+      answer: async (req, res) => {
+        if (req.method !== 'POST' || req.url !== '/crm/v3/objects/contacts' || lost++ > 0) return false;
+        res.destroy();
+        return true;
+      },
+    });
+    try {
+      await withBridge(
+        async (app, sandbox) => {
+          proxy.setTarget(sandbox.url);
+          sandbox.state.setSwitches({ hubspotSearchPerSecond: null });
+          const before = sandbox.state.store.contacts.items.length;
+          const fields = { firstName: 'Ada', lastName: 'Lovelace', phone: 5550100 };
+          const { outboundId } = (await post(app, { object: 'contacts', externalId: 'lead-num', fields }, { 'idempotency-key': 'k-num' })).json();
+          await tickUntilSettled(app, outboundId);
+          const shown = (await status(app, outboundId)).json();
+          expect(shown).toMatchObject({ state: 'sent', attempts: 2, lastError: null });
+          expect(sandbox.state.store.contacts.items.length).toBe(before + 1);
+          expect((await readContact(sandbox, shown.crmId)).properties).toMatchObject({ firstname: 'Ada', phone: '5550100' });
+        },
+        proxy.url,
+        hubspot,
+      );
+    } finally {
+      await proxy.close();
+    }
+  });
+});

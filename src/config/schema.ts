@@ -230,8 +230,20 @@ export const objectDefinitionSchema = z
     versionPath: jsonPath.optional(),
     /** Canonical field name → dotted path in the raw record. Omitted: the whole record. */
     fields: z.record(z.string(), jsonPath).optional(),
-    /** Canonical field name → the type the field map expects (default `scalar`); checked by `probe`. */
+    /**
+     * Canonical field name → the type the field map expects (default `scalar`); checked by
+     * `probe`. A `string` field is one the CRM keeps as text: a number or boolean the pipeline
+     * writes to it is sent as its text, which is what the CRM reads back (HubSpot: "5550100"
+     * for 5550100), so the write's echo and the record it made are recognised.
+     */
     fieldTypes: z.record(z.string(), fieldTypeSchema).optional(),
+    /**
+     * For a CRM with no null to write (HubSpot keeps every property as text): a mapped field the
+     * pipeline writes null is sent as this value, the only one that clears it there (HubSpot
+     * answers a null 200 and keeps the value), and this value read back maps to null, so a
+     * cleared field is delivered, hashed and matched with the write's echo as the null written.
+     */
+    nullAs: z.string().optional(),
     /** Canonical fields that are read but never written back (computed or relation names). */
     readOnly: z.array(z.string()).optional(),
     /**

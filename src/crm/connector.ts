@@ -335,6 +335,8 @@ export function createConnector(opts: CreateConnectorOptions): Connector {
         // A relation written by id is cleared as a whole: `practice_area: null`, not
         // `practice_area: {id: null}`, which Clio refuses (as JSON:API wants `data: null`).
         else if (fields[name] === null && path.endsWith('.id')) setPath(out, path.slice(0, -'.id'.length), null);
+        // HubSpot clears a property only when sent "" (`nullAs`); a null it accepts and ignores.
+        else if (fields[name] === null && def.nullAs !== undefined) setPath(out, path, def.nullAs);
         else setPath(out, path, fields[name]);
       }
       return out;

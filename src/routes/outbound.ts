@@ -4,7 +4,7 @@ import { BadRequestError, ConflictError, NotFoundError, UnauthorizedError, Unpro
 import { timeOrderedId } from '../ids.js';
 import type { Connection } from '../plugins/config.js';
 import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
-import { expectedEcho, fieldsToWrite } from '../sync/outbound-writer.js';
+import { asTheCrmKeepsThem, expectedEcho, fieldsToWrite } from '../sync/outbound-writer.js';
 import { canonicalJson, contentHash } from '../sync/record.js';
 
 declare module 'fastify' {
@@ -169,10 +169,12 @@ export default async function outboundRoutes(app: FastifyInstance) {
       // The writes' primary key, time-ordered as the ledger's event ids are (see timeOrderedId).
       const id = timeOrderedId();
       const known = crmId === undefined ? undefined : await getDeliveredState(app.db, { connectionId: connection.id, object, crmId });
+      // From here on, as the CRM will keep them (a number as text where it keeps text).
+      const kept = asTheCrmKeepsThem(definition, fields);
       // The loop guard's other direction: the pipeline handing back a CRM-born record as the
       // bridge delivered it would only make the CRM write it again and fire the automation.
-      const pushedBack = pushesBackUnchanged(known, fields);
-      const sent = fieldsToWrite(definition, operation, fields, known?.seen ?? null);
+      const pushedBack = pushesBackUnchanged(known, kept);
+      const sent = fieldsToWrite(definition, operation, kept, known?.seen ?? null);
       if (!pushedBack && sent.uncleared.length > 0) {
         // Refused by what the bridge knows now, which a write accepted earlier under this key
         // did not depend on: that request gets its own answer again.

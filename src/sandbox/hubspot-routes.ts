@@ -156,16 +156,34 @@ function search(state: SandboxState, body: SearchBody): Record<string, unknown> 
   return out;
 }
 
+/**
+ * A property value as HubSpot keeps it: every property is text, so a number or boolean is stored
+ * as its text ("5550100", "true"). An empty string is how a property is cleared, and a cleared
+ * property reads back as "" (one never set reads null). A null is answered 200 and changes
+ * nothing (HubSpot/hubspot-api-nodejs#324: "You can set empty string for it"): undefined here.
+ */
+function propertyText(name: string, v: unknown): string | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v === 'string') return v;
+  if (typeof v === 'number' || typeof v === 'boolean') return String(v);
+  throw new HubSpotError(400, 'VALIDATION_ERROR', `Property values were not valid: ${name} must be a string`);
+}
+
 function contactInput(body: unknown): Record<string, unknown> {
   const props = (body as { properties?: unknown } | null)?.properties;
   if (typeof props !== 'object' || props === null) throw new HubSpotError(400, 'VALIDATION_ERROR', 'properties is required');
   const p = props as Record<string, unknown>;
   const data: Record<string, unknown> = {};
-  if (p.firstname !== undefined) data.first_name = p.firstname;
-  if (p.lastname !== undefined) data.last_name = p.lastname;
-  if (p.jobtitle !== undefined) data.title = p.jobtitle;
-  if (p.email !== undefined) data.email_addresses = p.email === null ? [] : [{ address: p.email, default_email: true }];
-  if (p.phone !== undefined) data.phone_numbers = p.phone === null ? [] : [{ number: p.phone, default_number: true }];
+  const firstname = propertyText('firstname', p.firstname);
+  const lastname = propertyText('lastname', p.lastname);
+  const jobtitle = propertyText('jobtitle', p.jobtitle);
+  const email = propertyText('email', p.email);
+  const phone = propertyText('phone', p.phone);
+  if (firstname !== undefined) data.first_name = firstname;
+  if (lastname !== undefined) data.last_name = lastname;
+  if (jobtitle !== undefined) data.title = jobtitle;
+  if (email !== undefined) data.email_addresses = [{ address: email, default_email: true }];
+  if (phone !== undefined) data.phone_numbers = [{ number: phone, default_number: true }];
   return data;
 }
 

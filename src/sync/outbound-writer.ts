@@ -399,6 +399,25 @@ export function fieldsToWrite(
   return { fields: out, uncleared };
 }
 
+/**
+ * The pipeline's fields as the CRM keeps them: a number or boolean written to a field it holds as
+ * text (`fieldTypes: string`; every HubSpot property) becomes that text. That is what the CRM
+ * reads back, so the write's echo (a hook before the answer), the record a create whose answer
+ * was lost made, and the loop guard's comparison with what was delivered all see one value:
+ * compared as 5550100 with "5550100", the echo was delivered and the lost create made twice.
+ * A field written as the object's `nullAs` (HubSpot's "") clears it, as a null does, and reads
+ * back null: it is null here.
+ */
+export function asTheCrmKeepsThem(definition: ObjectDefinition, fields: Record<string, unknown>): Record<string, unknown> {
+  const types = definition.fieldTypes ?? {};
+  const out: Record<string, unknown> = {};
+  for (const [name, value] of Object.entries(fields)) {
+    const text = Object.hasOwn(types, name) && types[name] === 'string' && (typeof value === 'number' || typeof value === 'boolean');
+    out[name] = text ? String(value) : definition.nullAs !== undefined && value === definition.nullAs ? null : value;
+  }
+  return out;
+}
+
 /** Whether a write sends any field through a template (`writeAs`), which adds rather than sets. */
 function writesThroughTemplate(definition: ObjectDefinition, fields: Record<string, unknown>): boolean {
   const writeAs = definition.writeAs ?? {};

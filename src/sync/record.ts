@@ -58,11 +58,19 @@ export function contentHash(fields: unknown): string {
 /**
  * The canonical fields delivered downstream and hashed by the gate. Without a field map, the
  * whole record minus volatile keys and the version/timestamp keys (they change on every write,
- * so keeping them would hide no-op touches).
+ * so keeping them would hide no-op touches). With one, a field holding the object's `nullAs`
+ * is null.
  */
 export function mapFields(raw: unknown, def: ObjectDefinition): Record<string, unknown> {
   if (def.fields) {
-    return Object.fromEntries(Object.entries(def.fields).map(([name, path]) => [name, getPath(raw, path) ?? null]));
+    // A CRM that clears a field to a value (`nullAs`: HubSpot's "") has cleared it: null.
+    const nullAs = def.nullAs;
+    return Object.fromEntries(
+      Object.entries(def.fields).map(([name, path]) => {
+        const value = getPath(raw, path) ?? null;
+        return [name, nullAs !== undefined && value === nullAs ? null : value];
+      }),
+    );
   }
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) return {};
   const excluded = new Set([...def.volatile, def.updatedAtPath, def.versionPath].filter((k): k is string => k !== undefined));

@@ -126,4 +126,15 @@ describe('HubSpot CRM v3 dialect', () => {
     expect(list.results).toHaveLength(5);
     expect(list.paging.next.after).toBeTruthy();
   });
+
+  it('keeps every property as text: a number is stored as its text, "" clears a property (read back as ""), null changes nothing', async () => {
+    const created = await readJson(await h.api('/crm/v3/objects/contacts', { method: 'POST', body: JSON.stringify({ properties: { firstname: 'Ada', lastname: 'Lovelace', phone: 5550100, jobtitle: 'Analyst' } }) }));
+    const read = async () => (await readJson(await h.api(`/crm/v3/objects/contacts/${created.id}?properties=phone,jobtitle,lastname`))).properties;
+    expect(await read()).toEqual({ phone: '5550100', jobtitle: 'Analyst', lastname: 'Lovelace' });
+    const patch = (properties: unknown) => h.api(`/crm/v3/objects/contacts/${created.id}`, { method: 'PATCH', body: JSON.stringify({ properties }) });
+    expect((await patch({ phone: null, jobtitle: null })).status).toBe(200);
+    expect(await read()).toEqual({ phone: '5550100', jobtitle: 'Analyst', lastname: 'Lovelace' });
+    expect((await patch({ phone: '', jobtitle: '' })).status).toBe(200);
+    expect(await read()).toEqual({ phone: '', jobtitle: '', lastname: 'Lovelace' });
+  });
 });

@@ -12,6 +12,9 @@ import type { ConnectorDefinitionInput } from './index.js';
  *   the anchor is a true position and nothing is skipped or read twice.
  * - Search is limited to about 4 requests/s per token and announces it only by a 429 whose
  *   Retry-After is in milliseconds.
+ * - Every property is text: a number written is read back as its text ("5550100"), so every
+ *   field is typed `string`. There is no null to write either: a property is cleared by writing
+ *   "" (a null is answered 200 and changes nothing) and then reads back as "" (`nullAs`).
  */
 const PROPERTIES = ['email', 'firstname', 'lastname', 'phone', 'company', 'jobtitle', 'createdate', 'lastmodifieddate', 'hs_object_id'];
 const SORTS = [
@@ -36,7 +39,8 @@ export const hubspot: ConnectorDefinitionInput = {
         company: 'properties.company',
         jobTitle: 'properties.jobtitle',
       },
-      fieldTypes: { email: 'string', firstName: 'string', lastName: 'string' },
+      fieldTypes: { email: 'string', firstName: 'string', lastName: 'string', phone: 'string', company: 'string', jobTitle: 'string' },
+      nullAs: '',
       sensitive: ['email', 'firstName', 'lastName', 'phone'],
       list: {
         request: {
