@@ -1,7 +1,7 @@
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Database } from '../src/db/client.js';
+import { openDatabase, type Database } from '../src/db/client.js';
 import { backfillKey } from '../src/sync/backfill-command.js';
 import { runOnce } from '../src/sync/poller.js';
 import { startBridge, timeOrderedConnector } from './helpers/bridge.js';
@@ -53,6 +53,34 @@ describe('GET /metrics', () => {
       expect(text).not.toContain('attacker-chosen-name');
       expect(text).not.toContain('Jane');
       expect(text).not.toMatch(/="7"/);
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('still answers when the database is down: counters and process metrics, crm_bridge_database_up 0, and no gauge read from the database', async () => {
+    await resetDatabase(database);
+    const up = await buildTestApp({ database });
+    try {
+      const text = (await up.inject({ url: '/metrics' })).body;
+      expect(sample(text, 'crm_bridge_database_up', {})).toBe(1);
+      expect(sample(text, 'crm_bridge_outbox_depth', { connection: 'acme', state: 'pending' })).toBe(0);
+    } finally {
+      await up.close();
+    }
+
+    const broken = openDatabase(process.env.DATABASE_URL ? { url: 'postgres://postgres@127.0.0.1:1/none', max: 1 } : { dataDir: 'memory://' });
+    const app = await buildTestApp({ database: { ...database, db: broken.db, migrate: async () => {} } });
+    await broken.close();
+    try {
+      expect((await app.inject({ method: 'POST', url: '/hooks/acme', headers: { authorization: 'Bearer wrong-secret-0123456789' }, payload: { id: 1 } })).statusCode).toBe(401);
+      const res = await app.inject({ url: '/metrics' });
+      expect(res.statusCode).toBe(200);
+      expect(sample(res.body, 'crm_bridge_database_up', {})).toBe(0);
+      // What the process counted itself is still there for Prometheus, and nothing claims a depth of 0.
+      expect(sample(res.body, 'crm_bridge_hook_auth_failures_total', { connection: 'acme' })).toBe(1);
+      expect(res.body).toMatch(/^process_cpu_user_seconds_total /m);
+      expect(res.body).not.toMatch(/^crm_bridge_(outbox_depth|poll_lag_seconds|poll_last_success_age_seconds|caught_by_poll|sweep_held_deletes)\{/m);
     } finally {
       await app.close();
     }

@@ -21,6 +21,18 @@ export interface Database {
   close(): Promise<void>;
 }
 
+/**
+ * A database read an operator is waiting on (/health, a metrics scrape), bounded: a database that
+ * does not answer fails it within `ms` instead of the driver's connect timeout (30 s by default).
+ */
+export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(Object.assign(new Error(`the database did not answer within ${ms} ms`), { name: 'TimeoutError', code: 'TIMEOUT' })), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
 /** `db.execute` answers with an array (postgres.js) or `{rows}` (PGlite). */
 export async function rowsOf<T>(result: Promise<unknown>): Promise<T[]> {
   const answer = (await result) as T[] | { rows: T[] };

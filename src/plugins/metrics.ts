@@ -1,7 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import fp from 'fastify-plugin';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { sql } from 'drizzle-orm';
 import { pollObjects } from '../config/schema.js';
+import { withTimeout } from '../db/client.js';
 import { getDeliveryStats } from '../db/queries/health.js';
 import { listStreamCursors } from '../db/queries/streams.js';
 
@@ -28,6 +30,9 @@ declare module 'fastify' {
     metrics: BridgeMetrics;
   }
 }
+
+/** How long a scrape waits for each database read (as long as /health's database check). */
+const DB_READ_TIMEOUT_MS = 2_000;
 
 export const TOKEN_REFRESH_OUTCOMES = ['refreshed', 'needs_reauth', 'rejected', 'unavailable'] as const;
 export type TokenRefreshOutcome = (typeof TOKEN_REFRESH_OUTCOMES)[number];
@@ -74,6 +79,19 @@ export default fp(
       }),
     };
 
+    // A scrape reads the gauges below from the database, each bounded as /health's check is. One
+    // that fails (the database down or slow) is left out of the answer rather than failing it:
+    // the counters and process metrics are still served, and crm_bridge_database_up says why.
+    const read = <T>(query: () => Promise<T>): Promise<T | undefined> => withTimeout(query(), DB_READ_TIMEOUT_MS).catch(() => undefined);
+    new Gauge({
+      name: 'crm_bridge_database_up',
+      help: '1 when the database answered a bounded query during this scrape; 0 when it did not, and the gauges read from it are left out',
+      registers,
+      async collect() {
+        this.set((await read(() => app.db.execute(sql`select 1`))) === undefined ? 0 : 1);
+      },
+    });
+
     const known = () => [...app.connections.keys()];
     new Gauge({
       name: 'crm_bridge_outbox_depth',
@@ -81,8 +99,9 @@ export default fp(
       labelNames: ['connection', 'state'],
       registers,
       async collect() {
-        const stats = await getDeliveryStats(app.db);
+        const stats = await read(() => getDeliveryStats(app.db));
         this.reset();
+        if (stats === undefined) return;
         for (const connection of known()) {
           const s = stats.get(connection);
           this.set({ connection, state: 'pending' }, s?.pending ?? 0);
@@ -92,8 +111,8 @@ export default fp(
     });
 
     // One scrape reads the cursors once for the three stream gauges.
-    let cursors: Promise<Awaited<ReturnType<typeof listStreamCursors>>> | undefined;
-    const streamRows = () => (cursors ??= listStreamCursors(app.db).finally(() => setTimeout(() => (cursors = undefined), 0)));
+    let cursors: Promise<Awaited<ReturnType<typeof listStreamCursors>> | undefined> | undefined;
+    const streamRows = () => (cursors ??= read(() => listStreamCursors(app.db)).finally(() => setTimeout(() => (cursors = undefined), 0)));
     const streamGauge = (name: string, help: string, value: (row: Awaited<ReturnType<typeof listStreamCursors>>[number], now: number) => number | null) =>
       new Gauge({
         name,
@@ -104,6 +123,7 @@ export default fp(
           const rows = await streamRows();
           const now = Date.now();
           this.reset();
+          if (rows === undefined) return;
           for (const row of rows) {
             // Only the streams the poller runs: a backfill keeps its checkpoint in a cursor row of
             // its own (`matters#backfill`), years behind while it re-reads old records.

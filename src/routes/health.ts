@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { sql } from 'drizzle-orm';
-import { rowsOf } from '../db/client.js';
+import { rowsOf, withTimeout } from '../db/client.js';
 import { getAuthStates, getDeliveryStats, getLastHookAt, type StoredAuth } from '../db/queries/health.js';
 import { getOutboundStats } from '../db/queries/outbound.js';
 import { countPendingFetches, listStreamCursors, type PendingFetchCounts, type StreamCursor } from '../db/queries/streams.js';
@@ -168,14 +168,6 @@ function latest(a: Date | null, b: Date | null): Date | null {
   if (a === null) return b;
   if (b === null) return a;
   return a > b ? a : b;
-}
-
-function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(Object.assign(new Error('database check timed out'), { name: 'TimeoutError', code: 'TIMEOUT' })), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 const nullableTime = { type: ['string', 'null'], format: 'date-time' } as const;
