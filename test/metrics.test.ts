@@ -3,7 +3,8 @@ import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openDatabase, type Database } from '../src/db/client.js';
 import { backfillKey } from '../src/sync/backfill-command.js';
-import { runOnce } from '../src/sync/poller.js';
+import { connectorForConnection } from '../src/crm/connector.js';
+import { pollStream, runOnce } from '../src/sync/poller.js';
 import { startBridge, timeOrderedConnector } from './helpers/bridge.js';
 import { buildTestApp, SECRET } from './helpers/app.js';
 import { createTestDatabase, resetDatabase } from './helpers/database.js';
@@ -112,6 +113,24 @@ describe('GET /metrics', () => {
       expect(ok.body).toContain('crm_bridge_outbox_depth');
     } finally {
       await app.close();
+    }
+  });
+
+  it('gives a stream that has never polled successfully an age from its first run, as /health counts it, so the stale-poll alert fires', async () => {
+    await resetDatabase(database);
+    const bridge = await startBridge({ database, connection: { poll: { objects: ['matters'] } } });
+    try {
+      const { app, sandbox } = bridge;
+      // Set up against a CRM that has never answered: every run fails.
+      sandbox.state.setSwitches({ errorRate: 1 });
+      const stream = app.poller.stream('firm', 'matters');
+      const failed = await pollStream({ ...stream, connector: connectorForConnection(stream.connection, { tokens: app.tokens.get('firm')!, http: { maxRetries: 0 } }) });
+      expect(failed.status).toBe('failed');
+      await new Promise((resolve) => setTimeout(resolve, 1_100));
+      const age = sample((await app.inject({ url: '/metrics' })).body, 'crm_bridge_poll_last_success_age_seconds', { connection: 'firm', object: 'matters' });
+      expect(age).toBeGreaterThanOrEqual(1);
+    } finally {
+      await bridge.close();
     }
   });
 

@@ -137,8 +137,10 @@ export default fp(
     streamGauge('crm_bridge_poll_lag_seconds', 'How far the poll cursor is behind now (the CRM time of the newest change read)', (row, now) =>
       row.cursorRank === null ? null : Math.max(0, (now - row.cursorRank) / 1000),
     );
-    streamGauge('crm_bridge_poll_last_success_age_seconds', 'Seconds since the stream last polled successfully', (row, now) =>
-      row.lastSuccessAt === null ? null : Math.max(0, (now - row.lastSuccessAt.getTime()) / 1000),
+    // A stream that has never succeeded counts from its first run, as /health judges it stale: left
+    // out, a poll failing since the day it was set up (wrong credentials) would never be alerted on.
+    streamGauge('crm_bridge_poll_last_success_age_seconds', 'Seconds since the stream last polled successfully (since its first run when it never has)', (row, now) =>
+      Math.max(0, (now - (row.lastSuccessAt ?? row.createdAt).getTime()) / 1000),
     );
     streamGauge('crm_bridge_caught_by_poll', 'Changes the poll delivered that no hook had announced (the automation misses; alert on its rate)', (row) => row.caughtByPoll);
     streamGauge('crm_bridge_sweep_held_deletes', 'Deletes the last sweep found and held for an operator (alert when above 0; /health poll.streams[].sweepHeld says why)', (row) => row.sweepHeld?.deletes ?? 0);
