@@ -1,6 +1,7 @@
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { ConfigError } from './config/load.js';
 import { AppError } from './errors.js';
+import { isUuid } from './ids.js';
 import { EXIT_BUSY } from './sync/exit-status.js';
 
 /** The `crm-bridge` command. Operator mistakes end in one line and the usage, exit status 2. */
@@ -98,7 +99,11 @@ program
 program
   .command('replay')
   .description('queue a dead letter for delivery again, with the same Idempotency-Key')
-  .argument('<eventId>', 'the event id shown by `crm-bridge dead-letters`')
+  .argument('<eventId>', 'the event id shown by `crm-bridge dead-letters`', (v: string) => {
+    // Checked before any database is opened: a mistyped id is a usage error.
+    if (!isUuid(v)) throw new InvalidArgumentError('the event id is a UUID, as listed by crm-bridge dead-letters.');
+    return v;
+  })
   .option('--force', 'replay even though a later change of the record was delivered: the pipeline gets the older version after the newer one')
   .action(async (eventId: string, options: { force?: boolean }) => {
     const { replayFromCli } = await import('./sync/dead-letters.js');

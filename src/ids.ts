@@ -38,3 +38,13 @@ const pool = new Uint8Array(16 * 256);
 let offset = pool.length;
 let msecs = -Infinity;
 let seq = 0;
+
+/** A UUID as the ledger and the outbound writes name their rows (any version, either case): for route schemas. */
+export const UUID_PATTERN = '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
+
+const UUID = new RegExp(UUID_PATTERN);
+
+/** Whether `value` could name an event or a write (a UUID), checked before anything is looked up. */
+export function isUuid(value: string): boolean {
+  return UUID.test(value);
+}

@@ -209,13 +209,14 @@ describe('crm-bridge backfill', () => {
 
   it('answers bad arguments with one line, the usage and exit status 2', async () => {
     // Refused before any database is opened: run side by side.
-    const [badDate, missing, unknown, object, url, drop] = await Promise.all([
+    const [badDate, missing, unknown, object, url, drop, eventId] = await Promise.all([
       cli(['backfill', 'firm', '--since', 'last tuesday']),
       cli(['backfill']),
       cli(['backfill', 'nope']),
       cli(['backfill', 'firm', '--object', 'invoices']),
       cli(['status', '--url', 'ftp://x']),
       cli(['notifications', '--drop', 'matters/1']),
+      cli(['replay', '0b6f-not-a-uuid']),
     ]);
     expect(badDate.code).toBe(2);
     expect(badDate.out).toMatch(/--since must be an ISO-8601 date/);
@@ -236,6 +237,10 @@ describe('crm-bridge backfill', () => {
 
     expect(drop.code).toBe(2);
     expect(drop.out).toMatch(/--drop needs --connection <id>/);
+
+    expect(eventId.code).toBe(2);
+    expect(eventId.out).toMatch(/the event id is a UUID, as listed by crm-bridge dead-letters/);
+    expect(eventId.out).toMatch(/Usage: crm-bridge replay/);
   }, 60_000);
 
   it('answers a --limit of dead-letters or notifications that is not a whole number of at least 1 with a usage error (exit 2), not an empty list', async () => {

@@ -1,10 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import { listDeadLetters, replayDeadLetter } from '../db/queries/outbox.js';
 import { ConflictError, NotFoundError, UnauthorizedError } from '../errors.js';
+import { UUID_PATTERN } from '../ids.js';
 import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
 import { describeLater } from '../sync/dead-letters.js';
-
-const UUID = '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
 
 const deadLetterSchema = {
   type: 'object',
@@ -83,7 +82,7 @@ export default async function deadLetterRoutes(app: FastifyInstance) {
       // It reads no body; operators' curl often sends an empty one declared as JSON.
       config: { bodyOptional: true },
       schema: {
-        params: { type: 'object', properties: { eventId: { type: 'string', pattern: UUID } }, required: ['eventId'] },
+        params: { type: 'object', properties: { eventId: { type: 'string', pattern: UUID_PATTERN } }, required: ['eventId'] },
         querystring: {
           type: 'object',
           properties: {

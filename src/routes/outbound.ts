@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { findOutboundWriteByKey, getDeliveredState, getOutboundWrite, insertOutboundWrite, type OutboundWrite } from '../db/queries/outbound.js';
 import { BadRequestError, ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../errors.js';
-import { timeOrderedId } from '../ids.js';
+import { timeOrderedId, UUID_PATTERN } from '../ids.js';
 import type { Connection } from '../plugins/config.js';
 import { bearerToken, matchesAnySecret, sha256 } from '../security.js';
 import { asTheCrmKeepsThem, expectedEcho, fieldsToWrite } from '../sync/outbound-writer.js';
@@ -13,7 +13,6 @@ declare module 'fastify' {
   }
 }
 
-const UUID = '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
 
 interface WriteBody {
@@ -223,7 +222,7 @@ export default async function outboundRoutes(app: FastifyInstance) {
       schema: {
         params: {
           type: 'object',
-          properties: { connection: { type: 'string', maxLength: 63 }, outboundId: { type: 'string', pattern: UUID } },
+          properties: { connection: { type: 'string', maxLength: 63 }, outboundId: { type: 'string', pattern: UUID_PATTERN } },
           required: ['connection', 'outboundId'],
         },
         response: { 200: outboundRecordSchema },

@@ -1,5 +1,6 @@
 import type { Db } from '../db/client.js';
 import { listDeadLetters, replayDeadLetter, type DeadLetter, type LaterChange } from '../db/queries/outbox.js';
+import { isUuid } from '../ids.js';
 import { printable } from '../terminal-text.js';
 
 /**
@@ -27,7 +28,7 @@ export async function printDeadLetters(
  * change of the record was delivered (or is being delivered) and `force` was not given.
  */
 export async function replayFromCli(db: Db, eventId: string, write: (text: string) => void, options: { force?: boolean } = {}): Promise<number> {
-  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(eventId)) {
+  if (!isUuid(eventId)) {
     write(`"${printable(eventId)}" is not an event id (a UUID, as listed by crm-bridge dead-letters)\n`);
     return 1;
   }
