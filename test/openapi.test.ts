@@ -65,6 +65,23 @@ describe('OpenAPI document at /docs/json', () => {
     expect(Object.keys(doc.paths['/hooks/{connection}']!.post!.responses)).toEqual(expect.arrayContaining(['200', '202']));
   });
 
+  it("documents what a pipeline write needs, as the route enforces it: the Idempotency-Key header and the pipeline's API key", async () => {
+    const doc = (await app.inject({ url: '/docs/json', headers: { authorization: `Bearer ${ADMIN}` } })).json() as {
+      components: { securitySchemes: Record<string, { type: string; scheme?: string }> };
+      paths: Record<string, Record<string, { parameters?: Array<{ name: string; in: string; required?: boolean; schema: { pattern?: string } }>; security?: Array<Record<string, string[]>>; responses: Record<string, unknown> }>>;
+    };
+    const write = doc.paths['/v1/connections/{connection}/records']!.post!;
+    const key = write.parameters?.find((p) => p.in === 'header' && p.name.toLowerCase() === 'idempotency-key');
+    expect(key, 'the Idempotency-Key header is documented').toMatchObject({ required: true });
+    expect(new RegExp(key!.schema.pattern!).test('lead-4711')).toBe(true);
+    expect(new RegExp(key!.schema.pattern!).test('with space')).toBe(false);
+    expect(write.security, 'the write names its credential').toEqual([{ pipelineKey: [] }]);
+    expect(doc.components.securitySchemes.pipelineKey).toMatchObject({ type: 'http', scheme: 'bearer' });
+    expect(Object.keys(write.responses)).toEqual(expect.arrayContaining(['200', '202']));
+    const lookup = doc.paths['/v1/connections/{connection}/records/{outboundId}']!.get!;
+    expect(lookup.security).toEqual([{ pipelineKey: [] }, { admin: [] }]);
+  });
+
   it('serves the docs UI only with the admin credential', async () => {
     expect((await app.inject({ url: '/docs' })).statusCode).toBe(401);
     const ui = await app.inject({ url: '/docs/', headers: { authorization: `Basic ${Buffer.from(`ops:${ADMIN}`).toString('base64')}` } });

@@ -213,6 +213,41 @@ describe('a pipeline create given up on after it may have reached the CRM', () =
   }, 60_000);
 });
 
+describe('a pipeline write the CRM asks to leave alone for longer than one call waits (Retry-After)', () => {
+  const ONE_DAY_MS = 86_400_000;
+  /** How long the write was put off: both stamps are the database's now() of one statement. */
+  const heldFor = (row: { nextAttemptAt: Date; updatedAt: Date }) => row.nextAttemptAt.getTime() - row.updatedAt.getTime();
+
+  it("waits out a 429's Retry-After of an hour before trying the create again, instead of being refused until it shows failed, and then makes it once", async () => {
+    let refused = 0;
+    const faults: FaultProxyOptions = { fail: (req) => (isCreate(req) && refused++ < 1 ? { status: 429, headers: { 'retry-after': '3600' } } : undefined) };
+    await throughProxy(faults, async (app, sandbox) => {
+      const { outboundId } = (await post(app, lead, 'k-429-hour')).json();
+      await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+      const held = await write(outboundId);
+      expect(held).toMatchObject({ state: 'pending', attempts: 1, lastStatus: 429 });
+      expect(heldFor(held)).toBeGreaterThanOrEqual(3_600_000);
+
+      // The hour is up: the write is made, once.
+      await db.update(outboundWrites).set({ nextAttemptAt: new Date(0) }).where(eq(outboundWrites.id, outboundId));
+      await tickUntilSettled(app, outboundId);
+      expect(await write(outboundId)).toMatchObject({ state: 'sent', attempts: 2 });
+      expect(madeFor(sandbox, outboundId)).toHaveLength(1);
+    });
+  }, 60_000);
+
+  it("waits out a 503's Retry-After (a maintenance), but no longer than a day however long the CRM asks", async () => {
+    const faults: FaultProxyOptions = { fail: (req) => (isCreate(req) ? { status: 503, headers: { 'retry-after': String(10 * 365 * 86_400) } } : undefined) };
+    await throughProxy(faults, async (app) => {
+      const { outboundId } = (await post(app, lead, 'k-503-years')).json();
+      await app.outboundWriters.get('firm')!.tick(new AbortController().signal);
+      const held = await write(outboundId);
+      expect(held).toMatchObject({ state: 'pending', attempts: 1, lastStatus: 503 });
+      expect(heldFor(held)).toBe(ONE_DAY_MS);
+    });
+  }, 60_000);
+});
+
 describe('a pipeline update the CRM made but answered with more than the bridge reads', () => {
   it("sends it once, shows it sent, and takes the poll's sighting of the record as its echo", async () => {
     let patches = 0;

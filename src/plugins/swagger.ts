@@ -24,6 +24,7 @@ export default fp(
             admin: { type: 'http', scheme: 'bearer', description: 'ADMIN_TOKEN' },
             adminBasic: { type: 'http', scheme: 'basic', description: 'any user name, ADMIN_TOKEN as the password (browsers)' },
             hookSecret: { type: 'http', scheme: 'bearer', description: "one of the connection's inbound.secrets (or in the header the connection names)" },
+            pipelineKey: { type: 'http', scheme: 'bearer', description: "one of the connection's outbound.apiKeys (the intake pipeline's writes)" },
             metrics: { type: 'http', scheme: 'bearer', description: 'METRICS_TOKEN, only when it is set' },
           },
         },

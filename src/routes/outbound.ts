@@ -15,6 +15,31 @@ declare module 'fastify' {
 
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
 
+/**
+ * Every write needs its Idempotency-Key. Checked before the schema's validation, so a missing or
+ * malformed key is answered with its own code (IDEMPOTENCY_KEY_REQUIRED), not as a failed
+ * validation of the headers; the headers schema below says the same for /docs (OpenAPI), where
+ * a pipeline generating its client learns it must send one.
+ */
+async function requireIdempotencyKey(request: FastifyRequest) {
+  const key = request.headers['idempotency-key'];
+  if (typeof key !== 'string' || !IDEMPOTENCY_KEY.test(key)) {
+    throw new BadRequestError('Send an Idempotency-Key header (1 to 255 visible ASCII characters) with every write.', 'IDEMPOTENCY_KEY_REQUIRED');
+  }
+}
+
+const writeHeadersSchema = {
+  type: 'object',
+  properties: {
+    'idempotency-key': {
+      type: 'string',
+      pattern: IDEMPOTENCY_KEY.source,
+      description: 'One per write. The same key with the same body gets the same write (409 while it is still pending); with another body, 422.',
+    },
+  },
+  required: ['idempotency-key'],
+} as const;
+
 interface WriteBody {
   object: string;
   externalId: string;
@@ -62,18 +87,21 @@ function quoted(names: readonly string[]): string {
 }
 
 const acceptedSchema = {
+  description: 'queued (or, for a key used before, the write it made and its state now)',
   type: 'object',
-  properties: { outboundId: { type: 'string' }, status: { type: 'string' } },
+  properties: { outboundId: { type: 'string' }, status: { type: 'string', enum: ['pending', 'sent', 'failed'] } },
   required: ['outboundId', 'status'],
 } as const;
 
 const skippedSchema = {
+  description: 'skipped: the update only hands back what the bridge delivered for the record, or leaves nothing to send; nothing is sent to the CRM',
   type: 'object',
   properties: { status: { type: 'string', const: 'skipped' }, reason: { type: 'string', const: 'echo' }, outboundId: { type: 'string' } },
   required: ['status', 'reason', 'outboundId'],
 } as const;
 
 const outboundRecordSchema = {
+  description: "the write's state",
   type: 'object',
   properties: {
     outboundId: { type: 'string' },
@@ -81,7 +109,7 @@ const outboundRecordSchema = {
     object: { type: 'string' },
     operation: { type: 'string' },
     externalId: { type: ['string', 'null'] },
-    state: { type: 'string' },
+    state: { type: 'string', enum: ['pending', 'sent', 'failed', 'skipped'] },
     attempts: { type: 'integer' },
     lastStatus: { type: ['integer', 'null'] },
     lastError: { type: ['string', 'null'] },
@@ -133,8 +161,14 @@ export default async function outboundRoutes(app: FastifyInstance) {
     '/v1/connections/:connection/records',
     {
       onRequest: authenticate,
-      preValidation: refuseUnknownKeys,
+      preValidation: [requireIdempotencyKey, refuseUnknownKeys],
       schema: {
+        summary: "The pipeline's write of a record into the CRM: a create, or an update of `crmId`",
+        description:
+          'Answers 400 without an Idempotency-Key or for a body key a write does not take (a misspelt crmId), 401 for a missing or wrong API key, 409 while the write under this key is still pending, 422 for this key with another body, an object or field the connector cannot write, or a null for a field that cannot be cleared (problem+json, with a `code`).',
+        tags: ['outbound'],
+        security: [{ pipelineKey: [] }],
+        headers: writeHeadersSchema,
         params: { type: 'object', properties: { connection: { type: 'string', maxLength: 63 } }, required: ['connection'] },
         body: writeBodySchema,
         response: { 200: skippedSchema, 202: acceptedSchema },
@@ -142,10 +176,8 @@ export default async function outboundRoutes(app: FastifyInstance) {
     },
     async (request, reply) => {
       const connection = request.outboundConnection!;
-      const key = request.headers['idempotency-key'];
-      if (typeof key !== 'string' || !IDEMPOTENCY_KEY.test(key)) {
-        throw new BadRequestError('Send an Idempotency-Key header (1 to 255 visible ASCII characters) with every write.', 'IDEMPOTENCY_KEY_REQUIRED');
-      }
+      // Checked by requireIdempotencyKey.
+      const key = request.headers['idempotency-key'] as string;
       const { object, externalId, crmId, fields } = request.body;
       // Own keys only: an object named `constructor` must not find Object's members (Object.create).
       const definition = Object.hasOwn(connection.connector.objects, object) ? connection.connector.objects[object] : undefined;
@@ -220,6 +252,9 @@ export default async function outboundRoutes(app: FastifyInstance) {
     {
       onRequest: authenticateLookup,
       schema: {
+        summary: "A pipeline write's state: pending, sent (with the CRM id), failed (with the last error) or skipped",
+        tags: ['outbound'],
+        security: [{ pipelineKey: [] }, { admin: [] }],
         params: {
           type: 'object',
           properties: { connection: { type: 'string', maxLength: 63 }, outboundId: { type: 'string', pattern: UUID_PATTERN } },

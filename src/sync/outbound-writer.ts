@@ -27,6 +27,13 @@ const EARLIER_CREATE_MARGIN_MS = 10 * 60_000;
 
 const STOPPED_DURING_CALL = 'no answer: the writer stopped during its CRM call';
 
+/**
+ * The longest a CRM's `Retry-After` holds a write back. It covers a rate limit's window and a
+ * maintenance of hours; a longer one (or a misread header) does not park the pipeline's lead
+ * for longer: the write is tried again after a day, and its next answer says how long to wait.
+ */
+const LONGEST_RETRY_AFTER_MS = 24 * 3600_000;
+
 export interface OutboundWriterOptions {
   db: Db;
   connectionId: string;
@@ -44,7 +51,7 @@ type Attempt =
   | { kind: 'made-earlier'; crmId: string }
   | { kind: 'found-earlier'; crmId: string }
   | { kind: 'unread'; crmId: string; error: string }
-  | { kind: 'retry'; status: number | null; error: string }
+  | { kind: 'retry'; status: number | null; error: string; retryAfterMs?: number | undefined }
   | { kind: 'rejected'; status: number | null; error: string }
   | { kind: 'waiting'; error: string }
   | { kind: 'stopped' };
@@ -163,7 +170,11 @@ export class OutboundWriter extends Daemon {
           }
           return;
         }
-        const delayMs = backoffDelay(row.attempts, outbound.backoff);
+        // A CRM that asked to be left alone (a 429 or a 5xx with a Retry-After longer than the
+        // HTTP client waits within a call: an hour's rate limit, a maintenance) is left alone that
+        // long: retried on the backoff alone, every attempt would be refused again and the write
+        // shown `failed` within minutes, though it would have gone through once the CRM was back.
+        const delayMs = Math.max(backoffDelay(row.attempts, outbound.backoff), Math.min(attempt.retryAfterMs ?? 0, LONGEST_RETRY_AFTER_MS));
         await scheduleOutboundRetry(db, { id: row.id, owner, delayMs, status: attempt.status, error: attempt.error });
         log.debug({ ...context, status: attempt.status, delayMs }, `outbound write ${row.id} will be retried: ${attempt.error}`);
         return;
@@ -230,7 +241,7 @@ export class OutboundWriter extends Daemon {
       // write: the attempt is retried, with no status, so that the next one looks again.
       if (looking && attempt.kind !== 'waiting') {
         const what = row.operation === 'update' ? 'looking at the record an earlier attempt may have updated' : 'looking for the record an earlier attempt may have made';
-        return { kind: 'retry', status: null, error: `${what}: ${attempt.error}` };
+        return { kind: 'retry', status: null, error: `${what}: ${attempt.error}`, retryAfterMs: attempt.kind === 'retry' ? attempt.retryAfterMs : undefined };
       }
       return attempt;
     }
@@ -355,7 +366,7 @@ function classify(err: unknown): Extract<Attempt, { error: string }> {
     if (err.code === 'CRM_HTTP_STATUS' && err.status >= 400 && err.status < 500 && err.status !== 408 && err.status !== 429) {
       return { kind: 'rejected', status, error: err.message };
     }
-    return { kind: 'retry', status, error: err.message };
+    return { kind: 'retry', status, error: err.message, retryAfterMs: err.retryAfterMs };
   }
   if (err instanceof ConnectorError) {
     // A definition without a create call, or a template missing a value: no retry can fix it.
