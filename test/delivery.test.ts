@@ -448,6 +448,29 @@ describe('delivery to the intake pipeline', () => {
     expect(sink.applied.map((b) => b.id)).toEqual([eventId]);
   });
 
+  it("retries a 409 answered to a change's later attempt (its key still in process there, as the Idempotency-Key convention answers), and dead-letters a 409 on the first", async () => {
+    // The first attempt is still running in the pipeline when the bridge's timeout ends it; the
+    // retry, under the same key, is answered 409 until the first has finished.
+    const slow = await startApp({ timeout: '200ms', lease: '5s' });
+    sink.behave((_r, index) => (index === 0 ? 'hold' : index === 1 ? { status: 409, body: '{"error":"a request with this Idempotency-Key is in progress"}' } : { status: 200 }));
+    const eventId = await hookAccepted(slow.app, matter(14, 1));
+    await drain(slow.worker);
+    sink.release();
+    // The first is never answered: the bridge gave up on it (its timeout) before the sink did.
+    expect(sink.requests.map((r) => [r.key, r.status])).toEqual([
+      [eventId, undefined],
+      [eventId, 409],
+      [eventId, 200],
+    ]);
+    expect((await states()).find((r) => r.eventId === eventId)).toMatchObject({ state: 'delivered', attempts: 3 });
+
+    // A 409 to a change never sent before is the pipeline refusing it, as any other 4xx.
+    sink.behave(() => ({ status: 409, body: '{"error":"the lead conflicts with an existing one"}' }));
+    const refused = await hookAccepted(slow.app, matter(15, 1));
+    await drain(slow.worker);
+    expect((await states()).find((r) => r.eventId === refused)).toMatchObject({ state: 'dead', attempts: 1, lastStatus: 409 });
+  });
+
   it('delivers a hook at once instead of at the next tick: a hook it could not lease to the worker wakes it', async () => {
     // An hour between ticks: only the wake-up can deliver within the test.
     const { app, worker } = await startApp({ pollInterval: '1h' });

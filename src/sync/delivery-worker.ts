@@ -50,7 +50,7 @@ export interface WorkerLeaseOffer extends LeaseOffer {
 
 type Queued = ClaimedDelivery & { sendBy: number };
 
-/** What one POST came to. `retry` covers 5xx, 408, 429, timeouts and network errors. */
+/** What one POST came to. `retry` covers 5xx, 408, 429, a 409 to a later attempt, timeouts and network errors. */
 type Attempt =
   | { kind: 'delivered'; status: number }
   | { kind: 'retry'; status: number | null; error: string; retryAfterMs: number | null }
@@ -337,7 +337,11 @@ export class DeliveryWorker extends Daemon {
       }
       const excerpt = await this.readExcerpt(response.body);
       const error = `HTTP ${status}${excerpt ? `: ${excerpt}` : ''}`;
-      if (status === 408 || status === 429 || status >= 500) {
+      // A 409 to a later attempt is retried: the Idempotency-Key convention (the bridge's own write
+      // API answers so) is 409 while a request with the key is still in process, and after a
+      // timeout that is this change's earlier attempt, still running in the pipeline. Dead-lettered,
+      // a change the pipeline took would wait for a replay. To a first attempt it is a refusal.
+      if (status === 408 || status === 429 || status >= 500 || (status === 409 && row.attempts > 1)) {
         return { kind: 'retry', status, error, retryAfterMs: parseRetryAfter(response.headers['retry-after']) };
       }
       return { kind: 'rejected', status, error };
