@@ -2,9 +2,9 @@
 // HubSpot's offset paging under edits, Clio's whole-second timestamps, a notified record the CRM
 // cannot give.
 import { setTimeout as sleep } from 'node:timers/promises';
-import { eq } from 'drizzle-orm';
+import { and, eq } from 'drizzle-orm';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
-import { ledger, recordHeads } from '../src/db/schema/index.js';
+import { ledger, outbox, recordHeads } from '../src/db/schema/index.js';
 import { SECRET } from './helpers/app.js';
 import { pollStream } from '../src/sync/poller.js';
 import { connectorForConnection } from '../src/crm/connector.js';
@@ -149,6 +149,62 @@ describe('poll runs under what the CRMs do', () => {
       }
       const versions = (await db.select().from(ledger).where(eq(ledger.crmId, String(edited)))).map((r) => r.version);
       expect(versions).toContain(etag);
+    } finally {
+      await proxy.close();
+      await bridge.close();
+    }
+  });
+});
+
+describe('a Clio matter deleted while a poll page that still shows it is on its way', () => {
+  it('stays deleted downstream: the page read before the delete does not bring the matter back', async () => {
+    // The edit's hook was dropped; the delete's hook arrives, carrying the matter as it last was.
+    const deleteWhen = { path: 'meta.event', equals: ['deleted'] };
+    const bridge = await startBridge({ database, automation: { dropRate: 1 }, connection: { inbound: { deleteWhen }, poll: { pageSize: 10 } } });
+    const gone = bridge.sandbox.state.store.matters.items[0]!.id;
+    let deletedMeanwhile = false;
+    // The CRM answered the page listing the matter's last edit; before the poller has it, the
+    // matter is deleted and the automation's deleted hook is taken and committed.
+    const proxy = await startFaultProxy({
+      target: bridge.sandbox.url,
+      answer: async (req, res, text) => {
+        if (deletedMeanwhile || !req.url?.startsWith('/api/v4/matters.json') || !text.includes(`"id":${gone},`)) return false;
+        deletedMeanwhile = true;
+        const last = bridge.sandbox.state.renderFull('matters', gone);
+        bridge.sandbox.state.deleteRecord('matters', gone);
+        const hook = await fetch(`${bridge.base}/hooks/firm?object=matters`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${SECRET}`, 'content-type': 'application/json' },
+          body: JSON.stringify({ data: last, meta: { event: 'deleted' } }),
+        });
+        expect(hook.status).toBe(202);
+        res.writeHead(200, { 'content-type': 'application/json' }).end(text);
+        return true;
+      },
+    });
+    try {
+      const base = bridge.app.poller.stream('firm', 'matters');
+      expect((await pollStream(base)).status).toBe('ok');
+      bridge.sandbox.state.updateRecord('matters', gone, { description: 'Closing letter sent' });
+      const stream = { ...base, connector: connectorForConnection({ connector: base.connection.connector, baseUrl: proxy.url }, { tokens: bridge.app.tokens.get('firm')! }) };
+      expect((await pollStream(stream)).status).toBe('ok');
+      expect(deletedMeanwhile).toBe(true);
+
+      const [head] = await db.select().from(recordHeads).where(eq(recordHeads.crmId, String(gone)));
+      expect(head).toMatchObject({ deleted: true });
+      const delivered = await db
+        .select({ change: ledger.change, source: ledger.source })
+        .from(outbox)
+        .innerJoin(ledger, eq(ledger.eventId, outbox.eventId))
+        .where(eq(outbox.crmId, String(gone)))
+        .orderBy(outbox.id);
+      // The backfill's version, then the delete: nothing after it.
+      expect(delivered).toEqual([
+        { change: 'upsert', source: 'poll' },
+        { change: 'delete', source: 'hook' },
+      ]);
+      const polled = await db.select({ disposition: ledger.disposition }).from(ledger).where(and(eq(ledger.crmId, String(gone)), eq(ledger.source, 'poll')));
+      expect(polled.map((r) => r.disposition)).toEqual(['accepted', 'stale']);
     } finally {
       await proxy.close();
       await bridge.close();

@@ -93,9 +93,11 @@ export default async function hookRoutes(app: FastifyInstance) {
       });
       // The CRM's deleted event: the record it carries is the last version, and goes with the
       // delete (for the ledger), but the change is the delete (DESIGN: deletes reach a hook or the sweep).
+      // Its updated_at goes too: a poll page read before the delete, showing that version (its own
+      // hook dropped), must not bring the record back.
       const deleteWhen = connection.inbound.deleteWhen;
       const deleted = deleteWhen !== undefined && deleteWhen.equals.includes(String(getPath(body, deleteWhen.path)));
-      const change = observed && deleted ? deleteChange({ connectionId: connection.id, object }, observed.crmId, 'hook', observedAt, record) : observed;
+      const change = observed && deleted ? deleteChange({ connectionId: connection.id, object }, observed.crmId, 'hook', observedAt, record, observed.rank ?? null) : observed;
       if (change === undefined) {
         throw new UnprocessableError(`The record has no usable id at "${definition.idPath}" (a non-empty string or a number).`, 'RECORD_ID_MISSING');
       }

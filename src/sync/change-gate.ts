@@ -48,10 +48,19 @@ export interface ObservedChange {
 /**
  * A delete of one record, as the sweep, a fetch that found the record gone, or the CRM's deleted
  * event observes it: no version, fields or hash; `raw` is what came with it (a hook's last
- * version of the record), kept for the ledger.
+ * version of the record), kept for the ledger. `rank` is where that last version sits in the
+ * record's history (its updated_at), when the event carried it: no version up to it brings the
+ * record back (see `decide`).
  */
-export function deleteChange(stream: { connectionId: string; object: string }, crmId: string, source: ChangeSource, observedAt: Date, raw: unknown = null): ObservedChange {
-  return { ...stream, crmId, source, change: 'delete', version: null, rank: null, raw, fields: null, contentHash: null, observedAt };
+export function deleteChange(
+  stream: { connectionId: string; object: string },
+  crmId: string,
+  source: ChangeSource,
+  observedAt: Date,
+  raw: unknown = null,
+  rank: number | null = null,
+): ObservedChange {
+  return { ...stream, crmId, source, change: 'delete', version: null, rank, raw, fields: null, contentHash: null, observedAt };
 }
 
 export type GateDisposition = Disposition | 'duplicate';
@@ -290,7 +299,9 @@ export async function passChanges(
       if (disposition !== 'stale') {
         update = {
           version: change.version ?? (change.change === 'delete' ? head.version : null),
-          versionRank: rank ?? (change.version !== null ? null : head.versionRank),
+          // A delete keeps the newest rank known of the record: its own (the deleted event's last
+          // version) or the head's, so a version read before the delete stays behind it.
+          versionRank: change.change === 'delete' ? newestRank(rank, head.versionRank) : (rank ?? (change.version !== null ? null : head.versionRank)),
           contentHash: change.change === 'delete' ? head.contentHash : change.contentHash,
           deleted: change.change === 'delete',
           lastEventId: eventId,
@@ -462,6 +473,10 @@ function compareKeys(a: ObservedChange, b: ObservedChange): number {
   return a.connectionId.localeCompare(b.connectionId) || a.object.localeCompare(b.object) || a.crmId.localeCompare(b.crmId);
 }
 
+function newestRank(a: number | null, b: number | null): number | null {
+  return a === null ? b : b === null ? a : Math.max(a, b);
+}
+
 function rankOf(change: ObservedChange): number | null {
   return change.rank !== undefined ? change.rank : versionRank(change.version);
 }
@@ -496,6 +511,12 @@ function decide(head: Head, change: ObservedChange, rank: number | null, echoes:
   if (change.change === 'delete') return 'accepted';
   // A version seen before the record was deleted does not bring it back.
   if (change.version !== null && sameVersion(change.version, head.version)) return 'stale';
+  // Nor one from no later than the last version the delete knew of: a poll page or a fetch read
+  // before the matter was deleted and committed after its deleted hook (the version was never
+  // seen, its hook dropped) would otherwise put a deleted matter back in the pipeline until the
+  // next sweep. A CRM that hard-deletes (Clio) never edits a record after it is gone; one that
+  // restores a record (HubSpot) stamps the restore later than the delete.
+  if (head.deleted && rank !== null && head.versionRank !== null && rank <= head.versionRank) return 'stale';
   // Rule 3: never back in time downstream.
   if (rank !== null && head.versionRank !== null && rank < head.versionRank) return 'stale';
   // Rule 5 before rule 4, so the ledger says why an echo was not delivered.
