@@ -130,6 +130,24 @@ describe('the reconciling poller against the sandbox CRM', () => {
     });
   });
 
+  it('paces a rate-limited CRM whose clock runs 5 minutes ahead by its own reset, read against its Date, and meets no 429', async () => {
+    const bridge = await startBridge({
+      database,
+      sandbox: { switches: { clockSkewSeconds: 300, rateLimit: { limit: 3, windowSeconds: 1 } } },
+      connection: { poll: { pageSize: 5 } },
+    });
+    try {
+      const since = bridge.sandbox.state.requestLog.lastSeq;
+      // A guard, not a measure: read as our clock, each window's reset is 5 minutes away.
+      const run = await pollStream(bridge.app.poller.stream('firm', 'matters'), { signal: AbortSignal.timeout(30_000) });
+      expect(run.status).toBe('ok');
+      expect(run.pages).toBeGreaterThan(3);
+      expect(bridge.sandbox.state.requestLog.list({ since }).filter((r) => r.status === 429)).toEqual([]);
+    } finally {
+      await bridge.close();
+    }
+  }, 60_000);
+
   it('gets past a CRM record carrying a NUL (\\u0000): stored with U+FFFD, and the pages after it too', async () => {
     const bridge = await startBridge({ database, connection: { poll: { pageSize: 10 } } });
     try {

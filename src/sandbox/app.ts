@@ -28,6 +28,12 @@ export async function buildSandboxApp(state: SandboxState, opts: SandboxAppOptio
   app.addHook('onResponse', async (req, reply) => {
     logRequest(state, req, reply.statusCode);
   });
+  // A server whose clock is off sends its Date from that clock: the one a client can measure the
+  // skew by (X-RateLimit-Reset is on the same clock).
+  app.addHook('onSend', async (_req, reply, payload) => {
+    reply.header('date', new Date(state.clock.now()).toUTCString());
+    return payload;
+  });
 
   // The real API and its "documented" twin: the same routes under /documented, which the
   // documentedHostBroken switch turns into an HTML error page.

@@ -69,6 +69,9 @@ describe('sandbox switches', () => {
     const res = await h.json(`/api/v4/matters/${id}.json?fields=updated_at`, { method: 'PATCH', body: JSON.stringify({ data: { location: 'Room 2' } }) });
     const stamped = Date.parse(res.data.updated_at);
     expect(stamped).toBeLessThan(before - 3500 * 1000);
+    // Its Date header is read from the same clock, as a real server's is, so a client can measure the skew.
+    const answered = Date.parse((await h.api(`/api/v4/matters/${id}.json`)).headers.get('date')!);
+    expect(answered).toBeLessThan(before - 3500 * 1000);
     const info = await readJson(await control(h, '/clock'));
     expect(info.skewSeconds).toBe(-3600);
   });
