@@ -53,6 +53,20 @@ describe('one version of one record, its timestamp written in different formats'
     expect(answers).toEqual([202, 200, 200]);
     expect((await counts()).outbox).toBe(1);
   });
+
+  it("orders a timestamp whose offset is hours alone (Postgres's `+00`, ISO 8601's `+01`): an older version after a newer is stale, alone or in one batch", async () => {
+    const edit = (id: number, status: string, updatedAt: string) => ({ id, display_number: '00042-Doe', status, updated_at: updatedAt });
+    expect((await post('acme', edit(1, 'Closed', '2026-11-20 11:00:00+00'))).statusCode).toBe(202);
+    expect((await post('acme', edit(1, 'Open', '2026-11-20 10:00:00+00'))).json()).toMatchObject({ status: 'stale' });
+    // 10:30+01 is 09:30Z: older than the head (11:00Z) although a later hour as text.
+    expect((await post('acme', edit(1, 'Pending', '2026-11-20T10:30:00+01'))).json()).toMatchObject({ status: 'stale' });
+    // Two hooks of one record arriving together share a batch: the later-arriving older one is stale.
+    const [newer, older] = await Promise.all([post('acme', edit(2, 'Closed', '2026-11-20T11:00:00+01')), post('acme', edit(2, 'Open', '2026-11-20 09:00:00+00'))]);
+    expect([newer.statusCode, older.json().status]).toEqual([202, 'stale']);
+    // The same instant in another offset form is the same version.
+    expect((await post('acme', edit(2, 'Closed', '2026-11-20T10:00:00Z'))).json()).toEqual({ status: 'duplicate', eventId: newer.json().eventId });
+    expect(await counts()).toEqual({ ledger: 5, outbox: 2 });
+  });
 });
 
 describe('ordering when a payload carries updated_at but not the etag', () => {
