@@ -1,6 +1,6 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import http from 'node:http';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -293,4 +293,26 @@ describe('crm-bridge serve', () => {
     expect(existsSync(join(blocked, 'pgdata.creating'))).toBe(false);
     expect(server.output()).not.toMatch(/\n\s+at /);
   });
+
+  embedded('fails at start saying the disk is full when DATA_DIR has no room for a new database, and gives back what it wrote', async (context) => {
+    const disk = mkdtempSync(join(tmpdir(), 'crm-bridge-full-'));
+    // A real small disk: a tmpfs of 8 MB (a new database takes about 40). Mounting needs root.
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', disk], { stdio: 'ignore' });
+    } catch {
+      context.skip();
+    }
+    try {
+      const server = serve({ DATA_DIR: join(disk, 'data') });
+      await expect(server.ready).rejects.toThrow();
+      expect(await server.exited).toBe(1);
+      expect(server.output()).toContain(`because: Could not create the embedded database in ${join(disk, 'data', 'pgdata')}: the disk is full (ENOSPC)`);
+      expect(server.output()).not.toContain('the directory must be empty');
+      expect(existsSync(join(disk, 'data', 'pgdata.creating'))).toBe(false);
+    } finally {
+      // Lazily, so a file still open cannot leave the test failing on its way out.
+      execFileSync('umount', ['-l', disk]);
+      rmSync(disk, { recursive: true, force: true });
+    }
+  }, 60_000);
 });

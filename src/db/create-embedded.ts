@@ -6,6 +6,16 @@
  */
 import { createEmbeddedDatabase } from './embedded.js';
 
+/** The errors of a disk PGlite's file system reports, by their WASI numbers. */
+const DISK_ERRORS: Record<number, string> = {
+  2: 'permission denied (EACCES)',
+  19: 'the disk quota is used up (EDQUOT)',
+  29: 'the disk failed a read or write (EIO)',
+  51: 'the disk is full (ENOSPC)',
+  63: 'permission denied (EPERM)',
+  69: 'the file system is read-only (EROFS)',
+};
+
 // A bridge killed while it waits here (SIGKILL, the OOM killer: a stop signal takes this process
 // with it) leaves this one running on. It must not go on to move the database into place: the
 // next start is by then making its own in the same staging directory. initdb runs without
@@ -21,6 +31,13 @@ try {
 } catch (err) {
   // PGlite's file system fails with an errno and no message (WASI's numbering, not Linux's).
   const { message, errno } = err as { message?: string; errno?: number };
-  process.stderr.write(`${message || `PGlite's file system failed (errno ${errno ?? 'unknown'})`}; the directory must be empty or not exist yet\n`);
+  const disk = errno === undefined ? undefined : DISK_ERRORS[errno];
+  // A full or read-only disk is the disk's problem, not the directory's: saying the directory must
+  // be empty sent an operator to clear a directory that was empty already.
+  process.stderr.write(
+    message ? `${message}; the directory must be empty or not exist yet\n`
+    : disk ? `${disk}: the new database needs about 40 MB it can write there\n`
+    : `PGlite's file system failed (errno ${errno ?? 'unknown'}); the directory must be empty or not exist yet\n`,
+  );
   process.exitCode = 1;
 }

@@ -112,9 +112,16 @@ export async function createEmbeddedDatabase(dataDir: string, abandoned: () => b
   // half database where the next start would take it for a whole one. A leftover is made again.
   const staging = `${dataDir}.creating`;
   fs.rmSync(staging, { recursive: true, force: true });
-  const client = embeddedOnDisk(staging, true);
-  await client.waitReady;
-  await client.close();
+  try {
+    const client = embeddedOnDisk(staging, true);
+    await client.waitReady;
+    await client.close();
+  } catch (err) {
+    // What initdb wrote before it failed (on a full disk, the tens of MB that filled it) goes
+    // with it, unless the path may be the next start's own staging directory by now.
+    if (!abandoned()) fs.rmSync(staging, { recursive: true, force: true });
+    throw err;
+  }
   // Left as it is: the path may be the next start's own staging directory by now.
   if (abandoned()) throw new Error('the bridge that asked for it has stopped');
   try {
