@@ -8,7 +8,7 @@ import autocannon, { type AutocannonResult } from 'autocannon';
 import type { BenchContext, CaseResult, Figure } from './cases.js';
 import { compileBench, createBenchDatabase, imageNodeOptions } from './child.js';
 import { HOOK_SECRET, type ParentMessage, type ServerMessage } from './ingest-protocol.js';
-import { backendPids, processCpuSeconds } from './machine.js';
+import { backendPids, costPerItem, cpuDuring } from './machine.js';
 
 const CONNECTIONS = 50;
 const WARMUP_SECONDS = 2;
@@ -93,44 +93,24 @@ interface Load {
 
 const EVENT_ID = /"eventId":"([0-9a-f-]{36})"/;
 
-/** CPU used during a run, in µs per request: the server process, its Postgres backends, and autocannon (this process). */
-interface CpuPerRequest {
-  server: number;
-  database: number | undefined;
-  loadGenerator: number;
-}
+/** What each request cost the cores (see costPerItem), and whether Postgres's backends were among them. */
+type CpuPerRequest = ReturnType<typeof costPerItem> & { database: boolean };
 
 /**
- * Runs `run` and says how much CPU each side used per request: where the time goes, and so how
- * many requests per second these cores could serve at most (see cpuBound). Undefined without /proc.
+ * Runs `run` and says how much CPU each side used per request: the server process (`name`), its
+ * Postgres backends, and autocannon (this process). Undefined without /proc.
  */
-async function metered(server: Server, databaseUrl: string | undefined, run: () => Promise<Load>): Promise<{ load: Load; cpu: CpuPerRequest | undefined }> {
-  const pids = databaseUrl === undefined ? [] : await backendPids(databaseUrl);
-  const used = () => ({ server: processCpuSeconds(server.pid), database: pids.map((p) => processCpuSeconds(p.pid, p.command) ?? 0).reduce((a, b) => a + b, 0) });
-  const before = used();
-  const self = process.cpuUsage();
-  const result = await run();
-  const own = process.cpuUsage(self);
-  const after = used();
-  if (before.server === undefined || after.server === undefined) return { load: result, cpu: undefined };
-  const perRequest = (seconds: number) => (seconds * 1e6) / Math.max(1, result.result.requests.total);
-  return {
-    load: result,
-    cpu: {
-      server: perRequest(after.server - before.server),
-      database: pids.length > 0 ? perRequest(after.database - before.database) : undefined,
-      loadGenerator: perRequest((own.user + own.system) / 1e6),
-    },
-  };
+async function metered(server: Server, name: string, databaseUrl: string | undefined, run: () => Promise<Load>): Promise<{ load: Load; cpu: CpuPerRequest | undefined }> {
+  const { result, seconds } = await cpuDuring(
+    async () => ({ [name]: [server], Postgres: databaseUrl === undefined ? [] : await backendPids(databaseUrl), autocannon: [{ pid: process.pid }] }),
+    run,
+  );
+  if (seconds[name] === undefined) return { load: result, cpu: undefined };
+  return { load: result, cpu: { ...costPerItem(seconds, result.result.requests.total), database: seconds.Postgres !== undefined } };
 }
 
-/** The most requests per second the machine's cores could serve at this CPU per request, every core busy. */
-const cpuBound = (cpu: CpuPerRequest) => (availableParallelism() * 1e6) / (cpu.server + (cpu.database ?? 0) + cpu.loadGenerator);
-
-const describeCpu = (cpu: CpuPerRequest | undefined, server: string) =>
-  cpu === undefined
-    ? 'not measured (no /proc)'
-    : `${server} ${fmt(cpu.server)} µs, ${cpu.database === undefined ? '' : `Postgres ${fmt(cpu.database)} µs, `}autocannon ${fmt(cpu.loadGenerator)} µs per request: at most ${fmt(cpuBound(cpu))} req/s on ${availableParallelism()} cores`;
+const describeCpu = (cpu: CpuPerRequest | undefined) =>
+  cpu === undefined ? 'not measured (no /proc)' : `${cpu.text} per request: at most ${fmt(cpu.bound)} req/s on ${availableParallelism()} cores`;
 
 /** One bounded autocannon run. `ids`: a prefix for a new record per request, or one fixed id. */
 async function load(url: string, seconds: number, ids: { newPrefix: string } | { fixed: string }): Promise<Load> {
@@ -183,7 +163,7 @@ async function measureBridge(label: BridgeRuns['label'], env: Record<string, str
   const server = await startServer('bridge', { ...env, BENCH_LOG_LEVEL: context.logLevel });
   try {
     const warm = await load(server.url, WARMUP_SECONDS, { newPrefix: `warm-${label}` });
-    const { load: fresh, cpu: freshCpu } = await metered(server, env.BENCH_DATABASE_URL, () => load(server.url, context.seconds, { newPrefix: `new-${label}` }));
+    const { load: fresh, cpu: freshCpu } = await metered(server, 'app', env.BENCH_DATABASE_URL, () => load(server.url, context.seconds, { newPrefix: `new-${label}` }));
     context.log(`  ${label} new: ${fmt(fresh.reqPerSec)} req/s, p99 ${fresh.result.latency.p99} ms (${statusSummary(fresh.result)})`);
     const dup = await load(server.url, context.seconds, { fixed: `dup-${label}` });
     context.log(`  ${label} duplicate: ${fmt(dup.reqPerSec)} req/s, p99 ${dup.result.latency.p99} ms (${statusSummary(dup.result)})`);
@@ -204,7 +184,7 @@ async function measureBridge(label: BridgeRuns['label'], env: Record<string, str
       failures: [warm, fresh, dup].reduce((s, l) => s + l.result.non2xx + l.result.errors, 0),
       details: [
         `${label} new: ${fmt(fresh.reqPerSec)} req/s, latency p50 ${fresh.result.latency.p50} ms, p99 ${fresh.result.latency.p99} ms, max ${fresh.result.latency.max} ms; ${statusSummary(fresh.result)}`,
-        `${label} new, CPU: ${describeCpu(freshCpu, 'the app')}`,
+        `${label} new, CPU: ${describeCpu(freshCpu)}`,
         `${label} duplicate: ${fmt(dup.reqPerSec)} req/s, latency p50 ${dup.result.latency.p50} ms, p99 ${dup.result.latency.p99} ms; ${statusSummary(dup.result)}`,
         `${label} after the runs (warm-up included): ledger ${fmt(verified.ledgerRows)} rows, outbox ${fmt(verified.outboxRows)} rows; ${fmt(verified.ledgerMatches)} of ${fmt(answeredIds)} answered eventIds found in the ledger, ${fmt(verified.outboxMatches)} of ${fmt(accepted.length)} 202s in the outbox`,
       ],
@@ -227,11 +207,11 @@ function bridgeFigures(r: BridgeRuns, baseRps: number): Figure[] {
     },
     { name: `ingest/${r.label} new p99`, value: `${latency.p99} ms (p50 ${latency.p50} ms)`, target: '—', pass: undefined },
     // Why the ratio is what it is: the CPU each new hook costs, and what that allows on these cores.
-    ...(primary && r.freshCpu?.database !== undefined
+    ...(primary && r.freshCpu?.database
       ? [
           {
             name: `ingest/${r.label} CPU per new hook`,
-            value: `app ${fmt(r.freshCpu.server)} + Postgres ${fmt(r.freshCpu.database)} + autocannon ${fmt(r.freshCpu.loadGenerator)} µs: at most ${fmt(cpuBound(r.freshCpu))} hooks/s on ${availableParallelism()} cores (${TARGET_RATIO} is ${fmt(TARGET_RATIO * baseRps)})`,
+            value: `${r.freshCpu.text}: at most ${fmt(r.freshCpu.bound)} hooks/s on ${availableParallelism()} cores (${TARGET_RATIO} is ${fmt(TARGET_RATIO * baseRps)})`,
             target: '—',
             pass: undefined,
           },
@@ -261,10 +241,10 @@ export async function runIngestBench(context: BenchContext): Promise<CaseResult>
     const bare = await startServer('bare', {});
     try {
       await load(bare.url, WARMUP_SECONDS, { newPrefix: 'warm-bare' });
-      const { load: run, cpu } = await metered(bare, undefined, () => load(bare.url, context.seconds, { newPrefix: 'bare' }));
+      const { load: run, cpu } = await metered(bare, 'bare server', undefined, () => load(bare.url, context.seconds, { newPrefix: 'bare' }));
       context.log(`  bare baseline: ${fmt(run.reqPerSec)} req/s, p99 ${run.result.latency.p99} ms (${statusSummary(run.result)})`);
       baselines.push(run);
-      baselineCpu.push(describeCpu(cpu, 'the bare server'));
+      baselineCpu.push(describeCpu(cpu));
     } finally {
       await bare.stop();
     }

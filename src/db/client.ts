@@ -135,17 +135,13 @@ async function answersAsPostgres(session: postgres.Sql): Promise<void> {
   const { host, port, path, connect_timeout: seconds } = session.options;
   // Never from the URL itself: it carries the password.
   const where = path || host.map((name, i) => `${name.includes(':') ? `[${name}]` : name}:${port[i] ?? port[0]}`).join(',');
-  let timer: NodeJS.Timeout | undefined;
-  const timedOut = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(Object.assign(new Error(`no answer within ${seconds} s`), { code: 'CONNECT_TIMEOUT' })), seconds * 1000);
-  });
   try {
-    await Promise.race([session`select 1`, timedOut]);
+    await withTimeout(Promise.resolve(session`select 1`), seconds * 1000);
   } catch (err) {
     if (err instanceof postgres.PostgresError) throw err;
     const code = (err as { code?: unknown }).code;
     const reason =
-      code === 'CONNECT_TIMEOUT'
+      code === 'TIMEOUT' || code === 'CONNECT_TIMEOUT'
         ? `no answer within ${seconds} s`
         : code === 'ECONNREFUSED'
           ? 'the connection was refused'
@@ -153,8 +149,6 @@ async function answersAsPostgres(session: postgres.Sql): Promise<void> {
             ? 'it closed the connection'
             : `${typeof code === 'string' ? `${code}: ` : ''}${(err as Error).message}`;
     throw new DatabaseUnreachableError(`The database at ${where} (DATABASE_URL) did not answer as Postgres (${reason}). Check DATABASE_URL's host and port, and that Postgres is up.`, { cause: err });
-  } finally {
-    clearTimeout(timer);
   }
 }
 

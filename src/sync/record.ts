@@ -95,7 +95,7 @@ export function readVersion(raw: unknown, def: ObjectDefinition): string | null 
 
 // The offset may be hours alone (ISO 8601's `±hh`): Postgres writes a timestamptz as
 // `2026-11-20 10:00:00+00`, and a CRM passing its database's text on sends just that.
-const ISO_DATE = /^\d{4}-\d{2}-\d{2}(?:[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?|[Zz])?$/;
+const ISO_DATE = /^\d{4}-\d{2}-\d{2}(?:[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?<offset>[Zz]|[+-]\d{2}(?::?\d{2})?)?|[Zz])?$/;
 
 /**
  * A sortable reading of a version: numbers as themselves, ISO times as epoch ms. Opaque
@@ -104,13 +104,12 @@ const ISO_DATE = /^\d{4}-\d{2}-\d{2}(?:[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[
 export function versionRank(version: string | null): number | null {
   if (version === null) return null;
   if (/^-?\d+(\.\d+)?$/.test(version)) return Number(version);
-  if (ISO_DATE.test(version)) {
-    // Date.parse reads `+01` as nothing at all (NaN): such a time ranked null, so the record lost
-    // its order and an older version arriving after a newer one went downstream (rule 3).
-    const ms = Date.parse(/[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?[+-]\d{2}$/i.test(version) ? `${version}:00` : version);
-    return Number.isNaN(ms) ? null : ms;
-  }
-  return null;
+  const iso = ISO_DATE.exec(version);
+  if (iso === null) return null;
+  // Date.parse reads `+01` as nothing at all (NaN): such a time ranked null, so the record lost
+  // its order and an older version arriving after a newer one went downstream (rule 3).
+  const ms = Date.parse(iso.groups?.offset?.length === 3 ? `${version}:00` : version);
+  return Number.isNaN(ms) ? null : ms;
 }
 
 /** One version however it is written: equal text, or equal instants/numbers for versions that rank. */
